@@ -1,0 +1,46 @@
+# One command per habit. `make smoke` and `make test` do their own set-up on a fresh machine.
+# TORCH_SPEC chooses the PyTorch build: CI sets TORCH_SPEC=torch==2.13.0 (the CPU build);
+# GPU users keep the default, which leaves an already installed (CUDA) torch alone.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch>=2.6
+SMOKE_OUT ?= smoke
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup smoke test test-fast lint format bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+smoke: $(STAMP)
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(BIN)/python -c "import torch;print('cuda' if torch.cuda.is_available() else 'cpu')")} \
+		$(BIN)/pretrain smoke --out $(SMOKE_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy pretrain parallel data_pipeline launch
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(SMOKE_OUT) .pytest_cache .ruff_cache .mypy_cache

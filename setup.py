@@ -1,0 +1,31 @@
+"""Tandem: one stack to pretrain GPT, BERT and T5 models from raw web text to sharded checkpoints."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tandem",
+    version="0.1.0",
+    description="Distributed pretraining of GPT, BERT and T5 Transformer language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain*", "parallel*", "data_pipeline*", "launch*", "slurm*"]),
+    package_data={"": ["*.yaml", "*.txt", "*.sh"]},
+    install_requires=[
+        # torch is not pinned here: CI installs the CPU build first, GPU users keep their CUDA build.
+        "torch>=2.6",
+        "deepspeed>=0.16",
+        "megatron-core>=0.12",
+        "sentencepiece>=0.2",
+        "webdataset>=0.2.90",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tensorboard>=2.14",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "mypy>=1.10", "transformers>=4.45", "types-PyYAML"],
+        "plots": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
+)
