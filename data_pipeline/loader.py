@@ -1,0 +1,302 @@
+"""Deterministic loading of packed samples from webdataset shards, split across dp ranks and workers.
+
+The train split is one token stream per epoch: the shards in a seeded order (a new order each epoch when
+`shuffle_shards`), each shard's documents in order, every document followed by <eos>. Sample j of an epoch is
+the slice [j*S, (j+1)*S) of that stream, S being the objective's sample length (packing: documents run
+across sample boundaries, nothing is padded, the stream's tail that does not fill a sample is dropped).
+
+Global batch b holds samples [b*G, (b+1)*G). Data-parallel rank r takes its contiguous G/dp of them, in
+micro batches of `micro_batch_size`; DataLoader worker w of that rank produces every W-th micro batch, so
+the DataLoader's round-robin returns them in order. Because a sample's contents depend only on its global
+index, the batches are the same for every dp size, worker count and resume point: the loader's whole state
+is `consumed_samples` (the packer's leftovers and the objective's RNG are functions of it) plus a
+fingerprint of the data it refers to. Restoring seeks straight to the shard that holds the position, using
+the per-shard token counts of the manifest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.manifest import iter_shard_documents, load_manifest
+
+
+@dataclass(frozen=True)
+class SplitStream:
+    """The shards of one split and their lengths in stream tokens (tokens + one <eos> per document)."""
+
+    paths: tuple[Path, ...]
+    lengths: tuple[int, ...]
+    fingerprint: str
+
+    @classmethod
+    def from_manifest(cls, shards_dir: str | Path, split: str) -> SplitStream:
+        shards_dir = Path(shards_dir)
+        manifest = load_manifest(shards_dir)
+        entries = [s for s in manifest["shards"] if s["split"] == split]
+        if not entries:
+            splits = sorted({s["split"] for s in manifest["shards"]})
+            raise ValueError(f"{shards_dir / 'manifest.json'}: no shards in split {split!r} (splits: {splits})")
+        digest = hashlib.sha256()
+        for s in entries:
+            digest.update(f"{s['name']}:{s['sha256']}\n".encode())
+        return cls(
+            paths=tuple(shards_dir / s["name"] for s in entries),
+            lengths=tuple(int(s["tokens"]) + int(s["documents"]) for s in entries),
+            fingerprint=digest.hexdigest(),
+        )
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+
+class _StreamReader:
+    """Reads slices of one epoch's token stream; sequential reads never reopen a shard."""
+
+    def __init__(self, stream: SplitStream, order: np.ndarray, eos_id: int):
+        self.stream, self.order, self.eos_id = stream, order, eos_id
+        lengths = [stream.lengths[i] for i in order]
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()  # stream offset of each shard
+        self.shard = -1
+        self.docs: Iterator[tuple[str, np.ndarray]] | None = None
+        self.doc = np.empty(0, dtype=np.int64)  # current document + <eos>
+        self.doc_start = 0  # stream offset of self.doc[0]
+
+    def _open(self, i: int) -> None:
+        self.shard = i
+        self.docs = iter_shard_documents(self.stream.paths[self.order[i]])
+        self.doc = np.empty(0, dtype=np.int64)
+        self.doc_start = self.starts[i]
+
+    def _next_doc(self) -> None:
+        path = self.stream.paths[self.order[self.shard]]
+        self.doc_start += len(self.doc)
+        try:
+            _, tokens = next(self.docs)  # type: ignore[arg-type]
+        except StopIteration:
+            raise RuntimeError(
+                f"{path}: ended at stream offset {self.doc_start}, before the {self.stream.lengths[self.order[self.shard]]}"
+                " tokens the manifest promises; re-verify the shards (`verify_shards`)"
+            ) from None
+        doc = np.empty(len(tokens) + 1, dtype=np.int64)
+        doc[:-1] = tokens
+        doc[-1] = self.eos_id
+        self.doc = doc
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        while filled < n:
+            pos = start + filled
+            i = bisect.bisect_right(self.starts, pos) - 1
+            if i != self.shard or pos < self.doc_start:
+                self._open(i)
+            while self.doc_start + len(self.doc) <= pos:
+                self._next_doc()
+            lo = pos - self.doc_start
+            take = min(n - filled, len(self.doc) - lo)
+            out[filled : filled + take] = self.doc[lo : lo + take]
+            filled += take
+        return out
+
+
+class PackedSamples:
+    """Global sample index -> (sample_len,) tokens. Epoch e visits the shards in order `shard_order(e)`."""
+
+    def __init__(self, stream: SplitStream, *, sample_len: int, eos_id: int, seed: int, shuffle: bool):
+        self.stream, self.sample_len, self.eos_id, self.seed, self.shuffle = stream, sample_len, eos_id, seed, shuffle
+        self.samples_per_epoch = stream.total // sample_len
+        if self.samples_per_epoch == 0:
+            raise ValueError(
+                f"the split holds {stream.total} stream tokens, fewer than one sample of {sample_len}; "
+                "shard more text or shorten data.seq_len"
+            )
+        self._epoch = -1
+        self._reader: _StreamReader | None = None
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        n = len(self.stream.paths)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        epoch, k = divmod(index, self.samples_per_epoch)
+        if epoch != self._epoch or self._reader is None:
+            self._epoch = epoch
+            self._reader = _StreamReader(self.stream, self.shard_order(epoch), self.eos_id)
+        return self._reader.read(k * self.sample_len, self.sample_len)
+
+
+class MicroBatches(IterableDataset):
+    """Yields this rank's micro batches from micro-batch number `start_micro` on (infinite)."""
+
+    def __init__(
+        self,
+        samples: PackedSamples,
+        objective: Any,
+        *,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        start_micro: int = 0,
+    ):
+        super().__init__()
+        per_rank, rem = divmod(global_batch_size, dp_size)
+        if rem or per_rank % micro_batch_size:
+            raise ValueError(
+                f"global batch {global_batch_size} does not split into dp={dp_size} ranks x micro batches "
+                f"of {micro_batch_size}"
+            )
+        self.samples, self.objective = samples, objective
+        self.micro, self.global_batch, self.dp_rank = micro_batch_size, global_batch_size, dp_rank
+        self.per_rank = per_rank
+        self.gas = per_rank // micro_batch_size
+        self.start_micro = start_micro
+
+    def first_sample(self, q: int) -> int:
+        """Global index of the first sample of this rank's micro batch number q."""
+        b, m = divmod(q, self.gas)
+        return b * self.global_batch + self.dp_rank * self.per_rank + m * self.micro
+
+    def batch(self, q: int) -> dict[str, torch.Tensor]:
+        first = self.first_sample(q)
+        idx = np.arange(first, first + self.micro)
+        block = np.stack([self.samples[int(i)] for i in idx])  # (micro, sample_len)
+        out = self.objective(block, idx)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        q = self.start_micro + w
+        while True:
+            yield self.batch(q)
+            q += nw
+
+
+class TrainLoader:
+    """Iterator over this rank's micro batches with a checkpointable position.
+
+    `state_dict()` counts only micro batches handed to the caller, not those prefetched by workers.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        objective: Any,
+        *,
+        split: str,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle_shards: bool = True,
+        eos_id: int,
+        num_workers: int = 0,
+        consumed_samples: int = 0,
+    ):
+        self.stream = SplitStream.from_manifest(shards_dir, split)
+        self.objective = objective
+        self.global_batch, self.num_workers = global_batch_size, num_workers
+        self.seed, self.shuffle = seed, shuffle_shards
+        samples = PackedSamples(
+            self.stream, sample_len=objective.sample_len, eos_id=eos_id, seed=seed, shuffle=shuffle_shards
+        )
+        self.samples_per_epoch = samples.samples_per_epoch
+        if consumed_samples % global_batch_size:
+            raise ValueError(
+                f"consumed_samples={consumed_samples} is not a whole number of global batches of {global_batch_size}"
+            )
+        self.dataset = MicroBatches(
+            samples,
+            objective,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=global_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+        self.dataset.start_micro = (consumed_samples // global_batch_size) * self.dataset.gas
+        self.micro_batches_returned = 0
+        self._iter: Iterator | None = None
+
+    @property
+    def gas(self) -> int:
+        return self.dataset.gas
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=4 if self.num_workers else None,
+            )
+            self._iter = iter(loader)
+        batch = next(self._iter)
+        self.micro_batches_returned += 1
+        return batch
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples of whole global batches handed out so far (all ranks together)."""
+        q = self.dataset.start_micro + self.micro_batches_returned
+        return (q // self.gas) * self.global_batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if (self.dataset.start_micro + self.micro_batches_returned) % self.gas:
+            raise RuntimeError("loader state taken in the middle of a global batch (not at a step boundary)")
+        return {
+            "consumed_samples": self.consumed_samples,
+            "epoch": self.consumed_samples // self.samples_per_epoch,
+            "fingerprint": self.stream.fingerprint,
+            "sample_len": self.objective.sample_len,
+            "global_batch_size": self.global_batch,
+            "seed": self.seed,
+            "shuffle_shards": self.shuffle,
+        }
+
+    @staticmethod
+    def check_resumable(state: dict[str, Any], *, fingerprint: str, sample_len: int, global_batch_size: int,
+                        seed: int, shuffle_shards: bool) -> list[str]:
+        """What differs between a saved loader state and the current run (empty = exact continuation)."""
+        now = {"fingerprint": fingerprint, "sample_len": sample_len, "global_batch_size": global_batch_size,
+               "seed": seed, "shuffle_shards": shuffle_shards}
+        return [f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}" for k, v in now.items() if state.get(k) != v]
+
+
+def eval_batches(
+    shards_dir: str | Path,
+    objective: Any,
+    *,
+    split: str,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    eos_id: int,
+    num_batches: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The first `num_batches` micro batches of rank `dp_rank` of a held-out split (same every call)."""
+    stream = SplitStream.from_manifest(shards_dir, split)
+    samples = PackedSamples(stream, sample_len=objective.sample_len, eos_id=eos_id, seed=0, shuffle=False)
+    data = MicroBatches(
+        samples, objective, micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size * dp_size,
+        dp_rank=dp_rank, dp_size=dp_size,
+    )
+    for q in range(num_batches):
+        yield data.batch(q)

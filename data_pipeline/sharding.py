@@ -1,0 +1,374 @@
+"""Tokenize a corpus into webdataset tar shards plus a manifest, in parallel and resumably.
+
+Layout of ``out_dir``::
+
+    train-000000.tar, train-000001.tar, ..., val-000000.tar, ...
+    manifest.json          written last; its presence means the run finished
+    .shard_options.json    options, inputs and tokenizer hash of the run that owns this directory
+    .progress.jsonl        one JSON line per finished shard (what a rerun skips)
+
+One sample per document: ``__key__`` is the document's ordinal in the corpus stream (10 digits),
+``tokens.npy`` its token ids without ``</s>`` (the loader adds the separator), ``meta.json`` its url,
+timestamp, source file and line. Shards are objective-agnostic: GPT, BERT and T5 all read them.
+
+Why it is built this way:
+
+* The main process alone reads the corpus, so document ordinals, the train/val assignment and the
+  cut into shards depend only on the input, never on the worker count. Workers only tokenize and
+  write whole shards, and tar headers are pinned (mtime 0, fixed user, group and mode), so the shard
+  files are byte-identical for any ``workers``.
+* Documents cross to workers through ``multiprocessing`` queues (pickled in memory, between our own
+  processes); nothing pickled is ever written to disk.
+* A shard is written to ``NAME.tar.tmp``, fsynced, then renamed, and only then recorded in
+  ``.progress.jsonl``; so a kill at any moment leaves at worst a stray ``.tmp`` and a rerun redoes
+  only the unrecorded shards. A rerun still streams the whole corpus (ordinals must line up) but
+  skips tokenizing and writing the recorded shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from data_pipeline.corpus import iter_documents
+from data_pipeline.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, file_sha256
+from data_pipeline.tokenizer import Tokenizer
+
+__all__ = ["ShardingError", "assign_split", "shard_corpus"]
+
+OPTIONS_NAME = ".shard_options.json"
+PROGRESS_NAME = ".progress.jsonl"
+_SPLITS = ("train", "val")
+
+
+class ShardingError(RuntimeError):
+    """The sharding run cannot proceed (bad options, or an out_dir owned by a different run)."""
+
+
+def _unit_hash(seed: int, ordinal: int) -> float:
+    digest = hashlib.blake2b(f"{seed}:{ordinal}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def assign_split(ordinal: int, *, seed: int, val_fraction: float) -> str:
+    """``"val"`` for about ``val_fraction`` of the documents, chosen by a hash of (seed, ordinal).
+
+    A hash instead of a running RNG keeps the choice for one document independent of every other,
+    so it survives resumes and any reordering of work. A non-zero fraction must yield a validation
+    set even for tiny corpora, so when document 0 went to train, document 1 goes to val whatever its
+    hash says: one decision made while streaming, without knowing the corpus size.
+    """
+    if val_fraction <= 0.0:
+        return "train"
+    if _unit_hash(seed, ordinal) < val_fraction:
+        return "val"
+    if ordinal == 1 and _unit_hash(seed, 0) >= val_fraction:
+        return "val"
+    return "train"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- worker side
+# One tokenizer per process, loaded by the pool initializer (or lazily in-process for workers=1).
+_WORKER_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def _worker_tokenizer(path: str) -> Tokenizer:
+    tok = _WORKER_TOKENIZERS.get(path)
+    if tok is None:
+        tok = _WORKER_TOKENIZERS[path] = Tokenizer(path)
+    return tok
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    _worker_tokenizer(tokenizer_path)
+
+
+def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
+    """Tokenize one shard's documents and write ``out_dir/NAME`` atomically; return its stats."""
+    tok = _worker_tokenizer(job["tokenizer_path"])
+    out_dir = Path(job["out_dir"])
+    name = job["name"]
+    dtype = np.dtype(job["dtype"])
+    docs = job["documents"]  # [(ordinal, text, meta)]
+    ids_per_doc = tok.encode_batch([text for _, text, _ in docs])
+    final = out_dir / name
+    tmp = out_dir / (name + ".tmp")
+    documents = tokens = too_short = 0
+    with open(tmp, "wb") as f:
+        # Pinned header fields make the tar a function of its contents only.
+        with wds.TarWriter(f, user="tandem", group="tandem", mode=0o444, mtime=0.0, compress=False) as writer:
+            for (ordinal, _, meta), ids in zip(docs, ids_per_doc, strict=True):
+                if len(ids) < job["min_tokens"]:
+                    too_short += 1
+                    continue
+                writer.write(
+                    {"__key__": f"{ordinal:010d}", "tokens.npy": np.asarray(ids, dtype=dtype), "meta.json": meta}
+                )
+                documents += 1
+                tokens += len(ids)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = file_sha256(tmp)
+    size = tmp.stat().st_size
+    os.replace(tmp, final)
+    _fsync_dir(out_dir)
+    return {
+        "name": name,
+        "split": job["split"],
+        "index": job["index"],
+        "documents": documents,
+        "tokens": tokens,
+        "bytes": size,
+        "sha256": digest,
+        "skipped_too_short": too_short,
+        "input_documents": len(docs),
+        "first_ordinal": docs[0][0],
+    }
+
+
+# ---------------------------------------------------------------- main side
+def _validate(
+    inputs: Sequence[Path], workers: int, val_fraction: float, shard_size_mb: float, min_tokens: int
+) -> None:
+    problems = []
+    if not inputs:
+        problems.append("inputs is empty")
+    if workers < 1:
+        problems.append(f"workers={workers} must be >= 1")
+    if not 0.0 <= val_fraction < 1.0:
+        problems.append(f"val_fraction={val_fraction} must be in [0, 1)")
+    if not shard_size_mb > 0:
+        problems.append(f"shard_size_mb={shard_size_mb} must be > 0")
+    if min_tokens < 0:
+        problems.append(f"min_tokens={min_tokens} must be >= 0")
+    if problems:
+        raise ShardingError("cannot shard: " + "; ".join(problems))
+
+
+def _claim_out_dir(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Record this run's fingerprint, or refuse if the directory belongs to a different run."""
+    path = out_dir / OPTIONS_NAME
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ShardingError(f"{path}: unreadable ({exc}); shard into a fresh out_dir") from exc
+        if recorded != fingerprint:
+            changed = sorted(
+                k for k in fingerprint.keys() | recorded.keys() if fingerprint.get(k) != recorded.get(k)
+            )
+            details = "; ".join(f"{k}: was {recorded.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
+            raise ShardingError(
+                f"{out_dir} holds shards made with different settings ({details}). Resuming would mix "
+                "them; shard into a fresh out_dir (or delete this one)."
+            )
+        return
+    if (out_dir / PROGRESS_NAME).exists() or (out_dir / MANIFEST_NAME).exists():
+        raise ShardingError(f"{out_dir} holds shards of unknown provenance (no {OPTIONS_NAME}); use a fresh out_dir")
+    _atomic_write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+
+
+def _load_progress(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Finished shards by name. A torn last line (killed mid-append) is ignored, since its shard will
+    simply be redone; a bad line elsewhere means someone edited the file, which is an error."""
+    path = out_dir / PROGRESS_NAME
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    done: dict[str, dict[str, Any]] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if lineno == len(lines):
+                break
+            raise ShardingError(f"{path}:{lineno}: not valid JSON ({exc}); shard into a fresh out_dir") from exc
+        done[entry["name"]] = entry
+    return done
+
+
+class _ProgressLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, stats: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(stats, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def shard_corpus(
+    inputs: Sequence[Path],
+    *,
+    tokenizer_path: Path,
+    out_dir: Path,
+    workers: int = 1,
+    val_fraction: float = 0.0,
+    shard_size_mb: float = 64.0,
+    seed: int = 0,
+    strict: bool = True,
+    min_tokens: int = 1,
+) -> dict:
+    """Tokenize ``inputs`` into ``out_dir`` and return the manifest (also written to manifest.json).
+
+    Documents are cut into shards of about ``shard_size_mb`` MB of raw UTF-8 text per split; about
+    ``val_fraction`` of them go to the validation split (see :func:`assign_split`). Documents with
+    fewer than ``min_tokens`` tokens are left out and counted as ``too_short``. Rerunning with the same
+    inputs, tokenizer and options resumes; other settings are refused. ``workers`` does not change
+    the output and may differ between a run and its resume.
+    """
+    inputs = [Path(p) for p in inputs]
+    _validate(inputs, workers, val_fraction, shard_size_mb, min_tokens)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(tokenizer_path)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    options = {
+        "val_fraction": val_fraction,
+        "shard_size_mb": shard_size_mb,
+        "seed": seed,
+        "strict": strict,
+        "min_tokens": min_tokens,
+    }
+    input_list = [{"path": str(p), "bytes": p.stat().st_size} for p in inputs]
+    _claim_out_dir(
+        out_dir, {"options": options, "inputs": input_list, "tokenizer_sha256": tok.sha256, "dtype": dtype}
+    )
+    done = _load_progress(out_dir)
+    progress = _ProgressLog(out_dir / PROGRESS_NAME)
+
+    shard_bytes = int(shard_size_mb * 1_000_000)
+    buffers: dict[str, list[tuple[int, str, dict]]] = {s: [] for s in _SPLITS}
+    buffered_bytes = dict.fromkeys(_SPLITS, 0)
+    next_index = dict.fromkeys(_SPLITS, 0)
+    results: dict[str, dict[str, Any]] = {}
+    pending: deque = deque()
+    counts: Counter = Counter()
+    documents_read = 0
+
+    pool = None
+    if workers > 1:
+        # spawn, not fork: the parent may hold threads (sentencepiece, tqdm, torch) that fork would copy.
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),))
+
+    def finish(stats: dict[str, Any]) -> None:
+        progress.append(stats)
+        results[stats["name"]] = stats
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            finish(pending.popleft().get())
+
+    def dispatch(split: str) -> None:
+        docs = buffers[split]
+        index = next_index[split]
+        next_index[split] += 1
+        buffers[split], buffered_bytes[split] = [], 0
+        name = f"{split}-{index:06d}.tar"
+        old = done.get(name)
+        if (
+            old is not None
+            and (out_dir / name).is_file()
+            and (out_dir / name).stat().st_size == old["bytes"]
+            and old["input_documents"] == len(docs)
+            and old["first_ordinal"] == docs[0][0]
+        ):
+            results[name] = old
+            return
+        job = {
+            "name": name,
+            "split": split,
+            "index": index,
+            "documents": docs,
+            "tokenizer_path": str(tokenizer_path),
+            "out_dir": str(out_dir),
+            "dtype": dtype,
+            "min_tokens": min_tokens,
+        }
+        if pool is None:
+            finish(_write_shard(job))
+        else:
+            pending.append(pool.apply_async(_write_shard, (job,)))
+            drain(2 * workers)  # bound the documents held in flight
+
+    bar = tqdm(desc="sharding", unit="doc", file=sys.stderr, disable=None)
+    try:
+        for ordinal, doc in enumerate(iter_documents(inputs, strict=strict, counts=counts)):
+            documents_read += 1
+            split = assign_split(ordinal, seed=seed, val_fraction=val_fraction)
+            meta = {"url": doc.url, "timestamp": doc.timestamp, "source": doc.source, "line": doc.line}
+            buffers[split].append((ordinal, doc.text, meta))
+            buffered_bytes[split] += len(doc.text.encode("utf-8"))
+            if buffered_bytes[split] >= shard_bytes:
+                dispatch(split)
+            bar.update()
+        for split in _SPLITS:
+            if buffers[split]:
+                dispatch(split)
+        drain(0)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    shards = [results[n] for n in sorted(results, key=lambda n: (_SPLITS.index(results[n]["split"]), n))]
+    skipped = Counter(counts)
+    skipped["too_short"] += sum(s["skipped_too_short"] for s in shards)
+    totals = {
+        split: {
+            "shards": sum(1 for s in shards if s["split"] == split),
+            "documents": sum(s["documents"] for s in shards if s["split"] == split),
+            "tokens": sum(s["tokens"] for s in shards if s["split"] == split),
+        }
+        for split in _SPLITS
+    }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "tokenizer": tok.describe() | {"path": str(tokenizer_path)},
+        "dtype": dtype,
+        "options": options,
+        "inputs": input_list,
+        "shards": [
+            {k: s[k] for k in ("name", "split", "documents", "tokens", "bytes", "sha256")} for s in shards
+        ],
+        "totals": totals,
+        "documents_read": documents_read,
+        "skipped": {k: v for k, v in sorted(skipped.items()) if v},
+    }
+    _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,551 @@
+"""Typed, validated run configuration: the single source of truth for a Tandem run.
+
+A run is described by nested dataclasses (model, data, parallel, optimizer, train, checkpoint).
+They are loaded from YAML (`configs/runs/*.yaml`), then dotted command-line overrides are applied
+(`train.lr=3e-4`). Unknown keys, wrong types and broken rules are collected and raised together in
+one `ConfigError` that names every field, its value and the rule. The DeepSpeed JSON is generated
+from the config (`deepspeed_config`), never written by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying the one-line help text shown by `pretrain train --help`."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = _f(None, "name of a file in configs/models/ whose values this section starts from")
+    family: Literal["gpt", "bert", "t5"] = _f("gpt", "model family: decoder-only, encoder-only or encoder-decoder")
+    vocab_size: int = _f(0, "vocabulary size; 0 takes it from the shards' tokenizer")
+    hidden_size: int = _f(128, "width of the residual stream")
+    num_layers: int = _f(2, "number of Transformer blocks")
+    num_heads: int = _f(4, "attention heads per layer")
+    num_kv_heads: int = _f(0, "key/value heads (grouped-query attention); 0 means num_heads")
+    ffn_hidden_size: int = _f(0, "MLP inner width; 0 means 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)")
+    max_seq_len: int = _f(1024, "longest sequence the position embedding supports")
+    norm: Literal["layernorm", "rmsnorm"] = _f("layernorm", "normalization layer")
+    norm_eps: float = _f(1e-5, "epsilon of the normalization layers")
+    activation: Literal["gelu", "relu", "swiglu"] = _f("gelu", "MLP activation (swiglu is gated, Llama-style)")
+    position: Literal["learned", "rope"] = _f("learned", "absolute learned positions (GPT-2) or rotary (RoPE)")
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    bias: bool = _f(True, "biases in linear and norm layers")
+    dropout: float = _f(0.0, "dropout on embeddings, attention probabilities and residual branches")
+    tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
+    init_std: float = _f(0.02, "std of the normal weight init; residual projections get /sqrt(2*num_layers)")
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            # Keeps the gated MLP's parameter count at ~8h^2 like a 4h GELU MLP (Shazeer 2020).
+            return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        return 4 * self.hidden_size
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class DataConfig:
+    shards: str = _f("", "directory with manifest.json written by `pretrain data shard`")
+    seq_len: int = _f(128, "tokens per training sequence")
+    num_workers: int = _f(0, "DataLoader worker processes per rank")
+    shuffle_shards: bool = _f(True, "visit the shards in a new seeded order every epoch")
+    train_split: str = _f("train", "manifest split to train on")
+    eval_split: str = _f("val", "manifest split for validation loss")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = _f(1, "tensor-parallel degree")
+    pp: int = _f(1, "pipeline-parallel degree")
+    zero_stage: int = _f(0, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr: float = _f(3e-5, "learning rate at the end of decay")
+    warmup_steps: int = _f(0, "linear warmup steps from 0 to lr")
+    decay_steps: int = _f(0, "steps over which lr decays to min_lr; 0 means train.steps")
+    decay_style: Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"] = _f(
+        "cosine", "learning-rate decay shape (megatron-core OptimizerParamScheduler)"
+    )
+    wsd_decay_steps: int = _f(0, "final annealing steps of the WSD schedule")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.95, "Adam beta2 (GPT-3 used 0.95)")
+    eps: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay at the start (not applied to biases and norms)")
+    weight_decay_end: float | None = _f(None, "weight decay at the end of the ramp; null means constant")
+    weight_decay_style: Literal["constant", "linear", "cosine"] = _f("constant", "weight-decay ramp shape")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = _f("runs/default", "run directory: config.yaml, metrics.jsonl, tb/, checkpoints/")
+    steps: int = _f(100, "optimizer steps to train for")
+    seed: int = _f(1234, "seed for init, data order, dropout and masking")
+    micro_batch_size: int = _f(8, "sequences per rank per forward pass")
+    global_batch_size: int = _f(8, "sequences per optimizer step over all ranks (grad accumulation fills it)")
+    log_interval: int = _f(10, "steps between metric records")
+    eval_interval: int = _f(0, "steps between validation-loss evaluations; 0 disables")
+    eval_batches: int = _f(4, "micro-batches per validation-loss evaluation")
+    resume: str = _f("auto", "'auto' (newest checkpoint in out_dir), 'never', or a checkpoint directory")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "training precision (bf16/fp16 keep fp32 masters)")
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
+    peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU; 0 looks the device up in a table")
+    progress: bool = _f(True, "console progress bar on rank 0")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(0, "steps between checkpoints; 0 saves only at the end")
+    keep_last: int = _f(3, "complete checkpoints to keep (older ones are deleted); 0 keeps all")
+    save_final: bool = _f(True, "save a checkpoint after the last step")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid configuration{f' ({source})' if source else ''}: {len(problems)} problem(s)"
+        super().__init__("\n  - ".join([head, *problems]))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
+    """Checks `value` against the annotation `tp`; returns the (possibly converted) value."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append(f"{name}={value!r}: must be one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name, problems)
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{name}={value!r}: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(f"{name}={value!r}: must be an integer")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `3e-4` (no dot) as a string; accept any spelling Python parses as a float.
+        if isinstance(value, bool):
+            problems.append(f"{name}={value!r}: must be a number")
+            return value
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{name}={value!r}: must be a number")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            problems.append(f"{name}={value!r}: must be a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {name}")
+
+
+def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix}: must be a mapping of keys to values, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").lower()]
+            hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+            problems.append(f"{prefix}.{key}: unknown key{hint}; known keys: {', '.join(sorted(known))}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", problems)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        problems.append(f"override {dotted!r}: expected SECTION.KEY=VALUE, e.g. train.steps=50")
+        return
+    section, key = parts
+    if section not in _SECTION_TYPES:
+        problems.append(f"override {dotted!r}: unknown section {section!r}; sections: {', '.join(_SECTION_TYPES)}")
+        return
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        problems.append(f"override {dotted!r}: section {section!r} in the file is not a mapping")
+        return
+    node[key] = value
+
+
+def parse_overrides(items: list[str]) -> tuple[dict, list[str]]:
+    """`["train.steps=5", "model.norm=rmsnorm"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    problems: list[str] = []
+    for item in items:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected SECTION.KEY=VALUE")
+            continue
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as exc:
+            problems.append(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})")
+            continue
+        _set_dotted(tree, key.strip(), value, problems)
+    return tree, problems
+
+
+def resolve_preset(name: str, *, base_dir: Path | None = None) -> Path:
+    """Finds configs/models/NAME.yaml (NAME may also be a path to a YAML file)."""
+    candidates = [Path(name)]
+    if base_dir is not None:
+        candidates.append(base_dir / name)
+    for root in (Path.cwd() / "configs" / "models", CONFIG_DIR / "models"):
+        candidates += [root / name, root / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"model.preset={name!r}: no such preset; available: {', '.join(available_presets())}"
+    )
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    world_size: int | None = None,
+    validate: bool = True,
+) -> Config:
+    """YAML file + dotted overrides -> validated `Config`. Raises one ConfigError listing every problem."""
+    raw: dict = {}
+    base_dir = None
+    source = None
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml(path)
+        base_dir = path.parent
+        source = str(path)
+    over, problems = parse_overrides(list(overrides or []))
+    raw = _merge(raw, over)
+    return config_from_dict(raw, world_size=world_size, validate=validate, base_dir=base_dir,
+                            problems=problems, source=source)
+
+
+def config_from_dict(
+    raw: dict,
+    *,
+    world_size: int | None = None,
+    validate: bool = True,
+    base_dir: Path | None = None,
+    problems: list[str] | None = None,
+    source: str | None = None,
+) -> Config:
+    problems = list(problems or [])
+    for key in raw:
+        if key not in _SECTION_TYPES:
+            problems.append(f"{key}: unknown section; sections: {', '.join(_SECTION_TYPES)}")
+    model_raw = raw.get("model") or {}
+    if isinstance(model_raw, dict) and model_raw.get("preset"):
+        try:
+            preset_raw = _read_yaml(resolve_preset(str(model_raw["preset"]), base_dir=base_dir))
+            if "model" in preset_raw:
+                preset_raw = preset_raw["model"]
+            preset_raw.pop("preset", None)
+            model_raw = _merge(preset_raw, model_raw)
+        except FileNotFoundError as exc:
+            problems.append(str(exc))
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        section_raw = model_raw if name == "model" else raw.get(name)
+        sections[name] = _build_section(cls, section_raw, name, problems)
+    cfg = Config(**sections)
+    if validate:
+        problems += validation_problems(cfg, world_size=world_size)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[str]:
+    """Every broken rule, each naming the field, its value and the rule."""
+    p: list[str] = []
+    m, d, par, o, t, c = cfg.model, cfg.data, cfg.parallel, cfg.optimizer, cfg.train, cfg.checkpoint
+
+    def positive(name: str, value: int | float) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            p.append(f"{name}={value}: must be > 0")
+
+    def nonneg(name: str, value: int | float) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            p.append(f"{name}={value}: must be >= 0")
+
+    for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
+        positive(f"model.{name}", getattr(m, name))
+    for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size"):
+        nonneg(f"model.{name}", getattr(m, name))
+    positive("model.norm_eps", m.norm_eps)
+    positive("model.init_std", m.init_std)
+    if isinstance(m.dropout, float) and not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout={m.dropout}: must be in [0, 1)")
+    if _ints(m.hidden_size, m.num_heads) and m.num_heads > 0 and m.hidden_size % m.num_heads:
+        p.append(f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads={m.num_heads}")
+    if _ints(m.num_heads, m.num_kv_heads) and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
+        p.append(f"model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads={m.num_heads}")
+    if m.position == "rope" and _ints(m.hidden_size, m.num_heads) and m.num_heads > 0:
+        if (m.hidden_size // m.num_heads) % 2:
+            p.append(f"model.position=rope: head dim {m.hidden_size // m.num_heads} must be even")
+    if m.family != "gpt":
+        p.append(f"model.family={m.family!r}: only 'gpt' is implemented in this version")
+
+    if not d.shards:
+        p.append("data.shards='': must name a directory written by `pretrain data shard`")
+    positive("data.seq_len", d.seq_len)
+    nonneg("data.num_workers", d.num_workers)
+    if _ints(d.seq_len, m.max_seq_len) and m.position == "learned" and d.seq_len > m.max_seq_len:
+        p.append(f"data.seq_len={d.seq_len}: exceeds model.max_seq_len={m.max_seq_len} (learned positions)")
+
+    positive("parallel.tp", par.tp)
+    positive("parallel.pp", par.pp)
+    if par.zero_stage not in (0, 1, 2, 3):
+        p.append(f"parallel.zero_stage={par.zero_stage}: must be 0, 1, 2 or 3")
+    if _ints(par.zero_stage, par.pp) and par.zero_stage >= 2 and par.pp > 1:
+        p.append(
+            f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: DeepSpeed's pipeline engine "
+            "supports ZeRO stage 0 or 1 only"
+        )
+    if _ints(par.tp, par.pp) and (par.tp > 1 or par.pp > 1):
+        p.append(
+            f"parallel.tp={par.tp}, parallel.pp={par.pp}: tensor and pipeline parallelism are not "
+            "available in this version; use tp=1, pp=1 (data parallelism + ZeRO)"
+        )
+
+    positive("optimizer.lr", o.lr)
+    nonneg("optimizer.min_lr", o.min_lr)
+    if _nums(o.lr, o.min_lr) and o.min_lr > o.lr:
+        p.append(f"optimizer.min_lr={o.min_lr}: must be <= optimizer.lr={o.lr}")
+    nonneg("optimizer.warmup_steps", o.warmup_steps)
+    nonneg("optimizer.decay_steps", o.decay_steps)
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        if isinstance(value, float) and not 0.0 <= value < 1.0:
+            p.append(f"optimizer.{name}={value}: must be in [0, 1)")
+    positive("optimizer.eps", o.eps)
+    nonneg("optimizer.weight_decay", o.weight_decay)
+    nonneg("optimizer.grad_clip", o.grad_clip)
+    decay_steps = o.decay_steps or t.steps
+    if _ints(o.warmup_steps, decay_steps) and o.warmup_steps > decay_steps > 0:
+        p.append(f"optimizer.warmup_steps={o.warmup_steps}: must be <= decay steps ({decay_steps})")
+    if o.decay_style == "WSD" and _ints(o.wsd_decay_steps) and o.wsd_decay_steps <= 0:
+        p.append(f"optimizer.wsd_decay_steps={o.wsd_decay_steps}: must be > 0 with decay_style=WSD")
+
+    positive("train.steps", t.steps)
+    positive("train.micro_batch_size", t.micro_batch_size)
+    positive("train.global_batch_size", t.global_batch_size)
+    positive("train.log_interval", t.log_interval)
+    nonneg("train.eval_interval", t.eval_interval)
+    positive("train.eval_batches", t.eval_batches)
+    nonneg("train.peak_tflops", t.peak_tflops)
+    if not t.out_dir:
+        p.append("train.out_dir='': must name the run directory")
+    if isinstance(t.resume, str) and t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
+        p.append(f"train.resume={t.resume!r}: must be 'auto', 'never' or an existing checkpoint directory")
+    if _ints(t.global_batch_size, t.micro_batch_size) and t.micro_batch_size > 0:
+        if t.global_batch_size % t.micro_batch_size:
+            p.append(
+                f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+                f"train.micro_batch_size={t.micro_batch_size}"
+            )
+    if world_size is not None and _ints(par.tp, par.pp, t.global_batch_size, t.micro_batch_size):
+        model_parallel = par.tp * par.pp
+        if model_parallel > 0 and world_size % model_parallel:
+            p.append(
+                f"world size {world_size}: not divisible by tp={par.tp} x pp={par.pp} = {model_parallel}"
+            )
+        elif model_parallel > 0:
+            dp = world_size // model_parallel
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                p.append(
+                    f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+                    f"train.micro_batch_size={t.micro_batch_size} x dp={dp} (world {world_size} / "
+                    f"tp {par.tp} / pp {par.pp})"
+                )
+
+    nonneg("checkpoint.interval", c.interval)
+    nonneg("checkpoint.keep_last", c.keep_last)
+    return p
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _nums(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML; the file is usable again as `--config`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    tmp.replace(path)
+
+
+def config_help() -> str:
+    """Every key with its type, default and help line, for `pretrain train --help`."""
+    lines = []
+    for section, cls in _SECTION_TYPES.items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            tp = _type_name(hints[f.name])
+            lines.append(f"  {section}.{f.name} ({tp}, default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def deepspeed_config(cfg: Config, *, dp_size: int) -> dict:
+    """The DeepSpeed JSON, generated from the Tandem config (never edited by hand)."""
+    t, par = cfg.train, cfg.parallel
+    gas = t.global_batch_size // (t.micro_batch_size * dp_size)
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {"stage": par.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # Tandem clips, logs and schedules itself; DeepSpeed's own console prints would duplicate it.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        # torch.optim.AdamW is handed to DeepSpeed as a client optimizer; ZeRO works with it.
+        "zero_allow_untested_optimizer": True,
+    }
+    if par.zero_stage >= 2:
+        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
+    return ds

@@ -1,0 +1,61 @@
+"""Process-group start-up for every way Tandem is launched: a plain process, `torchrun`, the `deepspeed`
+launcher or Slurm `srun`. gloo on CPU, nccl on GPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def ensure_accelerator_env() -> None:
+    """DeepSpeed picks its accelerator when first imported; without CUDA it must be told to use the CPU."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adopt_slurm_env() -> None:
+    """`srun python -m pretrain train` sets SLURM_PROCID etc. but not torch's RANK/WORLD_SIZE."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initializes torch.distributed (through DeepSpeed) and returns (rank, world_size, local_rank)."""
+    ensure_accelerator_env()
+    import deepspeed
+    import torch.distributed as dist
+
+    _adopt_slurm_env()
+    if "RANK" not in os.environ:
+        # A plain single process: a one-rank world on loopback, so every code path is the distributed one.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        if not cuda and "OMP_NUM_THREADS" not in os.environ and local_world > 1:
+            # Oversubscribed intra-op threads make multi-process CPU runs several times slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,57 @@
+"""GPT: decoder-only Transformer (Radford et al. 2019), pre-norm with a final norm; options for the
+Llama-style variant (RMSNorm, SwiGLU, RoPE, no biases, untied head, grouped-query attention)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.layers import LayerFactory
+from pretrain.config import ModelConfig
+from pretrain.models.blocks import PreNormBlock, RotaryEmbedding, init_weights, make_norm
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: must be set (> 0) before building the model")
+        layers = layers or LayerFactory()
+        self.config = cfg
+        self.embed = layers.vocab_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = layers.embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        self.rope = (
+            RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(PreNormBlock(cfg, layers, causal=True) for _ in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else layers.column_linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        init_weights(self, cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) -> logits (B, T, V). attention_mask: optional (B, T), 1 = real token."""
+        b, t = input_ids.shape
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}")
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(t, device=input_ids.device))
+        x = self.drop(x)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys that may be attended
+        for block in self.blocks:
+            x = block(x, self.rope, mask)
+        x = self.final_norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)  # (B, T, V)
+
+    def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n

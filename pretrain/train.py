@@ -1,0 +1,238 @@
+"""The training loop: build, then step / log / evaluate / checkpoint / stop, top to bottom."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from data_pipeline.loader import TrainLoader, eval_batches
+from data_pipeline.manifest import load_manifest
+from data_pipeline.objectives import build_objective
+from parallel.parallelize import param_groups, parallelize
+from parallel.topology import Topology
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config, ConfigError, config_to_dict, deepspeed_config, save_config, validation_problems
+from pretrain.distributed import init_distributed
+from pretrain.flops import device_peak_tflops, flops_per_token
+from pretrain.metrics import MetricsLogger, memory_gb
+from pretrain.models import build_model
+
+IGNORE_INDEX = -100
+
+
+class LanguageModelLoss(nn.Module):
+    """Wraps a model so the engine's forward takes a batch dict and returns the mean token loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
+        # The loss is computed in fp32 whatever the training precision: bf16 logits lose the small
+        # probability differences that the loss averages over.
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    tokens_per_s: float | None
+    checkpoint: Path | None
+    losses: dict[int, float] = field(default_factory=dict)
+    eval_loss: float | None = None
+
+
+def build_scheduler(optimizer: Any, cfg: Config) -> Any:
+    """megatron-core's OptimizerParamScheduler: warmup, decay (cosine/linear/WSD/...), weight-decay ramp."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, steps = cfg.optimizer, cfg.train.steps
+    wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=o.decay_steps or steps,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=wd_end,
+        wd_incr_steps=steps,
+        wd_incr_style=o.weight_decay_style,
+        wsd_decay_steps=o.wsd_decay_steps or None,
+        lr_wsd_decay_style="linear" if o.decay_style == "WSD" else None,
+    )
+
+
+def _mean_over(value: float, group: Any, size: int) -> float:
+    if size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=group)
+    return t.item() / size
+
+
+def train(cfg: Config) -> TrainResult:
+    rank, world, _ = init_distributed()
+    problems = validation_problems(cfg, world_size=world)
+    if problems:
+        raise ConfigError(problems)
+    topo = Topology.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    dp, dp_rank = topo.dims.dp, topo.dp_rank
+    t_cfg = cfg.train
+
+    # --- data and model shapes
+    manifest = load_manifest(cfg.data.shards)
+    tok = manifest["tokenizer"]
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = int(tok["vocab_size"])
+    elif cfg.model.vocab_size < int(tok["vocab_size"]):
+        raise ConfigError([f"model.vocab_size={cfg.model.vocab_size}: smaller than the shards' tokenizer "
+                           f"vocabulary ({tok['vocab_size']})"])
+    special = {k: int(v) for k, v in tok.items() if k.endswith("_id")}
+    objective = build_objective(cfg.model.family, seq_len=cfg.data.seq_len, special_ids=special, seed=t_cfg.seed)
+
+    run_dir = Path(t_cfg.out_dir)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+
+    # --- model, optimizer, engine
+    torch.manual_seed(t_cfg.seed)
+    np.random.seed(t_cfg.seed % 2**32)
+    random.seed(t_cfg.seed)
+    model = build_model(cfg.model)
+    module = LanguageModelLoss(model)
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps, foreach=False)
+    engine = parallelize(module, optimizer=optimizer, ds_config=deepspeed_config(cfg, dp_size=dp),
+                         activation_checkpointing=t_cfg.activation_checkpointing)
+    scheduler = build_scheduler(engine.optimizer, cfg)
+    checkpointer = Checkpointer(run_dir, engine, rank=rank, world_size=world, keep_last=cfg.checkpoint.keep_last)
+
+    # --- resume
+    step, consumed = 0, 0
+    resume_from = checkpointer.resolve(t_cfg.resume)
+    if resume_from is not None:
+        state, meta = checkpointer.load(resume_from)
+        scheduler.load_state_dict(state["scheduler"])
+        step, consumed = int(state["step"]), int(state["loader"]["consumed_samples"])
+    loader = TrainLoader(
+        cfg.data.shards, objective, split=cfg.data.train_split, micro_batch_size=t_cfg.micro_batch_size,
+        global_batch_size=t_cfg.global_batch_size, dp_rank=dp_rank, dp_size=dp, seed=t_cfg.seed,
+        shuffle_shards=cfg.data.shuffle_shards, eos_id=special["eos_id"], num_workers=cfg.data.num_workers,
+        consumed_samples=consumed,
+    )
+    if resume_from is not None:
+        mismatch = TrainLoader.check_resumable(
+            state["loader"], fingerprint=loader.stream.fingerprint, sample_len=objective.sample_len,
+            global_batch_size=t_cfg.global_batch_size, seed=t_cfg.seed, shuffle_shards=cfg.data.shuffle_shards)
+        if mismatch:
+            raise RuntimeError(f"{resume_from}: cannot continue the data stream exactly: " + "; ".join(mismatch))
+
+    # --- bookkeeping
+    tokens_per_step = t_cfg.global_batch_size * cfg.data.seq_len
+    flops_step = flops_per_token(model, cfg.model, cfg.data.seq_len) * tokens_per_step
+    peak = t_cfg.peak_tflops or device_peak_tflops(t_cfg.precision)
+    logger = MetricsLogger(run_dir, enabled=rank == 0, total_steps=t_cfg.steps, start_step=step,
+                           progress=t_cfg.progress)
+    result = TrainResult(run_dir=run_dir, steps=step, first_loss=None, final_loss=None, tokens_per_s=None,
+                         checkpoint=resume_from)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "loader": loader.state_dict(), "scheduler": scheduler.state_dict()}
+        meta = {"consumed_samples": loader.consumed_samples, "tokens": loader.consumed_samples * cfg.data.seq_len,
+                "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp}, "family": cfg.model.family}
+        return checkpointer.save(at_step, state=state, meta=meta, config_yaml=config_yaml)
+
+    # --- the loop
+    engine.train()
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    total_time, total_steps_timed = 0.0, 0
+    while step < t_cfg.steps:
+        scheduler.step(1)  # lr for update number step+1 (warmup starts above zero)
+        loss_sum = 0.0
+        for _ in range(loader.gas):
+            loss = engine(next(loader))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        step += 1
+        step_loss = _mean_over(loss_sum / loader.gas, topo.dp_group, dp)
+        result.losses[step] = step_loss
+        if result.first_loss is None:
+            result.first_loss = step_loss
+        window_loss += step_loss
+        window_steps += 1
+        logger.advance()
+
+        if step % t_cfg.log_interval == 0 or step == t_cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            tflops = window_steps * flops_step / elapsed / 1e12 / world
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step,
+                "loss": window_loss / window_steps,
+                "lr": engine.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens_per_s,
+                "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None,
+                "memory_gb": memory_gb(),
+                "consumed_samples": loader.consumed_samples,
+                "elapsed_s": elapsed,
+            }
+            logger.log(record)
+            result.final_loss, result.tokens_per_s = record["loss"], tokens_per_s
+            total_time += elapsed
+            total_steps_timed += window_steps
+            window_loss, window_steps = 0.0, 0
+
+        if t_cfg.eval_interval and (step % t_cfg.eval_interval == 0 or step == t_cfg.steps):
+            result.eval_loss = evaluate(engine, cfg, objective, special["eos_id"], topo)
+            if result.eval_loss is not None:
+                logger.log({"step": step, "eval_loss": result.eval_loss,
+                            "eval_ppl": math.exp(min(result.eval_loss, 50.0))})
+
+        interval = cfg.checkpoint.interval
+        if (interval and step % interval == 0) or (step == t_cfg.steps and cfg.checkpoint.save_final):
+            result.checkpoint = save(step)
+        window_start = time.perf_counter() if window_steps == 0 else window_start
+
+    logger.close()
+    result.steps = step
+    if total_steps_timed:
+        result.tokens_per_s = total_steps_timed * tokens_per_step / total_time
+    return result
+
+
+@torch.no_grad()
+def evaluate(engine: Any, cfg: Config, objective: Any, eos_id: int, topo: Topology) -> float | None:
+    """Mean loss over the first `train.eval_batches` micro batches of the validation split (None if absent)."""
+    try:
+        batches = list(eval_batches(cfg.data.shards, objective, split=cfg.data.eval_split,
+                                    micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
+                                    dp_size=topo.dims.dp, eos_id=eos_id, num_batches=cfg.train.eval_batches))
+    except ValueError:
+        return None  # no validation shards (or too few tokens for one sample)
+    engine.eval()
+    losses = [engine(b).item() for b in batches]
+    engine.train()
+    return _mean_over(sum(losses) / len(losses), topo.dp_group, topo.dims.dp)

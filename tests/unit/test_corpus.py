@@ -1,0 +1,146 @@
+"""Corpus readers: every format, strict and lenient bad-input handling, input expansion."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.corpus import CorpusError, Document, expand_inputs, iter_documents
+
+
+def _jsonl(records: list[object]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _write(path: Path, data: str | bytes, *, gz: bool = False) -> Path:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    path.write_bytes(gzip.compress(raw, mtime=0) if gz else raw)
+    return path
+
+
+def test_all_formats(tmp_path: Path) -> None:
+    rec = [{"text": "first doc", "url": "https://a.example/1", "timestamp": "2020-01-01T00:00:00Z"}]
+    paths = [
+        _write(tmp_path / "a.json", _jsonl(rec)),
+        _write(tmp_path / "b.jsonl", "\n" + _jsonl([{"text": "second doc"}])),
+        _write(tmp_path / "c.json.gz", _jsonl([{"text": "third"}, {"text": "fourth"}]), gz=True),
+        _write(tmp_path / "d.jsonl.gz", _jsonl([{"text": "fifth"}]), gz=True),
+        _write(tmp_path / "e.txt", "para one\nstill one\n\n\n\npara two\n"),
+        _write(tmp_path / "f.txt.gz", "only para\n", gz=True),
+    ]
+    docs = list(iter_documents(paths))
+    assert [d.text for d in docs] == [
+        "first doc", "second doc", "third", "fourth", "fifth", "para one\nstill one", "para two", "only para",
+    ]  # fmt: skip
+    assert docs[0] == Document("first doc", "https://a.example/1", "2020-01-01T00:00:00Z", str(paths[0]), 1)
+    assert (docs[1].line, docs[1].url, docs[1].timestamp) == (2, None, None)  # blank line 1 skipped
+    assert [d.line for d in docs[5:7]] == [1, 6]
+    assert docs[7].source == str(paths[5])
+
+
+def test_custom_text_key(tmp_path: Path) -> None:
+    p = _write(tmp_path / "a.jsonl", _jsonl([{"content": "hello"}]))
+    assert [d.text for d in iter_documents([p], text_key="content")] == ["hello"]
+
+
+def test_strict_error_names_file_and_line(tmp_path: Path) -> None:
+    p = _write(tmp_path / "bad.jsonl", _jsonl([{"text": "ok"}, {"text": "ok"}]) + "{not json\n")
+    docs = iter_documents([p])
+    assert next(docs).text == "ok"  # streaming: good records come out before the bad one is reached
+    next(docs)
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:3: bad_json"):
+        next(docs)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"[1, 2]", "not_object"),
+        (b'{"url": "x"}', "missing_text"),
+        (b'{"text": 5}', "missing_text"),
+        (b'{"text": "x", "url": 7}', "bad_metadata"),
+        (b'{"text": "caf\xe9"}', "bad_utf8"),
+    ],
+)
+def test_strict_reasons(tmp_path: Path, line: bytes, reason: str) -> None:
+    p = _write(tmp_path / "x.jsonl", b'{"text": "fine"}\n' + line + b"\n")
+    with pytest.raises(CorpusError, match=rf"x\.jsonl:2: {reason}"):
+        list(iter_documents([p]))
+
+
+def test_lenient_counts_by_reason(tmp_path: Path) -> None:
+    lines = [
+        b'{"text": "good one"}',
+        b"{broken",
+        b"[1]",
+        b'"just a string"',
+        b'{"title": "no text"}',
+        b'{"text": null}',
+        b'{"text": "   "}',
+        b'{"text": "bad \xff byte"}',
+        b'{"text": "good two"}',
+    ]
+    p = _write(tmp_path / "mixed.jsonl", b"\n".join(lines) + b"\n")
+    counts: Counter = Counter()
+    docs = list(iter_documents([p], strict=False, counts=counts))
+    assert [(d.text, d.line) for d in docs] == [("good one", 1), ("good two", 9)]
+    assert counts == Counter(bad_json=1, not_object=2, missing_text=2, empty_text=1, bad_utf8=1)
+
+
+def test_lenient_text_with_bad_utf8_block(tmp_path: Path) -> None:
+    p = _write(tmp_path / "t.txt", b"good\n\nbad \xff\nline two \xfe\n\nalso good\n")
+    counts: Counter = Counter()
+    assert [d.text for d in iter_documents([p], strict=False, counts=counts)] == ["good", "also good"]
+    assert counts == Counter(bad_utf8=1)
+    with pytest.raises(CorpusError, match=r"t\.txt:3: bad_utf8"):
+        list(iter_documents([p]))
+
+
+def test_empty_text_is_skipped_even_in_strict_mode(tmp_path: Path) -> None:
+    p = _write(tmp_path / "e.jsonl", _jsonl([{"text": ""}, {"text": "x"}]))
+    counts: Counter = Counter()
+    assert [d.text for d in iter_documents([p], counts=counts)] == ["x"]
+    assert counts == Counter(empty_text=1)
+
+
+def test_corrupt_gzip_names_file(tmp_path: Path) -> None:
+    data = gzip.compress(_jsonl([{"text": "word " * 50}] * 200).encode(), mtime=0)
+    p = _write(tmp_path / "cut.json.gz", data[: len(data) // 2])
+    for strict in (True, False):
+        with pytest.raises(CorpusError, match=r"cut\.json\.gz.*corrupt gzip"):
+            list(iter_documents([p], strict=strict))
+    q = _write(tmp_path / "notgz.json.gz", b"plain text, not gzip\n")
+    with pytest.raises(CorpusError, match=r"notgz\.json\.gz"):
+        list(iter_documents([q]))
+
+
+def test_expand_inputs(tmp_path: Path) -> None:
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    names = ["d/b.jsonl", "d/a.json.gz", "d/sub/c.txt", "d/skip.csv", "e.txt"]
+    for n in names:
+        (tmp_path / n).write_text("x\n")
+    d = tmp_path / "d"
+    assert expand_inputs(d) == [d / "a.json.gz", d / "b.jsonl", d / "sub" / "c.txt"]
+    assert expand_inputs(str(d / "*.json*")) == [d / "a.json.gz", d / "b.jsonl"]
+    assert expand_inputs(f"{tmp_path / 'e.txt'},{d / 'b.jsonl'}") == [tmp_path / "e.txt", d / "b.jsonl"]
+    assert expand_inputs([tmp_path / "e.txt", tmp_path / "e.txt"]) == [tmp_path / "e.txt"]
+    with pytest.raises(FileNotFoundError, match=r"nothing-\*\.jsonl"):
+        expand_inputs(str(tmp_path / "nothing-*.jsonl"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        expand_inputs(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match=r"skip\.csv.*unsupported"):
+        expand_inputs(d / "skip.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        expand_inputs(tmp_path / "empty")
+
+
+def test_sample_corpus_reads_cleanly(dp_corpus_paths: list[Path]) -> None:
+    counts: Counter = Counter()
+    docs = list(iter_documents(dp_corpus_paths, counts=counts))
+    assert len(docs) == 300 and not counts
+    assert all(d.url and d.timestamp for d in docs)
