@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 __all__ = ["SUPPORTED_SUFFIXES", "CorpusError", "Document", "expand_inputs", "iter_documents"]
 
@@ -69,9 +69,9 @@ def expand_inputs(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         path = Path(part)
         if any(c in part for c in _GLOB_CHARS):
             matches: list[Path] = []
-            for m in sorted(glob.glob(part, recursive=True)):
-                mp = Path(m)
-                matches.extend(_files_under(mp) if mp.is_dir() else [mp] if _is_supported(mp) else [])
+            for hit in sorted(glob.glob(part, recursive=True)):
+                hp = Path(hit)
+                matches.extend(_files_under(hp) if hp.is_dir() else [hp] if _is_supported(hp) else [])
             if not matches:
                 raise FileNotFoundError(
                     f"corpus pattern {part!r} matches no supported file (suffixes: {', '.join(SUPPORTED_SUFFIXES)})"
@@ -97,8 +97,8 @@ def expand_inputs(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return result
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -106,7 +106,7 @@ def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     lineno = 0
     try:
         with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):  # noqa: B007 - lineno is used after the loop
+            for lineno, raw in enumerate(f, start=1):
                 yield lineno, raw.rstrip(b"\r\n")
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise CorpusError(f"{path}:{lineno + 1}: corrupt gzip stream ({exc})") from exc

@@ -71,7 +71,9 @@ def load_manifest(shards_dir: str | Path) -> dict:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"{path}: format={manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: version={manifest.get('version')!r}, this code reads {MANIFEST_VERSION}")
+        raise ManifestError(
+            f"{path}: version={manifest.get('version')!r}, this code reads {MANIFEST_VERSION}"
+        )
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: missing field(s) {', '.join(missing)}")
@@ -156,7 +158,9 @@ def verify_shards(shards_dir: str | Path, *, deep: bool = True) -> list[str]:
                     problems.append(f"{name}: document {key} has dtype {array.dtype}, manifest says {dtype}")
                     break
                 if array.size and int(array.max()) >= vocab_size:
-                    problems.append(f"{name}: document {key} has token {int(array.max())} >= vocab_size {vocab_size}")
+                    problems.append(
+                        f"{name}: document {key} has token {int(array.max())} >= vocab_size {vocab_size}"
+                    )
                     break
                 if key <= previous_key:
                     problems.append(f"{name}: key {key} does not follow {previous_key} (order broken)")

@@ -30,20 +30,30 @@ from pathlib import Path
 
 __all__ = ["iter_sample_documents", "write_sample_corpus"]
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-_MONTHS = "January February March April May June July August September October November December".split()
+_ONES = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+]  # fmt: skip
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = [
+    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+    "November", "December",
+]  # fmt: skip
 _FIRST_NAMES = [
     ("Maria", "she"), ("Anna", "she"), ("Laura", "she"), ("Nora", "she"), ("Greta", "she"),
     ("Olivia", "she"), ("Sofia", "she"), ("Helen", "she"), ("Ruth", "she"), ("Ines", "she"),
     ("Peter", "he"), ("Tomas", "he"), ("David", "he"), ("Oscar", "he"), ("Victor", "he"),
     ("Hugo", "he"), ("Samuel", "he"), ("Felix", "he"), ("Martin", "he"), ("Leon", "he"),
 ]  # fmt: skip
-_LAST_NAMES = (
-    "Lopez Novak Berger Silva Okafor Tanaka Jensen Moreau Costa Horvat Lindqvist Kowalski Rossi Adams Nakamura Petrov"
-).split()
-_CITIES = "Lisbon Oslo Vienna Porto Dublin Krakow Lyon Tartu Ghent Bergen Turin Leeds Malmo Graz Split Bremen".split()
+_LAST_NAMES = [
+    "Lopez", "Novak", "Berger", "Silva", "Okafor", "Tanaka", "Jensen", "Moreau", "Costa", "Horvat", "Lindqvist",
+    "Kowalski", "Rossi", "Adams", "Nakamura", "Petrov",
+]  # fmt: skip
+_CITIES = [
+    "Lisbon", "Oslo", "Vienna", "Porto", "Dublin", "Krakow", "Lyon", "Tartu", "Ghent", "Bergen", "Turin", "Leeds",
+    "Malmo", "Graz", "Split", "Bremen",
+]  # fmt: skip
 _TLDS = ["com", "org", "net", "co.uk", "de", "info"]
 
 
@@ -178,7 +188,9 @@ class _Page:
     def favorite_fact(self) -> str:
         r = self.rng.random()
         if r < 0.4:
-            return f"{self.first} says that the {self.favorite_adj} {self.favorite} is the best part of the day."
+            return (
+                f"{self.first} says that the {self.favorite_adj} {self.favorite} is the best part of the day."
+            )
         if r < 0.7:
             return f"{_cap(self.pronoun)} always talks about the {self.favorite_adj} {self.favorite} at the {self.place}."
         return f"As we said before, {self.first} from {self.city} loves the {self.favorite}."

@@ -125,13 +125,17 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
     documents = tokens = too_short = 0
     with open(tmp, "wb") as f:
         # Pinned header fields make the tar a function of its contents only.
-        with wds.TarWriter(f, user="tandem", group="tandem", mode=0o444, mtime=0.0, compress=False) as writer:
+        with wds.TarWriter(f, user="tandem", group="tandem", mode=0o444, mtime=0, compress=False) as writer:
             for (ordinal, _, meta), ids in zip(docs, ids_per_doc, strict=True):
                 if len(ids) < job["min_tokens"]:
                     too_short += 1
                     continue
                 writer.write(
-                    {"__key__": f"{ordinal:010d}", "tokens.npy": np.asarray(ids, dtype=dtype), "meta.json": meta}
+                    {
+                        "__key__": f"{ordinal:010d}",
+                        "tokens.npy": np.asarray(ids, dtype=dtype),
+                        "meta.json": meta,
+                    }
                 )
                 documents += 1
                 tokens += len(ids)
@@ -193,7 +197,9 @@ def _claim_out_dir(out_dir: Path, fingerprint: dict[str, Any]) -> None:
             )
         return
     if (out_dir / PROGRESS_NAME).exists() or (out_dir / MANIFEST_NAME).exists():
-        raise ShardingError(f"{out_dir} holds shards of unknown provenance (no {OPTIONS_NAME}); use a fresh out_dir")
+        raise ShardingError(
+            f"{out_dir} holds shards of unknown provenance (no {OPTIONS_NAME}); use a fresh out_dir"
+        )
     _atomic_write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
 
@@ -213,7 +219,9 @@ def _load_progress(out_dir: Path) -> dict[str, dict[str, Any]]:
         except json.JSONDecodeError as exc:
             if lineno == len(lines):
                 break
-            raise ShardingError(f"{path}:{lineno}: not valid JSON ({exc}); shard into a fresh out_dir") from exc
+            raise ShardingError(
+                f"{path}:{lineno}: not valid JSON ({exc}); shard into a fresh out_dir"
+            ) from exc
         done[entry["name"]] = entry
     return done
 
@@ -263,9 +271,7 @@ def shard_corpus(
         "min_tokens": min_tokens,
     }
     input_list = [{"path": str(p), "bytes": p.stat().st_size} for p in inputs]
-    _claim_out_dir(
-        out_dir, {"options": options, "inputs": input_list, "tokenizer_sha256": tok.sha256, "dtype": dtype}
-    )
+    _claim_out_dir(out_dir, options | {"inputs": input_list, "tokenizer_sha256": tok.sha256, "dtype": dtype})
     done = _load_progress(out_dir)
     progress = _ProgressLog(out_dir / PROGRESS_NAME)
 
@@ -359,7 +365,7 @@ def shard_corpus(
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "tokenizer": tok.describe() | {"path": str(tokenizer_path)},
+        "tokenizer": tok.describe(),
         "dtype": dtype,
         "options": options,
         "inputs": input_list,

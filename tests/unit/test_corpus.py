@@ -130,7 +130,7 @@ def test_expand_inputs(tmp_path: Path) -> None:
     assert expand_inputs([tmp_path / "e.txt", tmp_path / "e.txt"]) == [tmp_path / "e.txt"]
     with pytest.raises(FileNotFoundError, match=r"nothing-\*\.jsonl"):
         expand_inputs(str(tmp_path / "nothing-*.jsonl"))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         expand_inputs(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match=r"skip\.csv.*unsupported"):
         expand_inputs(d / "skip.csv")

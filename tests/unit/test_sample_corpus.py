@@ -60,7 +60,9 @@ def test_facts_are_consistent() -> None:
     checked = 0
     for rec in iter_sample_documents(docs=300, seed=0):
         text = rec["text"]
-        for a, op, b, c in re.findall(r"(\w+) (plus|minus|times) (\w+) (?:is|equals) ([\w-]+(?: hundred(?: and [\w-]+)?)?)\.", text):
+        for a, op, b, c in re.findall(
+            r"(\w+) (plus|minus|times) (\w+) (?:is|equals) ([\w-]+(?: hundred(?: and [\w-]+)?)?)\.", text
+        ):
             a, b, c = _number(a), _number(b), _number(c)
             assert {"plus": a + b, "minus": a - b, "times": a * b}[op] == c, (a, op, b, c)
             checked += 1

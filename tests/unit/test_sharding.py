@@ -1,0 +1,239 @@
+"""Sharding: manifest integrity, worker-count independence, resume, refusal, token fidelity."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.corpus import iter_documents
+from data_pipeline.manifest import (
+    ManifestError,
+    iter_shard_documents,
+    load_manifest,
+    shard_paths,
+    unigram_entropy,
+    verify_shards,
+)
+from data_pipeline.sharding import ShardingError, assign_split, shard_corpus
+from data_pipeline.tokenizer import Tokenizer
+
+# ~25 kB of text per shard: the 300-document corpus becomes several train shards and a val shard.
+OPTIONS = {"val_fraction": 0.1, "shard_size_mb": 0.025, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def sharded(
+    dp_corpus_paths: list[Path], dp_tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("dp_shards") / "w1"
+    shard_corpus(dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=out, workers=1, **OPTIONS)
+    return out
+
+
+def _tars(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.tar"))}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_manifest_matches_shards(sharded: Path, dp_tokenizer_path: Path) -> None:
+    manifest = load_manifest(sharded)
+    assert verify_shards(sharded) == []
+    assert manifest["format"] == "tandem-shards" and manifest["version"] == 1
+    assert manifest["dtype"] == "uint16"
+    tok = Tokenizer(dp_tokenizer_path)
+    assert manifest["tokenizer"]["sha256"] == tok.sha256
+    assert manifest["tokenizer"]["vocab_size"] == tok.vocab_size
+    assert manifest["tokenizer"]["eos_id"] == 3 and manifest["tokenizer"]["mask_id"] == 6
+    names = [s["name"] for s in manifest["shards"]]
+    train = [n for n in names if n.startswith("train-")]
+    assert names == [*train, "val-000000.tar"]
+    assert train == [f"train-{i:06d}.tar" for i in range(len(train))] and len(train) >= 3
+    assert sorted(p.name for p in sharded.glob("*.tar")) == sorted(names)
+    assert not list(sharded.glob("*.tmp"))
+    for split in ("train", "val"):
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        assert manifest["totals"][split] == {
+            "shards": len(shards),
+            "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+        }
+        assert [p.name for p in shard_paths(manifest, sharded, split)] == [s["name"] for s in shards]
+    assert manifest["documents_read"] == 300
+    assert manifest["totals"]["train"]["documents"] + manifest["totals"]["val"]["documents"] == 300
+    assert 10 <= manifest["totals"]["val"]["documents"] <= 60  # ~10% of 300
+    assert manifest["skipped"] == {}
+
+
+def test_tokens_equal_tokenizer_encode(
+    sharded: Path, dp_corpus_paths: list[Path], dp_tokenizer_path: Path
+) -> None:
+    tok = Tokenizer(dp_tokenizer_path)
+    docs = list(iter_documents(dp_corpus_paths))
+    manifest = load_manifest(sharded)
+    seen = []
+    for split in ("train", "val"):
+        for path in shard_paths(manifest, sharded, split):
+            for key, tokens in iter_shard_documents(path):
+                ordinal = int(key)
+                assert assign_split(ordinal, seed=0, val_fraction=0.1) == split
+                assert tokens.dtype == np.uint16
+                assert tokens.tolist() == tok.encode(docs[ordinal].text)  # no eos appended
+                seen.append(ordinal)
+    assert sorted(seen) == list(range(300))
+    # meta.json travels with each document.
+    with tarfile.open(sharded / "train-000000.tar") as tar:
+        assert tar.getnames()[:2] == ["0000000000.meta.json", "0000000000.tokens.npy"]
+        member = tar.getmember("0000000000.meta.json")
+        # Pinned header fields; an integer mtime also keeps tarfile from adding a pax header per member.
+        assert (member.mtime, member.uname, member.mode, member.pax_headers) == (0, "tandem", 0o444, {})
+        meta = json.load(tar.extractfile(member))
+        np.load(io.BytesIO(tar.extractfile("0000000000.tokens.npy").read()), allow_pickle=False)
+    assert meta == {"url": docs[0].url, "timestamp": docs[0].timestamp, "source": docs[0].source, "line": 1}
+
+
+def test_two_workers_write_identical_bytes(
+    sharded: Path, dp_corpus_paths: list[Path], dp_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "w2"
+    manifest = shard_corpus(
+        dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=out, workers=2, **OPTIONS
+    )
+    assert manifest == load_manifest(sharded)
+    assert _tars(out) == _tars(sharded)
+
+
+def test_corruption_is_reported_by_shard_name(sharded: Path, tmp_path: Path) -> None:
+    out = _copy(sharded, tmp_path / "c")
+    victim = out / "train-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    for deep in (False, True):
+        problems = verify_shards(out, deep=deep)
+        assert problems and all(p.startswith("train-000001.tar: ") for p in problems), problems
+    (out / "train-000002.tar").unlink()
+    (out / "extra.tar").write_bytes(b"")
+    problems = verify_shards(out, deep=False)
+    assert any(p.startswith("train-000002.tar: listed") for p in problems)
+    assert any(p.startswith("extra.tar: shard file is not listed") for p in problems)
+
+
+def test_resume_skips_finished_shards(
+    sharded: Path, dp_corpus_paths: list[Path], dp_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    out = _copy(sharded, tmp_path / "r")
+    reference = _tars(out)
+    manifest_text = (out / "manifest.json").read_text()
+    # A run killed while writing shard 2: its file is gone, its progress line never written,
+    # no manifest yet, and a torn last line from the kill.
+    (out / "manifest.json").unlink()
+    (out / "train-000002.tar").unlink()
+    progress = out / ".progress.jsonl"
+    kept = [ln for ln in progress.read_text().splitlines() if '"train-000002.tar"' not in ln]
+    progress.write_text("\n".join(kept) + '\n{"name": "train-0000')
+    (out / "train-000002.tar.tmp").write_bytes(b"partial")
+    untouched = (out / "train-000000.tar").stat().st_mtime_ns
+    # A finished shard file whose progress line exists but whose file was deleted is redone too.
+    (out / "val-000000.tar").unlink()
+
+    manifest = shard_corpus(
+        dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=out, workers=1, **OPTIONS
+    )
+    assert (out / "manifest.json").read_text() == manifest_text
+    assert manifest == json.loads(manifest_text)
+    assert _tars(out) == reference
+    assert (out / "train-000000.tar").stat().st_mtime_ns == untouched  # not rewritten
+    assert not (out / "train-000002.tar.tmp").exists()
+    assert verify_shards(out) == []
+
+
+def test_changed_settings_are_refused(
+    sharded: Path, dp_corpus_paths: list[Path], dp_tokenizer_path: Path
+) -> None:
+    with pytest.raises(ShardingError, match=r"seed: was 0, now 1.*fresh out_dir"):
+        shard_corpus(
+            dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=sharded, **(OPTIONS | {"seed": 1})
+        )
+    with pytest.raises(ShardingError, match=r"inputs: was"):
+        shard_corpus(dp_corpus_paths[:1], tokenizer_path=dp_tokenizer_path, out_dir=sharded, **OPTIONS)
+    # Workers are not a setting of the output: resuming with another count is allowed.
+    shard_corpus(dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=sharded, workers=2, **OPTIONS)
+    assert verify_shards(sharded) == []
+
+
+def test_min_tokens_skips_and_counts(
+    dp_corpus_paths: list[Path], dp_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    tok = Tokenizer(dp_tokenizer_path)
+    lengths = sorted(len(tok.encode(d.text)) for d in iter_documents(dp_corpus_paths))
+    threshold = lengths[len(lengths) // 2]
+    manifest = shard_corpus(
+        dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=tmp_path / "m", min_tokens=threshold
+    )
+    too_short = sum(1 for n in lengths if n < threshold)
+    assert manifest["skipped"] == {"too_short": too_short}
+    assert manifest["totals"]["train"]["documents"] == 300 - too_short
+    assert manifest["totals"]["val"] == {"shards": 0, "documents": 0, "tokens": 0}
+    assert verify_shards(tmp_path / "m") == []
+
+
+def test_bad_options(dp_corpus_paths: list[Path], dp_tokenizer_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ShardingError, match=r"workers=0.*val_fraction=1.0"):
+        shard_corpus(
+            dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=tmp_path, workers=0, val_fraction=1.0
+        )
+
+
+def test_val_split_is_never_empty() -> None:
+    # Whatever the hash says, a tiny fraction still sends document 1 to val (when document 0 is train).
+    assert [assign_split(i, seed=0, val_fraction=1e-12) for i in range(4)] == [
+        "train",
+        "val",
+        "train",
+        "train",
+    ]
+    assert assign_split(1, seed=0, val_fraction=0.0) == "train"
+    share = sum(assign_split(i, seed=5, val_fraction=0.2) == "val" for i in range(10_000)) / 10_000
+    assert 0.18 < share < 0.22
+
+
+def test_unigram_entropy(sharded: Path) -> None:
+    manifest = load_manifest(sharded)
+    counts = np.zeros(manifest["tokenizer"]["vocab_size"], dtype=np.int64)
+    docs = 0
+    for path in shard_paths(manifest, sharded, "train"):
+        for _, tokens in iter_shard_documents(path):
+            counts += np.bincount(tokens, minlength=counts.size)
+            docs += 1
+    for include_eos in (False, True):
+        c = counts.copy()
+        c[3] += docs if include_eos else 0
+        p = c[c > 0] / c.sum()
+        expected = float(-(p * np.log(p)).sum())
+        assert unigram_entropy(sharded, include_eos=include_eos) == pytest.approx(expected, rel=1e-12)
+    assert 1.0 < expected < math.log(counts.size)
+
+
+def test_load_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"manifest\.json: no shard manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "other", "version": 1}')
+    with pytest.raises(ManifestError, match=r"manifest\.json: format='other'"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{oops")
+    with pytest.raises(ManifestError, match=r"manifest\.json: not valid JSON"):
+        load_manifest(tmp_path)
+    assert verify_shards(tmp_path)[0].endswith(
+        "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+    )
