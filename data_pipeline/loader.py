@@ -45,7 +45,9 @@ class SplitStream:
         entries = [s for s in manifest["shards"] if s["split"] == split]
         if not entries:
             splits = sorted({s["split"] for s in manifest["shards"]})
-            raise ValueError(f"{shards_dir / 'manifest.json'}: no shards in split {split!r} (splits: {splits})")
+            raise ValueError(
+                f"{shards_dir / 'manifest.json'}: no shards in split {split!r} (splits: {splits})"
+            )
         digest = hashlib.sha256()
         for s in entries:
             digest.update(f"{s['name']}:{s['sha256']}\n".encode())
@@ -114,7 +116,13 @@ class PackedSamples:
     """Global sample index -> (sample_len,) tokens. Epoch e visits the shards in order `shard_order(e)`."""
 
     def __init__(self, stream: SplitStream, *, sample_len: int, eos_id: int, seed: int, shuffle: bool):
-        self.stream, self.sample_len, self.eos_id, self.seed, self.shuffle = stream, sample_len, eos_id, seed, shuffle
+        self.stream, self.sample_len, self.eos_id, self.seed, self.shuffle = (
+            stream,
+            sample_len,
+            eos_id,
+            seed,
+            shuffle,
+        )
         self.samples_per_epoch = stream.total // sample_len
         if self.samples_per_epoch == 0:
             raise ValueError(
@@ -272,12 +280,28 @@ class TrainLoader:
         }
 
     @staticmethod
-    def check_resumable(state: dict[str, Any], *, fingerprint: str, sample_len: int, global_batch_size: int,
-                        seed: int, shuffle_shards: bool) -> list[str]:
+    def check_resumable(
+        state: dict[str, Any],
+        *,
+        fingerprint: str,
+        sample_len: int,
+        global_batch_size: int,
+        seed: int,
+        shuffle_shards: bool,
+    ) -> list[str]:
         """What differs between a saved loader state and the current run (empty = exact continuation)."""
-        now = {"fingerprint": fingerprint, "sample_len": sample_len, "global_batch_size": global_batch_size,
-               "seed": seed, "shuffle_shards": shuffle_shards}
-        return [f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}" for k, v in now.items() if state.get(k) != v]
+        now = {
+            "fingerprint": fingerprint,
+            "sample_len": sample_len,
+            "global_batch_size": global_batch_size,
+            "seed": seed,
+            "shuffle_shards": shuffle_shards,
+        }
+        return [
+            f"{k}: checkpoint has {state.get(k)!r}, this run has {v!r}"
+            for k, v in now.items()
+            if state.get(k) != v
+        ]
 
 
 def eval_batches(
@@ -295,8 +319,12 @@ def eval_batches(
     stream = SplitStream.from_manifest(shards_dir, split)
     samples = PackedSamples(stream, sample_len=objective.sample_len, eos_id=eos_id, seed=0, shuffle=False)
     data = MicroBatches(
-        samples, objective, micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size * dp_size,
-        dp_rank=dp_rank, dp_size=dp_size,
+        samples,
+        objective,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=micro_batch_size * dp_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
     )
     for q in range(num_batches):
         yield data.batch(q)

@@ -17,7 +17,9 @@ class LayerFactory:
 
     def _plain_only(self, what: str) -> None:
         if self.tp != 1:
-            raise NotImplementedError(f"{what} with tp={self.tp}: tensor-parallel layers are not available yet")
+            raise NotImplementedError(
+                f"{what} with tp={self.tp}: tensor-parallel layers are not available yet"
+            )
 
     def column_linear(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
         """A linear whose output dim would be split across tp ranks (QKV, MLP up-projection)."""

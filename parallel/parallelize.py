@@ -40,8 +40,9 @@ def parallelize(
 
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
     return engine
 
 

@@ -35,10 +35,17 @@ def rng_state() -> dict[str, Any]:
     py_version, py_internal, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss": py_gauss},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": py_version,
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -48,8 +55,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -66,8 +74,11 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.dir.iterdir()
-                 if p.is_dir() and (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()]
+        found = [
+            (int(m.group(1)), p)
+            for p in self.dir.iterdir()
+            if p.is_dir() and (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()
+        ]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
@@ -82,7 +93,9 @@ class Checkpointer:
             return self.latest()
         path = Path(resume)
         if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"train.resume={resume!r}: not a complete Tandem checkpoint (no meta.json)")
+            raise FileNotFoundError(
+                f"train.resume={resume!r}: not a complete Tandem checkpoint (no meta.json)"
+            )
         return path
 
     # ------------------------------------------------------------------ save
@@ -128,7 +141,10 @@ class Checkpointer:
                 f"has {self.world_size}; a plain DeepSpeed load cannot change the layout"
             )
         load_path, _ = self.engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False,
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
             load_module_strict=True,
         )
         if load_path is None:

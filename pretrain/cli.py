@@ -15,21 +15,30 @@ from pretrain.config import CONFIG_DIR, ConfigError, config_help
 
 
 def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="prepare corpora, tokenizers and shards",
-                          description="Prepare corpora, tokenizers and webdataset shards.")
+    data = sub.add_parser(
+        "data",
+        help="prepare corpora, tokenizers and shards",
+        description="Prepare corpora, tokenizers and webdataset shards.",
+    )
     dsub = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)
 
-    p = dsub.add_parser("sample", help="write the built-in procedural C4-style sample corpus",
-                        description="Write a deterministic C4-style sample corpus (.json.gz, one "
-                        '{"text","url","timestamp"} object per line) from Tandem\'s procedural generator.')
+    p = dsub.add_parser(
+        "sample",
+        help="write the built-in procedural C4-style sample corpus",
+        description="Write a deterministic C4-style sample corpus (.json.gz, one "
+        '{"text","url","timestamp"} object per line) from Tandem\'s procedural generator.',
+    )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--docs", type=int, default=2000, help="number of documents (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.set_defaults(func=cmd_data_sample)
 
-    p = dsub.add_parser("tokenizer", help="train a sentencepiece tokenizer with Tandem's reserved tokens",
-                        description="Train sentencepiece (byte fallback on) with the reserved tokens <pad> <unk> "
-                        "<s> </s> <cls> <sep> <mask> and T5 sentinels <extra_id_0..N-1>.")
+    p = dsub.add_parser(
+        "tokenizer",
+        help="train a sentencepiece tokenizer with Tandem's reserved tokens",
+        description="Train sentencepiece (byte fallback on) with the reserved tokens <pad> <unk> "
+        "<s> </s> <cls> <sep> <mask> and T5 sentinels <extra_id_0..N-1>.",
+    )
     p.add_argument("--input", required=True, help="files, directories or globs (comma-separated)")
     p.add_argument("--vocab-size", required=True, type=int, help="vocabulary size, reserved tokens included")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
@@ -39,15 +48,22 @@ def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_tokenizer)
 
-    p = dsub.add_parser("shard", help="tokenize documents into webdataset tar shards with a manifest",
-                        description="Tokenize documents in parallel into webdataset tar shards plus "
-                        "DIR/manifest.json (per shard: documents, tokens, bytes, sha256). A rerun skips finished "
-                        "shards.")
+    p = dsub.add_parser(
+        "shard",
+        help="tokenize documents into webdataset tar shards with a manifest",
+        description="Tokenize documents in parallel into webdataset tar shards plus "
+        "DIR/manifest.json (per shard: documents, tokens, bytes, sha256). A rerun skips finished "
+        "shards.",
+    )
     p.add_argument("--input", required=True, help="files, directories or globs (comma-separated)")
-    p.add_argument("--tokenizer", required=True, type=Path, help="PREFIX.model from `pretrain data tokenizer`")
+    p.add_argument(
+        "--tokenizer", required=True, type=Path, help="PREFIX.model from `pretrain data tokenizer`"
+    )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out (default 0)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="fraction of documents held out (default 0)"
+    )
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="raw text per shard in MB (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--lenient", action="store_true", help="skip and count bad records instead of stopping")
@@ -59,24 +75,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain",
         description="Tandem: pretrain GPT, BERT and T5 language models from raw web text.",
     )
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; read from LOCAL_RANK otherwise")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; read from LOCAL_RANK otherwise",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _add_data_verbs(sub)
 
     p = sub.add_parser(
-        "train", help="train a model from a YAML config plus dotted overrides",
+        "train",
+        help="train a model from a YAML config plus dotted overrides",
         description="Train from --config FILE plus SECTION.KEY=VALUE overrides. The resolved config is saved "
         "as RUN/config.yaml; metrics go to RUN/metrics.jsonl and RUN/tb/; checkpoints to RUN/checkpoints/.",
-        epilog="configuration keys:\n" + config_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configuration keys:\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="YAML run config, e.g. configs/runs/smoke-gpt.yaml")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.steps=50 optimizer.lr=1e-3")
+    p.add_argument(
+        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.steps=50 optimizer.lr=1e-3"
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("smoke", help="sample corpus -> tokenizer -> shards -> short training run",
-                       description="The whole chain on the built-in sample corpus with configs/runs/smoke-MODEL.yaml. "
-                       "Leaves the corpus, tokenizer and shards in OUT/data/ and the run in OUT/run/.")
+    p = sub.add_parser(
+        "smoke",
+        help="sample corpus -> tokenizer -> shards -> short training run",
+        description="The whole chain on the built-in sample corpus with configs/runs/smoke-MODEL.yaml. "
+        "Leaves the corpus, tokenizer and shards in OUT/data/ and the run in OUT/run/.",
+    )
     p.add_argument("--out", type=Path, default=Path("smoke"), help="output directory (default ./smoke)")
     p.add_argument("--model", choices=["gpt"], default="gpt", help="model family (default gpt)")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
@@ -101,9 +129,15 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from data_pipeline.corpus import expand_inputs
     from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
-    model = train_tokenizer(expand_inputs(args.input), vocab_size=args.vocab_size, out_prefix=args.out,
-                            model_type=args.model_type, num_sentinels=args.num_sentinels,
-                            max_documents=args.max_documents, seed=args.seed)
+    model = train_tokenizer(
+        expand_inputs(args.input),
+        vocab_size=args.vocab_size,
+        out_prefix=args.out,
+        model_type=args.model_type,
+        num_sentinels=args.num_sentinels,
+        max_documents=args.max_documents,
+        seed=args.seed,
+    )
     tok = Tokenizer(model)
     print(f"wrote {model} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
     return 0
@@ -113,9 +147,16 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
     from data_pipeline.corpus import expand_inputs
     from data_pipeline.sharding import shard_corpus
 
-    manifest = shard_corpus(expand_inputs(args.input), tokenizer_path=args.tokenizer, out_dir=args.out,
-                            workers=args.workers, val_fraction=args.val_fraction, shard_size_mb=args.shard_size_mb,
-                            seed=args.seed, strict=not args.lenient)
+    manifest = shard_corpus(
+        expand_inputs(args.input),
+        tokenizer_path=args.tokenizer,
+        out_dir=args.out,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        shard_size_mb=args.shard_size_mb,
+        seed=args.seed,
+        strict=not args.lenient,
+    )
     for split, tot in manifest["totals"].items():
         print(f"{split}: {tot['shards']} shard(s), {tot['documents']} documents, {tot['tokens']} tokens")
     if manifest.get("skipped"):
@@ -131,8 +172,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, validate=True)
     result = train(cfg)
     if _is_rank0():
-        print(f"trained {result.steps} steps: final loss {_fmt(result.final_loss)}, "
-              f"{_fmt(result.tokens_per_s, '.0f')} tokens/s, checkpoint {result.checkpoint}")
+        print(
+            f"trained {result.steps} steps: final loss {_fmt(result.final_loss)}, "
+            f"{_fmt(result.tokens_per_s, '.0f')} tokens/s, checkpoint {result.checkpoint}"
+        )
     return 0
 
 
@@ -152,6 +195,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     overrides = [f"data.shards={shards}", f"train.out_dir={out / 'run'}", *args.overrides]
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
+        if not any(o.startswith("optimizer.warmup_steps=") for o in args.overrides):
+            # A shortened smoke run keeps warmup at most a tenth of its steps.
+            base = load_config(run_cfg, validate=False).optimizer.warmup_steps
+            overrides.append(f"optimizer.warmup_steps={min(base, args.steps // 10)}")
     cfg = load_config(run_cfg, overrides)  # fail on a bad override before any work
 
     if _is_rank0():
@@ -165,8 +212,15 @@ def cmd_smoke(args: argparse.Namespace) -> int:
             tok_prefix.parent.mkdir(parents=True, exist_ok=True)
             train_tokenizer(expand_inputs(corpus_dir), vocab_size=SMOKE_VOCAB, out_prefix=tok_prefix, seed=0)
         print(f"[2/4] tokenizer: {model_path}")
-        manifest = shard_corpus(expand_inputs(corpus_dir), tokenizer_path=model_path, out_dir=shards, workers=2,
-                                val_fraction=0.05, shard_size_mb=0.25, seed=0)
+        manifest = shard_corpus(
+            expand_inputs(corpus_dir),
+            tokenizer_path=model_path,
+            out_dir=shards,
+            workers=2,
+            val_fraction=0.05,
+            shard_size_mb=0.25,
+            seed=0,
+        )
         tr = manifest["totals"]["train"]
         print(f"[3/4] shards: {tr['shards']} train shard(s), {tr['tokens']} tokens in {shards}")
     from pretrain.distributed import barrier, init_distributed
@@ -192,7 +246,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-SMOKE_VOCAB = 2048
+SMOKE_VOCAB = 1024
 
 
 def _is_rank0() -> bool:

@@ -33,18 +33,26 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     preset: str | None = _f(None, "name of a file in configs/models/ whose values this section starts from")
-    family: Literal["gpt", "bert", "t5"] = _f("gpt", "model family: decoder-only, encoder-only or encoder-decoder")
+    family: Literal["gpt", "bert", "t5"] = _f(
+        "gpt", "model family: decoder-only, encoder-only or encoder-decoder"
+    )
     vocab_size: int = _f(0, "vocabulary size; 0 takes it from the shards' tokenizer")
     hidden_size: int = _f(128, "width of the residual stream")
     num_layers: int = _f(2, "number of Transformer blocks")
     num_heads: int = _f(4, "attention heads per layer")
     num_kv_heads: int = _f(0, "key/value heads (grouped-query attention); 0 means num_heads")
-    ffn_hidden_size: int = _f(0, "MLP inner width; 0 means 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)")
+    ffn_hidden_size: int = _f(
+        0, "MLP inner width; 0 means 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)"
+    )
     max_seq_len: int = _f(1024, "longest sequence the position embedding supports")
     norm: Literal["layernorm", "rmsnorm"] = _f("layernorm", "normalization layer")
     norm_eps: float = _f(1e-5, "epsilon of the normalization layers")
-    activation: Literal["gelu", "relu", "swiglu"] = _f("gelu", "MLP activation (swiglu is gated, Llama-style)")
-    position: Literal["learned", "rope"] = _f("learned", "absolute learned positions (GPT-2) or rotary (RoPE)")
+    activation: Literal["gelu", "relu", "swiglu"] = _f(
+        "gelu", "MLP activation (swiglu is gated, Llama-style)"
+    )
+    position: Literal["learned", "rope"] = _f(
+        "learned", "absolute learned positions (GPT-2) or rotary (RoPE)"
+    )
     rope_theta: float = _f(10000.0, "RoPE base frequency")
     bias: bool = _f(True, "biases in linear and norm layers")
     dropout: float = _f(0.0, "dropout on embeddings, attention probabilities and residual branches")
@@ -116,7 +124,9 @@ class TrainConfig:
     eval_interval: int = _f(0, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = _f(4, "micro-batches per validation-loss evaluation")
     resume: str = _f("auto", "'auto' (newest checkpoint in out_dir), 'never', or a checkpoint directory")
-    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "training precision (bf16/fp16 keep fp32 masters)")
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "training precision (bf16/fp16 keep fp32 masters)"
+    )
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
     peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU; 0 looks the device up in a table")
     progress: bool = _f(True, "console progress bar on rank 0")
@@ -234,7 +244,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> Non
         return
     section, key = parts
     if section not in _SECTION_TYPES:
-        problems.append(f"override {dotted!r}: unknown section {section!r}; sections: {', '.join(_SECTION_TYPES)}")
+        problems.append(
+            f"override {dotted!r}: unknown section {section!r}; sections: {', '.join(_SECTION_TYPES)}"
+        )
         return
     node = tree.setdefault(section, {})
     if not isinstance(node, dict):
@@ -323,8 +335,9 @@ def load_config(
         source = str(path)
     over, problems = parse_overrides(list(overrides or []))
     raw = _merge(raw, over)
-    return config_from_dict(raw, world_size=world_size, validate=validate, base_dir=base_dir,
-                            problems=problems, source=source)
+    return config_from_dict(
+        raw, world_size=world_size, validate=validate, base_dir=base_dir, problems=problems, source=source
+    )
 
 
 def config_from_dict(
@@ -432,8 +445,17 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     nonneg("optimizer.weight_decay", o.weight_decay)
     nonneg("optimizer.grad_clip", o.grad_clip)
     decay_steps = o.decay_steps or t.steps
-    if _ints(o.warmup_steps, decay_steps) and o.warmup_steps > decay_steps > 0:
-        p.append(f"optimizer.warmup_steps={o.warmup_steps}: must be <= decay steps ({decay_steps})")
+    if _ints(o.warmup_steps, decay_steps) and o.warmup_steps >= decay_steps > 0:
+        p.append(
+            f"optimizer.warmup_steps={o.warmup_steps}: must be < decay steps ({decay_steps}; "
+            "optimizer.decay_steps or else train.steps)"
+        )
+    if _nums(o.weight_decay) and o.weight_decay_end is not None and _nums(o.weight_decay_end):
+        if o.weight_decay_end < o.weight_decay:
+            p.append(
+                f"optimizer.weight_decay_end={o.weight_decay_end}: must be >= optimizer.weight_decay="
+                f"{o.weight_decay} (the scheduler ramps weight decay up, never down)"
+            )
     if o.decay_style == "WSD" and _ints(o.wsd_decay_steps) and o.wsd_decay_steps <= 0:
         p.append(f"optimizer.wsd_decay_steps={o.wsd_decay_steps}: must be > 0 with decay_style=WSD")
 

@@ -27,7 +27,9 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 def non_embedding_params(model: nn.Module, cfg: ModelConfig) -> int:
     """Parameters that take part in per-token matmuls: every block, the final norm and the LM head."""
-    n = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
+    n = sum(
+        p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name
+    )
     return n + cfg.hidden_size * cfg.vocab_size
 
 

@@ -32,12 +32,21 @@ class MetricsLogger:
         self._truncate_after(start_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(
+            log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
+        )
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                            dynamic_ncols=True, disable=None)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                disable=None,
+            )
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop records a crashed run wrote after its last checkpoint: they will be redone."""
@@ -64,8 +73,9 @@ class MetricsLogger:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.tb.add_scalar(f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1),
-                                   value, step)  # type: ignore[union-attr]
+                self.tb.add_scalar(
+                    f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1), value, step
+                )  # type: ignore[union-attr]
         if self.bar is not None and "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
 

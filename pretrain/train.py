@@ -18,10 +18,17 @@ from torch import nn
 from data_pipeline.loader import TrainLoader, eval_batches
 from data_pipeline.manifest import load_manifest
 from data_pipeline.objectives import build_objective
-from parallel.parallelize import param_groups, parallelize
+from parallel.parallelize import parallelize, param_groups
 from parallel.topology import Topology
 from pretrain.checkpoint import Checkpointer
-from pretrain.config import Config, ConfigError, config_to_dict, deepspeed_config, save_config, validation_problems
+from pretrain.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    deepspeed_config,
+    save_config,
+    validation_problems,
+)
 from pretrain.distributed import init_distributed
 from pretrain.flops import device_peak_tflops, flops_per_token
 from pretrain.metrics import MetricsLogger, memory_gb
@@ -41,7 +48,9 @@ class LanguageModelLoss(nn.Module):
         logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
         # The loss is computed in fp32 whatever the training precision: bf16 logits lose the small
         # probability differences that the loss averages over.
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
+        )
 
 
 @dataclass
@@ -102,10 +111,16 @@ def train(cfg: Config) -> TrainResult:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = int(tok["vocab_size"])
     elif cfg.model.vocab_size < int(tok["vocab_size"]):
-        raise ConfigError([f"model.vocab_size={cfg.model.vocab_size}: smaller than the shards' tokenizer "
-                           f"vocabulary ({tok['vocab_size']})"])
+        raise ConfigError(
+            [
+                f"model.vocab_size={cfg.model.vocab_size}: smaller than the shards' tokenizer "
+                f"vocabulary ({tok['vocab_size']})"
+            ]
+        )
     special = {k: int(v) for k, v in tok.items() if k.endswith("_id")}
-    objective = build_objective(cfg.model.family, seq_len=cfg.data.seq_len, special_ids=special, seed=t_cfg.seed)
+    objective = build_objective(
+        cfg.model.family, seq_len=cfg.data.seq_len, special_ids=special, seed=t_cfg.seed
+    )
 
     run_dir = Path(t_cfg.out_dir)
     if rank == 0:
@@ -118,12 +133,19 @@ def train(cfg: Config) -> TrainResult:
     model = build_model(cfg.model)
     module = LanguageModelLoss(model)
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, foreach=False)
-    engine = parallelize(module, optimizer=optimizer, ds_config=deepspeed_config(cfg, dp_size=dp),
-                         activation_checkpointing=t_cfg.activation_checkpointing)
+    optimizer = torch.optim.AdamW(
+        param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
+    )
+    engine = parallelize(
+        module,
+        optimizer=optimizer,
+        ds_config=deepspeed_config(cfg, dp_size=dp),
+        activation_checkpointing=t_cfg.activation_checkpointing,
+    )
     scheduler = build_scheduler(engine.optimizer, cfg)
-    checkpointer = Checkpointer(run_dir, engine, rank=rank, world_size=world, keep_last=cfg.checkpoint.keep_last)
+    checkpointer = Checkpointer(
+        run_dir, engine, rank=rank, world_size=world, keep_last=cfg.checkpoint.keep_last
+    )
 
     # --- resume
     step, consumed = 0, 0
@@ -133,33 +155,62 @@ def train(cfg: Config) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         step, consumed = int(state["step"]), int(state["loader"]["consumed_samples"])
     loader = TrainLoader(
-        cfg.data.shards, objective, split=cfg.data.train_split, micro_batch_size=t_cfg.micro_batch_size,
-        global_batch_size=t_cfg.global_batch_size, dp_rank=dp_rank, dp_size=dp, seed=t_cfg.seed,
-        shuffle_shards=cfg.data.shuffle_shards, eos_id=special["eos_id"], num_workers=cfg.data.num_workers,
+        cfg.data.shards,
+        objective,
+        split=cfg.data.train_split,
+        micro_batch_size=t_cfg.micro_batch_size,
+        global_batch_size=t_cfg.global_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp,
+        seed=t_cfg.seed,
+        shuffle_shards=cfg.data.shuffle_shards,
+        eos_id=special["eos_id"],
+        num_workers=cfg.data.num_workers,
         consumed_samples=consumed,
     )
     if resume_from is not None:
         mismatch = TrainLoader.check_resumable(
-            state["loader"], fingerprint=loader.stream.fingerprint, sample_len=objective.sample_len,
-            global_batch_size=t_cfg.global_batch_size, seed=t_cfg.seed, shuffle_shards=cfg.data.shuffle_shards)
+            state["loader"],
+            fingerprint=loader.stream.fingerprint,
+            sample_len=objective.sample_len,
+            global_batch_size=t_cfg.global_batch_size,
+            seed=t_cfg.seed,
+            shuffle_shards=cfg.data.shuffle_shards,
+        )
         if mismatch:
-            raise RuntimeError(f"{resume_from}: cannot continue the data stream exactly: " + "; ".join(mismatch))
+            raise RuntimeError(
+                f"{resume_from}: cannot continue the data stream exactly: " + "; ".join(mismatch)
+            )
 
     # --- bookkeeping
     tokens_per_step = t_cfg.global_batch_size * cfg.data.seq_len
     flops_step = flops_per_token(model, cfg.model, cfg.data.seq_len) * tokens_per_step
     peak = t_cfg.peak_tflops or device_peak_tflops(t_cfg.precision)
-    logger = MetricsLogger(run_dir, enabled=rank == 0, total_steps=t_cfg.steps, start_step=step,
-                           progress=t_cfg.progress)
-    result = TrainResult(run_dir=run_dir, steps=step, first_loss=None, final_loss=None, tokens_per_s=None,
-                         checkpoint=resume_from)
+    logger = MetricsLogger(
+        run_dir, enabled=rank == 0, total_steps=t_cfg.steps, start_step=step, progress=t_cfg.progress
+    )
+    result = TrainResult(
+        run_dir=run_dir,
+        steps=step,
+        first_loss=None,
+        final_loss=None,
+        tokens_per_s=None,
+        checkpoint=resume_from,
+    )
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "loader": loader.state_dict(), "scheduler": scheduler.state_dict()}
-        meta = {"consumed_samples": loader.consumed_samples, "tokens": loader.consumed_samples * cfg.data.seq_len,
-                "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp}, "family": cfg.model.family}
+        meta = {
+            "consumed_samples": loader.consumed_samples,
+            "tokens": loader.consumed_samples * cfg.data.seq_len,
+            "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp},
+            "family": cfg.model.family,
+        }
         return checkpointer.save(at_step, state=state, meta=meta, config_yaml=config_yaml)
+
+    # DeepSpeed records the gradient norm only inside its ZeRO and mixed-precision optimizers.
+    own_grad_norm = cfg.parallel.zero_stage == 0 and t_cfg.precision == "fp32"
 
     # --- the loop
     engine.train()
@@ -168,9 +219,13 @@ def train(cfg: Config) -> TrainResult:
     while step < t_cfg.steps:
         scheduler.step(1)  # lr for update number step+1 (warmup starts above zero)
         loss_sum = 0.0
-        for _ in range(loader.gas):
+        log_now = (step + 1) % t_cfg.log_interval == 0 or step + 1 == t_cfg.steps
+        grad_norm = None
+        for micro in range(loader.gas):
             loss = engine(next(loader))
             engine.backward(loss)
+            if log_now and own_grad_norm and micro == loader.gas - 1:
+                grad_norm = _grad_norm(module)  # gradients are all-reduced by now, not yet clipped
             engine.step()
             loss_sum += loss.item()
         step += 1
@@ -186,7 +241,8 @@ def train(cfg: Config) -> TrainResult:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
             tflops = window_steps * flops_step / elapsed / 1e12 / world
-            grad_norm = engine.get_global_grad_norm()
+            if not own_grad_norm:
+                grad_norm = engine.get_global_grad_norm()
             record = {
                 "step": step,
                 "loss": window_loss / window_steps,
@@ -208,8 +264,13 @@ def train(cfg: Config) -> TrainResult:
         if t_cfg.eval_interval and (step % t_cfg.eval_interval == 0 or step == t_cfg.steps):
             result.eval_loss = evaluate(engine, cfg, objective, special["eos_id"], topo)
             if result.eval_loss is not None:
-                logger.log({"step": step, "eval_loss": result.eval_loss,
-                            "eval_ppl": math.exp(min(result.eval_loss, 50.0))})
+                logger.log(
+                    {
+                        "step": step,
+                        "eval_loss": result.eval_loss,
+                        "eval_ppl": math.exp(min(result.eval_loss, 50.0)),
+                    }
+                )
 
         interval = cfg.checkpoint.interval
         if (interval and step % interval == 0) or (step == t_cfg.steps and cfg.checkpoint.save_final):
@@ -224,12 +285,27 @@ def train(cfg: Config) -> TrainResult:
 
 
 @torch.no_grad()
+def _grad_norm(module: nn.Module) -> float:
+    norms = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+@torch.no_grad()
 def evaluate(engine: Any, cfg: Config, objective: Any, eos_id: int, topo: Topology) -> float | None:
     """Mean loss over the first `train.eval_batches` micro batches of the validation split (None if absent)."""
     try:
-        batches = list(eval_batches(cfg.data.shards, objective, split=cfg.data.eval_split,
-                                    micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
-                                    dp_size=topo.dims.dp, eos_id=eos_id, num_batches=cfg.train.eval_batches))
+        batches = list(
+            eval_batches(
+                cfg.data.shards,
+                objective,
+                split=cfg.data.eval_split,
+                micro_batch_size=cfg.train.micro_batch_size,
+                dp_rank=topo.dp_rank,
+                dp_size=topo.dims.dp,
+                eos_id=eos_id,
+                num_batches=cfg.train.eval_batches,
+            )
+        )
     except ValueError:
         return None  # no validation shards (or too few tokens for one sample)
     engine.eval()

@@ -16,5 +16,7 @@ def build_objective(family: str, *, seq_len: int, special_ids: dict[str, int], s
     try:
         cls = OBJECTIVES[family]
     except KeyError:
-        raise ValueError(f"no objective for model family {family!r}; available: {', '.join(OBJECTIVES)}") from None
+        raise ValueError(
+            f"no objective for model family {family!r}; available: {', '.join(OBJECTIVES)}"
+        ) from None
     return cls(seq_len=seq_len, special_ids=special_ids, seed=seed)

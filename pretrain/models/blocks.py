@@ -67,7 +67,9 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope(q), rope(k)
-        y = attention(q, k, v, causal=self.causal, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(
+            q, k, v, causal=self.causal, mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

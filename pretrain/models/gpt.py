@@ -16,18 +16,24 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None):
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError(f"model.vocab_size={cfg.vocab_size}: must be set (> 0) before building the model")
+            raise ValueError(
+                f"model.vocab_size={cfg.vocab_size}: must be set (> 0) before building the model"
+            )
         layers = layers or LayerFactory()
         self.config = cfg
         self.embed = layers.vocab_embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_embed = layers.embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        self.pos_embed = (
+            layers.embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        )
         self.rope = (
             RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
         )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(PreNormBlock(cfg, layers, causal=True) for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else layers.column_linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_embeddings else layers.column_linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
         init_weights(self, cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
