@@ -1,12 +1,14 @@
 """Tandem: one stack to pretrain GPT, BERT and T5 models from raw web text to sharded checkpoints."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="tandem",
     version="0.1.0",
     description="Distributed pretraining of GPT, BERT and T5 Transformer language models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain*", "parallel*", "data_pipeline*", "launch*", "slurm*"]),

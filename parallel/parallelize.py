@@ -50,7 +50,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings; never biases or norm gains (1-D tensors).
 
     `wd_mult` is read by megatron-core's OptimizerParamScheduler when it sets each group's weight decay."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)

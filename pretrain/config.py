@@ -10,6 +10,7 @@ from the config (`deepspeed_config`), never written by hand.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -230,6 +231,7 @@ def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any
     for key, value in raw.items():
         if key not in known:
             close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").lower()]
+            close = close or difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.75)
             hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
             problems.append(f"{prefix}.{key}: unknown key{hint}; known keys: {', '.join(sorted(known))}")
             continue
@@ -403,9 +405,9 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p.append(f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads={m.num_heads}")
     if _ints(m.num_heads, m.num_kv_heads) and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
         p.append(f"model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads={m.num_heads}")
-    if m.position == "rope" and _ints(m.hidden_size, m.num_heads) and m.num_heads > 0:
-        if (m.hidden_size // m.num_heads) % 2:
-            p.append(f"model.position=rope: head dim {m.hidden_size // m.num_heads} must be even")
+    rope_heads = m.position == "rope" and _ints(m.hidden_size, m.num_heads) and m.num_heads > 0
+    if rope_heads and (m.hidden_size // m.num_heads) % 2:
+        p.append(f"model.position=rope: head dim {m.hidden_size // m.num_heads} must be even")
     if m.family != "gpt":
         p.append(f"model.family={m.family!r}: only 'gpt' is implemented in this version")
 
@@ -450,12 +452,18 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             f"optimizer.warmup_steps={o.warmup_steps}: must be < decay steps ({decay_steps}; "
             "optimizer.decay_steps or else train.steps)"
         )
-    if _nums(o.weight_decay) and o.weight_decay_end is not None and _nums(o.weight_decay_end):
-        if o.weight_decay_end < o.weight_decay:
-            p.append(
-                f"optimizer.weight_decay_end={o.weight_decay_end}: must be >= optimizer.weight_decay="
-                f"{o.weight_decay} (the scheduler ramps weight decay up, never down)"
-            )
+    wd_end = o.weight_decay_end
+    wd_down = wd_end is not None and _nums(o.weight_decay, wd_end) and wd_end < o.weight_decay
+    if not wd_down and wd_end is not None and o.weight_decay_style == "constant" and wd_end != o.weight_decay:
+        p.append(
+            f"optimizer.weight_decay_end={wd_end}: differs from optimizer.weight_decay={o.weight_decay} but "
+            "optimizer.weight_decay_style='constant'; choose 'linear' or 'cosine' to ramp it"
+        )
+    if wd_down:
+        p.append(
+            f"optimizer.weight_decay_end={o.weight_decay_end}: must be >= optimizer.weight_decay="
+            f"{o.weight_decay} (the scheduler ramps weight decay up, never down)"
+        )
     if o.decay_style == "WSD" and _ints(o.wsd_decay_steps) and o.wsd_decay_steps <= 0:
         p.append(f"optimizer.wsd_decay_steps={o.wsd_decay_steps}: must be > 0 with decay_style=WSD")
 
@@ -470,12 +478,12 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p.append("train.out_dir='': must name the run directory")
     if isinstance(t.resume, str) and t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         p.append(f"train.resume={t.resume!r}: must be 'auto', 'never' or an existing checkpoint directory")
-    if _ints(t.global_batch_size, t.micro_batch_size) and t.micro_batch_size > 0:
-        if t.global_batch_size % t.micro_batch_size:
-            p.append(
-                f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
-                f"train.micro_batch_size={t.micro_batch_size}"
-            )
+    batch_ints = _ints(t.global_batch_size, t.micro_batch_size) and t.micro_batch_size > 0
+    if batch_ints and t.global_batch_size % t.micro_batch_size:
+        p.append(
+            f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
     if world_size is not None and _ints(par.tp, par.pp, t.global_batch_size, t.micro_batch_size):
         model_parallel = par.tp * par.pp
         if model_parallel > 0 and world_size % model_parallel:
@@ -528,7 +536,7 @@ def config_help() -> str:
         lines.append(f"{section}:")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             tp = _type_name(hints[f.name])
             lines.append(f"  {section}.{f.name} ({tp}, default {default!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -71,11 +71,13 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
         step = record["step"]
+        assert self.tb is not None  # enabled implies a writer
+        assert self.tb is not None
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 self.tb.add_scalar(
                     f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1), value, step
-                )  # type: ignore[union-attr]
+                )
         if self.bar is not None and "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
 

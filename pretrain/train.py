@@ -151,7 +151,7 @@ def train(cfg: Config) -> TrainResult:
     step, consumed = 0, 0
     resume_from = checkpointer.resolve(t_cfg.resume)
     if resume_from is not None:
-        state, meta = checkpointer.load(resume_from)
+        state, _ = checkpointer.load(resume_from)
         scheduler.load_state_dict(state["scheduler"])
         step, consumed = int(state["step"]), int(state["loader"]["consumed_samples"])
     loader = TrainLoader(

@@ -25,10 +25,15 @@ def attention(
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    if mask is not None and causal:
-        # SDPA rejects is_causal together with an explicit mask: fold the causal triangle into the mask.
-        t, s = q.shape[-2], k.shape[-2]
+    t, s = q.shape[-2], k.shape[-2]
+    if causal and (mask is not None or t != s):
+        # Queries are the last t of s positions (as with a KV cache), so query i sees keys <= s - t + i.
+        # SDPA's is_causal aligns the triangle to the first key instead and rejects an explicit mask, so
+        # the triangle is folded into the mask here.
         tri = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-        mask = (mask & tri) if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+        if mask is None:
+            mask = tri
+        else:
+            mask = (mask & tri) if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
         causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)

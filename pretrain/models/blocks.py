@@ -38,8 +38,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x: (B, H, T, D) -> x rotated by each position's angle."""
         t = x.shape[-2]
-        cos = self.cos[offset : offset + t].to(x.dtype)
-        sin = self.sin[offset : offset + t].to(x.dtype)
+        cos = self.cos[offset : offset + t].to(x.dtype)  # type: ignore[index]
+        sin = self.sin[offset : offset + t].to(x.dtype)  # type: ignore[index]
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -125,5 +125,6 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             if module.weight is not None:
                 nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                nn.init.zeros_(bias)

@@ -38,7 +38,7 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) -> logits (B, T, V). attention_mask: optional (B, T), 1 = real token."""
-        b, t = input_ids.shape
+        t = input_ids.shape[1]  # (B, T)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}")
         x = self.embed(input_ids)  # (B, T, C)
@@ -51,7 +51,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, self.rope, mask)
         x = self.final_norm(x)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        head = self.embed if self.lm_head is None else self.lm_head
+        weight: torch.Tensor = head.weight  # type: ignore[assignment]
         return F.linear(x, weight)  # (B, T, V)
 
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:

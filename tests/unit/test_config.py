@@ -187,11 +187,6 @@ def test_did_you_mean_for_case_and_underscores():
     assert "did you mean model.num_layers?" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pretrain/config.py _build_section (line 232) only suggests keys that differ by case or "
-    "underscores; a one-letter typo (model.num_layer) gets no 'did you mean' (difflib would find it)",
-)
 def test_did_you_mean_for_a_one_letter_typo():
     line = _one_line_with(_problems([SHARDS, "model.num_layer=4"]), "model.num_layer", "unknown key")
     assert "did you mean model.num_layers?" in line

@@ -125,12 +125,6 @@ def test_attention_causal_with_mask_and_fewer_queries_than_keys():
     torch.testing.assert_close(got.double(), reference_attention(q, k, v, causal=True, mask=mask), **ATTN_TOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pretrain/kernels/attention.py:31 aligns the causal triangle to the last key when a mask is "
-    "given (tril(diagonal=S-T)) but SDPA's is_causal (line 34, no mask) aligns it to the first key; "
-    "for T != S an all-True mask changes the result",
-)
 def test_attention_causal_convention_does_not_depend_on_the_mask():
     q, k, v = _qkv(t=4, s=12)
     all_keys = torch.ones(1, 1, 1, 12, dtype=torch.bool)

@@ -151,12 +151,6 @@ def test_scheduler_resumes_where_it_stopped():
     assert rest == full[4:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pretrain/config.py validation_problems accepts optimizer.weight_decay_end != weight_decay "
-    "with weight_decay_style='constant' (the default), and megatron-core's get_wd then fails "
-    "`assert start_wd == end_wd` inside build_scheduler (pretrain/train.py:74)",
-)
 def test_every_valid_optimizer_config_builds_a_scheduler():
     try:
         cfg = _config("optimizer.weight_decay=0.1", "optimizer.weight_decay_end=0.2")

@@ -1,0 +1,154 @@
+"""Fixtures shared by every test tier: a small sharded corpus and a runner for `pretrain` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = REPO / "configs" / "runs" / "smoke-gpt.yaml"
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 sample documents, a 512-piece tokenizer, ~20 train shards of ~20 kB and a validation split."""
+    from data_pipeline.sample_corpus import write_sample_corpus
+    from data_pipeline.sharding import shard_corpus
+    from data_pipeline.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = write_sample_corpus(root / "corpus", docs=400, seed=0, docs_per_file=200)
+    model = train_tokenizer(corpus, vocab_size=512, out_prefix=root / "tok" / "sp")
+    shard_corpus(
+        corpus,
+        tokenizer_path=model,
+        out_dir=root / "shards",
+        workers=1,
+        val_fraction=0.1,
+        shard_size_mb=0.02,
+        seed=0,
+    )
+    return root / "shards"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    env.update(extra)
+    return env
+
+
+def tiny_overrides(shards: Path, out_dir: Path, **keys: object) -> list[str]:
+    """gpt-tiny on the test shards, every step logged, no progress bar."""
+    base: dict[str, object] = {
+        "model.preset": "gpt-tiny",
+        "model.max_seq_len": 64,
+        "data.shards": shards,
+        "data.seq_len": 64,
+        "train.out_dir": out_dir,
+        "train.steps": 6,
+        "train.micro_batch_size": 4,
+        "train.global_batch_size": 8,
+        "train.log_interval": 1,
+        "train.eval_interval": 0,
+        "train.progress": "false",
+        "optimizer.warmup_steps": 2,
+        "optimizer.lr": "1e-3",
+        "checkpoint.interval": 0,
+    }
+    base.update(keys)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _runner() -> Callable[..., subprocess.CompletedProcess]:
+    """Runs `pretrain ARGS` (optionally under the deepspeed launcher or torchrun) with a hard timeout."""
+
+    def run(
+        args: list[str],
+        *,
+        nprocs: int = 1,
+        launcher: str = "python",
+        timeout: float = 300,
+        check: bool = True,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess:
+        port = str(free_port())
+        if launcher == "deepspeed":
+            cmd = [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--num_gpus",
+                str(nprocs),
+                "--master_port",
+                port,
+                "--module",
+                "pretrain",
+                *args,
+            ]
+        elif launcher == "torchrun":
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(nprocs),
+                "--master_port",
+                port,
+                "-m",
+                "pretrain",
+                *args,
+            ]
+        else:
+            cmd = [sys.executable, "-m", "pretrain", *args]
+        proc = subprocess.run(
+            cmd, env=subprocess_env(), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+            )
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def run_pretrain() -> Callable[..., subprocess.CompletedProcess]:
+    return _runner()
+
+
+@pytest.fixture(scope="module")
+def run_pretrain_module() -> Callable[..., subprocess.CompletedProcess]:
+    return _runner()
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl -> {step: training record} (evaluation records left out)."""
+    import json
+
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec
+    return out
