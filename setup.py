@@ -26,7 +26,14 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "mypy>=1.10", "transformers>=4.45", "types-PyYAML"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "transformers>=4.45",
+            "types-PyYAML",
+        ],
         "plots": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},

@@ -254,6 +254,9 @@ class TrainLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=4 if self.num_workers else None,
+                # Its own generator: creating the iterator draws a base seed, which must not advance the
+                # global torch RNG that dropout uses (a resumed run creates its iterator at another point).
+                generator=torch.Generator().manual_seed(self.seed),
             )
             self._iter = iter(loader)
         batch = next(self._iter)
