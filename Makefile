@@ -1,9 +1,11 @@
 # One command per habit. `make smoke` and `make test` do their own set-up on a fresh machine.
-# TORCH_SPEC chooses the PyTorch build: CI sets TORCH_SPEC=torch==2.13.0 (the CPU build);
-# GPU users keep the default, which leaves an already installed (CUDA) torch alone.
+# TORCH_SPEC chooses the PyTorch build: CI sets TORCH_SPEC=torch==2.13.0 (the CPU build); the default
+# takes the package index's build (CUDA on Linux). VENV_FLAGS=--system-site-packages reuses a PyTorch
+# that is already installed outside the virtualenv (the default spec is then already satisfied).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch>=2.6
+VENV_FLAGS ?=
 SMOKE_OUT ?= smoke
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.installed
 .PHONY: setup smoke test test-fast lint format bench clean
 
 $(STAMP): setup.py
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
