@@ -14,7 +14,7 @@ from torch import nn
 
 from parallel.layers import LayerFactory
 from pretrain.config import ModelConfig
-from pretrain.kernels.attention import attention
+from pretrain.kernels import attention
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -59,7 +59,11 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x: torch.Tensor, *, rope: RotaryEmbedding | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        rope: RotaryEmbedding | None = None,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -68,7 +72,12 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = rope(q), rope(k)
         y = attention(
-            q, k, v, causal=self.causal, mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -104,9 +113,12 @@ class PreNormBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: RotaryEmbedding | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding | None = None,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope=rope, mask=mask))
+        x = x + self.drop(self.attn(self.attn_norm(x), rope=rope, key_padding_mask=key_padding_mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 

@@ -45,11 +45,9 @@ class GPT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(t, device=input_ids.device))
         x = self.drop(x)
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys that may be attended
+        padding = attention_mask.bool() if attention_mask is not None else None  # (B, T), True = real token
         for block in self.blocks:
-            x = block(x, self.rope, mask)
+            x = block(x, self.rope, padding)
         x = self.final_norm(x)
         head = self.embed if self.lm_head is None else self.lm_head
         weight: torch.Tensor = head.weight  # type: ignore[assignment]

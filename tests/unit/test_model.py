@@ -18,7 +18,7 @@ from torch import nn
 
 from parallel.parallelize import apply_activation_checkpointing
 from pretrain.config import ModelConfig, load_config
-from pretrain.kernels.attention import attention
+from pretrain.kernels import attention as _attention
 from pretrain.models import build_model
 from pretrain.models.gpt import GPT
 
@@ -63,6 +63,16 @@ def reference_attention(
         )
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhts,bhsd->bhtd", probs, v)
+
+
+def attention(q, k, v, *, causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The entry point with this file's mask convention: a (B, 1, 1, S) bool mask is a key padding mask,
+    a float mask an additive position bias."""
+    if mask is None:
+        return _attention(q, k, v, causal=causal)
+    if mask.dtype == torch.bool:
+        return _attention(q, k, v, causal=causal, key_padding_mask=mask[:, 0, 0, :])
+    return _attention(q, k, v, causal=causal, position_bias=mask)
 
 
 # fp32 against fp64: unit roundoff u = 6e-8; each output is a length-D dot product, a length-S softmax
