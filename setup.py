@@ -33,6 +33,8 @@ setup(
             "mypy>=1.10",
             "transformers>=4.45",
             "types-PyYAML",
+            # Triton kernels run under TRITON_INTERPRET=1 in CPU tests; CUDA builds of torch bring their own.
+            "triton>=3.0; sys_platform == 'linux'",
         ],
         "plots": ["matplotlib>=3.7"],
     },
