@@ -118,9 +118,7 @@ def train(cfg: Config) -> TrainResult:
             ]
         )
     special = {k: int(v) for k, v in tok.items() if k.endswith("_id")}
-    objective = build_objective(
-        cfg.model.family, seq_len=cfg.data.seq_len, special_ids=special, seed=t_cfg.seed
-    )
+    objective = build_objective(cfg.model.family, seq_len=cfg.data.seq_len, tokenizer=tok, seed=t_cfg.seed)
 
     run_dir = Path(t_cfg.out_dir)
     if rank == 0:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
 class CausalLM:
     name = "causal_lm"
 
-    def __init__(self, *, seq_len: int, special_ids: dict[str, int], seed: int):
+    def __init__(self, *, seq_len: int, tokenizer: dict[str, Any], seed: int):
         self.seq_len = seq_len
         self.seed = seed
 

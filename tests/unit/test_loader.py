@@ -16,7 +16,7 @@ SEQ = 32
 
 
 def objective():
-    return build_objective("gpt", seq_len=SEQ, special_ids={}, seed=0)
+    return build_objective("gpt", seq_len=SEQ, tokenizer={}, seed=0)
 
 
 def eos_id(shards) -> int:
