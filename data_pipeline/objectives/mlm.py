@@ -20,6 +20,7 @@ import numpy as np
 
 IGNORE_INDEX = -100  # labels value that torch's cross_entropy skips
 
+_WHITESPACE_BYTES = frozenset(f"<0x{b:02X}>" for b in b"\t\n\v\f\r ")
 _SPECIAL_KEYS = ("pad_id", "unk_id", "bos_id", "eos_id", "cls_id", "sep_id", "mask_id")
 
 
@@ -39,8 +40,10 @@ def resolve_tokenizer_path(path: str | Path, shards_dir: str | Path | None = Non
     return Path(shards_dir) / p
 
 
-def word_start_table(tokenizer_path: str | Path, vocab_size: int) -> np.ndarray:
-    """(vocab_size,) bool: the piece begins a word (sentencepiece marks a preceding space with "▁")."""
+def word_boundary_tables(tokenizer_path: str | Path, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts_word, is_space), each (vocab_size,) bool. A piece starts a word when sentencepiece marked a
+    preceding space on it ("▁..."); byte-fallback whitespace (newline, tab, ...) is a word of its own, so
+    the piece after it starts a word too (this tokenizer has no "▁" after a newline)."""
     from data_pipeline.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
@@ -48,7 +51,10 @@ def word_start_table(tokenizer_path: str | Path, vocab_size: int) -> np.ndarray:
         raise ValueError(
             f"tokenizer {tokenizer_path} has {tok.vocab_size} pieces but the manifest says vocab_size={vocab_size}"
         )
-    return np.array([tok.id_to_piece(i).startswith("▁") for i in range(vocab_size)], dtype=bool)
+    pieces = [tok.id_to_piece(i) for i in range(vocab_size)]
+    is_space = np.array([p in _WHITESPACE_BYTES for p in pieces], dtype=bool)
+    starts = np.array([p.startswith("▁") for p in pieces], dtype=bool) | is_space
+    return starts, is_space
 
 
 class MaskedLM:
@@ -95,8 +101,8 @@ class MaskedLM:
         self.ordinary = np.flatnonzero(~is_special)  # ids a "random token" is drawn from
         if len(self.ordinary) == 0:
             raise ValueError("masked LM objective: the vocabulary has no non-special tokens")
-        self.word_start = (
-            word_start_table(resolve_tokenizer_path(tokenizer["path"]), self.vocab_size)
+        self.word_tables = (
+            word_boundary_tables(resolve_tokenizer_path(tokenizer["path"]), self.vocab_size)
             if whole_word
             else None
         )
@@ -125,12 +131,14 @@ class MaskedLM:
         self, tokens: np.ndarray, eligible: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         """Whole-word masking (BERT's 2019 release): a word is a run of eligible tokens that begins at a
-        "▁" piece or right after a special token. Words are taken in random order until the selected token
+        "▁" piece, at or after a whitespace byte piece, or right after a special token. Words are taken in random order until the selected token
         count is as close as possible to the target, so a word is always selected whole; its tokens share
         a group (one mask/random/keep decision, so an unmasked piece cannot give the word away)."""
-        assert self.word_start is not None
+        assert self.word_tables is not None
+        starts_word, is_space = self.word_tables
         prev_eligible = np.concatenate([[False], eligible[:-1]])
-        starts = eligible & (self.word_start[tokens] | ~prev_eligible)  # (L,)
+        after_space = np.concatenate([[False], is_space[tokens[:-1]]])
+        starts = eligible & (starts_word[tokens] | after_space | ~prev_eligible)  # (L,)
         word = np.cumsum(starts) - 1  # (L,) word number of each eligible position
         lengths = np.bincount(word[eligible], minlength=int(starts.sum()))  # (W,)
         target = self._target_count(int(eligible.sum()), rng)
