@@ -229,7 +229,7 @@ def test_t5_inputs_length_calculation():
     for inputs_length in (16, 64, 100, 128, 1024):
         raw, targets = compute_input_and_target_lengths(inputs_length, 0.15, 3.0)
         o = SpanCorruption(seq_len=inputs_length, tokenizer=TOK, seed=0)
-        assert o.inputs_length == inputs_length and o.targets_length == targets
+        assert (o.raw_length, o.inputs_length, o.targets_length) == (raw, inputs_length, targets)
         # The largest raw length that fits: one more token would need a longer encoder input.
         bigger = o.raw_length + 1
         noise = round(bigger * 0.15)
