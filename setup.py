@@ -24,6 +24,7 @@ setup(
         "pyyaml>=6",
         "tensorboard>=2.14",
         "tqdm>=4.60",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dev": [

@@ -42,29 +42,46 @@ class ModelConfig:
     num_layers: int = _f(2, "number of Transformer blocks")
     num_heads: int = _f(4, "attention heads per layer")
     num_kv_heads: int = _f(0, "key/value heads (grouped-query attention); 0 means num_heads")
+    attention_head_dim: int = _f(
+        0, "width of one attention head; 0 means hidden_size / num_heads (T5-11B uses 128)"
+    )
+    num_decoder_layers: int = _f(0, "decoder blocks of an encoder-decoder (T5); 0 means num_layers")
     ffn_hidden_size: int = _f(
         0, "MLP inner width; 0 means 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)"
     )
     max_seq_len: int = _f(1024, "longest sequence the position embedding supports")
     norm: Literal["layernorm", "rmsnorm"] = _f("layernorm", "normalization layer")
+    norm_position: Literal["pre", "post"] = _f("pre", "pre-norm (GPT-2, T5) or post-norm (original BERT)")
     norm_eps: float = _f(1e-5, "epsilon of the normalization layers")
-    activation: Literal["gelu", "relu", "swiglu"] = _f(
-        "gelu", "MLP activation (swiglu is gated, Llama-style)"
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = _f(
+        "gelu", "MLP activation; swiglu (Llama) and geglu (T5 v1.1, tanh GELU) are gated"
     )
-    position: Literal["learned", "rope"] = _f(
-        "learned", "absolute learned positions (GPT-2) or rotary (RoPE)"
+    position: Literal["learned", "rope", "relative"] = _f(
+        "learned",
+        "learned absolute positions (GPT-2, BERT), rotary (RoPE), or T5's relative position buckets",
     )
     rope_theta: float = _f(10000.0, "RoPE base frequency")
+    relative_buckets: int = _f(32, "T5 relative-position buckets")
+    relative_max_distance: int = _f(128, "T5: distances beyond this share the last bucket")
+    type_vocab_size: int = _f(2, "BERT token-type (segment) embeddings; 0 disables them")
     bias: bool = _f(True, "biases in linear and norm layers")
     dropout: float = _f(0.0, "dropout on embeddings, attention probabilities and residual branches")
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
     init_std: float = _f(0.02, "std of the normal weight init; residual projections get /sqrt(2*num_layers)")
 
     @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
     def ffn_size(self) -> int:
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
-        if self.activation == "swiglu":
+        if self.gated:
             # Keeps the gated MLP's parameter count at ~8h^2 like a 4h GELU MLP (Shazeer 2020).
             return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
         return 4 * self.hidden_size
@@ -75,7 +92,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -401,15 +418,29 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     positive("model.init_std", m.init_std)
     if isinstance(m.dropout, float) and not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout={m.dropout}: must be in [0, 1)")
-    if _ints(m.hidden_size, m.num_heads) and m.num_heads > 0 and m.hidden_size % m.num_heads:
+    explicit_head_dim = _ints(m.attention_head_dim) and m.attention_head_dim > 0
+    if (
+        _ints(m.hidden_size, m.num_heads)
+        and m.num_heads > 0
+        and m.hidden_size % m.num_heads
+        and not explicit_head_dim
+    ):
         p.append(f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads={m.num_heads}")
     if _ints(m.num_heads, m.num_kv_heads) and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
         p.append(f"model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads={m.num_heads}")
     rope_heads = m.position == "rope" and _ints(m.hidden_size, m.num_heads) and m.num_heads > 0
     if rope_heads and (m.hidden_size // m.num_heads) % 2:
         p.append(f"model.position=rope: head dim {m.hidden_size // m.num_heads} must be even")
-    if m.family != "gpt":
-        p.append(f"model.family={m.family!r}: only 'gpt' is implemented in this version")
+    for name in ("attention_head_dim", "num_decoder_layers", "type_vocab_size"):
+        nonneg(f"model.{name}", getattr(m, name))
+    positive("model.relative_buckets", m.relative_buckets)
+    positive("model.relative_max_distance", m.relative_max_distance)
+    if m.family == "t5" and m.position != "relative":
+        p.append(f"model.position={m.position!r}: T5 uses position=relative (relative position buckets)")
+    if m.family != "t5" and m.position == "relative":
+        p.append(f"model.position='relative' with model.family={m.family!r}: only T5 uses relative buckets")
+    if m.family == "gpt" and m.norm_position == "post":
+        p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
 
     if not d.shards:
         p.append("data.shards='': must name a directory written by `pretrain data shard`")

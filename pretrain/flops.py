@@ -38,6 +38,23 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * non_embedding_params(model, cfg) + attn
 
 
+def flops_per_sample(
+    model: nn.Module, cfg: ModelConfig, seq_len: int, target_len: int | None = None
+) -> float:
+    """Training FLOPs of one sample. GPT/BERT: seq_len tokens through every block and the LM head.
+    T5: seq_len encoder tokens through the encoder; target_len decoder tokens through the decoder (self and
+    cross attention) and the LM head; attention terms per PaLM's 12·L·H·d·(keys attended) per query token."""
+    if cfg.family != "t5":
+        return seq_len * flops_per_token(model, cfg, seq_len)
+    t = target_len or seq_len
+    enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder_"))
+    dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder_"))
+    dense = 6.0 * (enc * seq_len + (dec + cfg.hidden_size * cfg.vocab_size) * t)
+    hd = cfg.num_heads * cfg.head_dim
+    attn = 12 * hd * (cfg.num_layers * seq_len * seq_len + cfg.decoder_layers * t * (t + seq_len))
+    return dense + attn
+
+
 def device_peak_tflops(precision: str) -> float | None:
     """Peak of the local device from the table, or None (CPUs and unknown GPUs: pass train.peak_tflops)."""
     import torch

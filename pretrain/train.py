@@ -30,7 +30,7 @@ from pretrain.config import (
     validation_problems,
 )
 from pretrain.distributed import init_distributed
-from pretrain.flops import device_peak_tflops, flops_per_token
+from pretrain.flops import device_peak_tflops, flops_per_sample
 from pretrain.metrics import MetricsLogger, memory_gb
 from pretrain.models import build_model
 
@@ -45,7 +45,8 @@ class LanguageModelLoss(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.model(**inputs)  # (B, T, V); T = decoder length for T5
         # The loss is computed in fp32 whatever the training precision: bf16 logits lose the small
         # probability differences that the loss averages over.
         return F.cross_entropy(
@@ -182,7 +183,8 @@ def train(cfg: Config) -> TrainResult:
 
     # --- bookkeeping
     tokens_per_step = t_cfg.global_batch_size * cfg.data.seq_len
-    flops_step = flops_per_token(model, cfg.model, cfg.data.seq_len) * tokens_per_step
+    target_len = getattr(objective, "targets_length", None)
+    flops_step = flops_per_sample(model, cfg.model, cfg.data.seq_len, target_len) * t_cfg.global_batch_size
     peak = t_cfg.peak_tflops or device_peak_tflops(t_cfg.precision)
     logger = MetricsLogger(
         run_dir, enabled=rank == 0, total_steps=t_cfg.steps, start_step=step, progress=t_cfg.progress

@@ -13,4 +13,12 @@ def build_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> nn.Modu
         from pretrain.models.gpt import GPT
 
         return GPT(cfg, layers)
-    raise ValueError(f"model.family={cfg.family!r}: not implemented (available: gpt)")
+    if cfg.family == "bert":
+        from pretrain.models.bert import BERT
+
+        return BERT(cfg, layers)
+    if cfg.family == "t5":
+        from pretrain.models.t5 import T5
+
+        return T5(cfg, layers)
+    raise ValueError(f"model.family={cfg.family!r}: not implemented (available: gpt, bert, t5)")

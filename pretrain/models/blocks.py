@@ -1,4 +1,6 @@
-"""Shared Transformer pieces: norms, rotary positions, attention, MLP and the pre-norm block.
+"""Shared Transformer pieces: norms, positions (rotary, T5 relative buckets), attention (self or cross),
+MLP (plain or gated) and the block (pre- or post-norm, optional cross-attention). GPT, BERT and T5 are
+assembled from these.
 
 The math lives here; which concrete linear/embedding layer is used (plain or tensor-parallel) comes from
 `parallel.layers.LayerFactory`, so these modules never know how they are parallelized.
@@ -45,16 +47,66 @@ class RotaryEmbedding(nn.Module):
         return x * cos + rotated * sin
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory, *, causal: bool):
+def relative_position_bucket(
+    relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucketing of (key position - query position) (Raffel et al. 2020, §2.1).
+
+    Half the buckets (all of them when unidirectional) hold exact small distances; the rest cover
+    distances up to max_distance on a log scale; anything farther shares the last bucket. Bidirectional
+    attention spends half the buckets on keys after the query. A unidirectional (decoder) query only
+    looks back, so future keys all fall in bucket 0 (they are masked anyway)."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    exact = num_buckets // 2
+    is_small = distance < exact
+    # log-spaced buckets for exact <= distance < max_distance (float math as in the reference).
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """A (buckets, heads) table of learned biases, shared by every layer of one stack (T5)."""
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool):
         super().__init__()
-        self.causal = causal
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.table = nn.Embedding(cfg.relative_buckets, cfg.num_heads)
+
+    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+        """-> additive bias (1, H, Tq, Tk); queries are the last Tq of Tk positions."""
+        device = self.table.weight.device
+        q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(
+            k_pos - q_pos,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        return self.table(buckets).permute(2, 0, 1).unsqueeze(0)  # (Tq, Tk, H) -> (1, H, Tq, Tk)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the block's own input (self) or an encoder's output (cross)."""
+
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, *, causal: bool, scale: float | None = None):
+        super().__init__()
+        self.causal, self.scale = causal, scale
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        h = cfg.hidden_size
-        self.q_proj = layers.column_linear(h, self.num_heads * self.head_dim, bias=cfg.bias)
+        h, inner = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+        self.q_proj = layers.column_linear(h, inner, bias=cfg.bias)
         self.k_proj = layers.column_linear(h, self.num_kv_heads * self.head_dim, bias=cfg.bias)
         self.v_proj = layers.column_linear(h, self.num_kv_heads * self.head_dim, bias=cfg.bias)
-        self.o_proj = layers.row_linear(self.num_heads * self.head_dim, h, bias=cfg.bias)
+        self.o_proj = layers.row_linear(inner, h, bias=cfg.bias)
         self.o_proj.is_residual_projection = True  # type: ignore[assignment]
         self.dropout = cfg.dropout
 
@@ -62,13 +114,16 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         *,
+        context: torch.Tensor | None = None,
         rope: RotaryEmbedding | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
+        source = x if context is None else context  # (B, S, C)
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(source).view(b, source.shape[1], -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(source).view(b, source.shape[1], -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope(q), rope(k)
         y = attention(
@@ -77,17 +132,30 @@ class SelfAttention(nn.Module):
             v,
             causal=self.causal,
             key_padding_mask=key_padding_mask,
+            position_bias=position_bias,
+            scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "swiglu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),  # T5 v1.1's gated-gelu uses the tanh GELU
+}
+
+
 class MLP(nn.Module):
+    """down(act(up(x))), or down(act(gate(x)) * up(x)) when gated (Shazeer 2020)."""
+
     def __init__(self, cfg: ModelConfig, layers: LayerFactory):
         super().__init__()
         h, f = cfg.hidden_size, cfg.ffn_size
-        self.gated = cfg.activation == "swiglu"
-        self.activation = cfg.activation
+        self.gated = cfg.gated
+        self.act = _ACTIVATIONS[cfg.activation]
         if self.gated:
             self.gate_proj = layers.column_linear(h, f, bias=cfg.bias)
         self.up_proj = layers.column_linear(h, f, bias=cfg.bias)
@@ -95,37 +163,67 @@ class MLP(nn.Module):
         self.down_proj.is_residual_projection = True  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        act = F.gelu if self.activation == "gelu" else F.relu
-        return self.down_proj(act(self.up_proj(x)))
+        hidden = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(hidden)
 
 
-class PreNormBlock(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2's placement of LayerNorm)."""
+class TransformerBlock(nn.Module):
+    """Self-attention, optional cross-attention, MLP; each a residual branch.
 
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory, *, causal: bool):
+    Pre-norm (GPT-2, T5): x + f(norm(x)). Post-norm (BERT): norm(x + f(x))."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: LayerFactory,
+        *,
+        causal: bool,
+        cross_attention: bool = False,
+        attention_scale: float | None = None,
+    ):
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
         self.attn_norm = make_norm(cfg)
-        self.attn = SelfAttention(cfg, layers, causal=causal)
+        self.attn = Attention(cfg, layers, causal=causal, scale=attention_scale)
+        if cross_attention:
+            self.cross_norm = make_norm(cfg)
+            self.cross_attn = Attention(cfg, layers, causal=False, scale=attention_scale)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg, layers)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
+        if self.post_norm:
+            return norm(x + self.drop(fn(x)))
+        return x + self.drop(fn(norm(x)))
 
     def forward(
         self,
         x: torch.Tensor,
         rope: RotaryEmbedding | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope=rope, key_padding_mask=key_padding_mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self._residual(
+            x,
+            self.attn_norm,
+            lambda h: self.attn(h, rope=rope, key_padding_mask=key_padding_mask, position_bias=position_bias),
+        )
+        if context is not None:
+            x = self._residual(
+                x,
+                self.cross_norm,
+                lambda h: self.cross_attn(h, context=context, key_padding_mask=context_padding_mask),
+            )
+        return self._residual(x, self.mlp_norm, self.mlp)
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+def init_weights(model: nn.Module, cfg: ModelConfig, *, num_residual_layers: int | None = None) -> None:
     """Normal(0, init_std) weights, zero biases, unit norms; residual output projections get
-    init_std / sqrt(2 * num_layers) so the residual stream's variance does not grow with depth (GPT-2)."""
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    init_std / sqrt(2 * layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+    residual_std = cfg.init_std / math.sqrt(2 * (num_residual_layers or cfg.num_layers))
     for module in model.modules():
         if isinstance(module, nn.Linear):
             std = residual_std if getattr(module, "is_residual_projection", False) else cfg.init_std

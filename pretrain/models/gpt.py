@@ -9,7 +9,7 @@ from torch import nn
 
 from parallel.layers import LayerFactory
 from pretrain.config import ModelConfig
-from pretrain.models.blocks import PreNormBlock, RotaryEmbedding, init_weights, make_norm
+from pretrain.models.blocks import RotaryEmbedding, TransformerBlock, init_weights, make_norm
 
 
 class GPT(nn.Module):
@@ -29,7 +29,7 @@ class GPT(nn.Module):
             RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
         )
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(PreNormBlock(cfg, layers, causal=True) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layers, causal=True) for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = (
             None if cfg.tie_embeddings else layers.column_linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -1,0 +1,437 @@
+"""Getting models out of Tandem: `load_model` from a checkpoint, and export to Hugging Face `transformers`
+directories (config.json + model.safetensors + the sentencepiece tokenizer) or to one framework-neutral
+safetensors file.
+
+Each family maps to the `transformers` class whose math it reproduces: GPT-2 style GPT -> GPT2LMHeadModel,
+Llama-style GPT (RMSNorm, SwiGLU, RoPE) -> LlamaForCausalLM, BERT -> BertForMaskedLM, T5 ->
+T5ForConditionalGeneration. Export refuses a configuration the target class cannot express, naming the
+options, rather than writing a model that would produce different logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from pretrain.config import Config, ModelConfig, config_from_dict
+from pretrain.models import build_model
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _checkpoint_config(checkpoint: Path) -> Config:
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no config.yaml; not a Tandem checkpoint directory")
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    return config_from_dict(raw, validate=False, source=str(path))
+
+
+def checkpoint_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """Full fp32 (or saved-precision) model weights of a checkpoint, without the training wrapper's prefix."""
+    checkpoint = Path(checkpoint)
+    cfg = _checkpoint_config(checkpoint)
+    meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
+    if (cfg.parallel.zero_stage >= 1 and cfg.train.precision != "fp32") or cfg.parallel.zero_stage == 3:
+        # The module file holds low-precision or partitioned weights: consolidate the fp32 masters.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:
+        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(
+                f"{checkpoint}: no mp_rank_*_model_states.pt (layout {meta.get('layout')})"
+            )
+        state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    prefix = "model."
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v.float() for k, v in state.items()}, cfg
+
+
+def load_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
+    """The model of a checkpoint on CPU in eval mode, and its resolved config.
+
+    `model(input_ids, attention_mask=None)` returns logits for GPT and BERT;
+    `model(input_ids, decoder_input_ids=..., attention_mask=None)` for T5."""
+    state, cfg = checkpoint_state_dict(checkpoint)
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{checkpoint}: weights do not fit the config: missing {missing}, unexpected {unexpected}"
+        )
+    return model.eval(), cfg
+
+
+# ----------------------------------------------------------------------------- mappings
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _require(cfg: ModelConfig, target: str, rules: dict[str, tuple[object, object]]) -> None:
+    """rules: option -> (actual, required); one error listing every option the target cannot express."""
+    bad = [f"model.{k}={a!r} (needs {r!r})" for k, (a, r) in rules.items() if a != r]
+    if bad:
+        raise ExportError(f"cannot export to {target}: " + ", ".join(bad))
+
+
+def _gpt2(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    from transformers import GPT2Config
+
+    _require(
+        cfg,
+        "GPT2LMHeadModel",
+        {
+            "norm": (cfg.norm, "layernorm"),
+            "position": (cfg.position, "learned"),
+            "bias": (cfg.bias, True),
+            "tie_embeddings": (cfg.tie_embeddings, True),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+        },
+    )
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}.get(cfg.activation)
+    if act is None:
+        raise ExportError(f"cannot export to GPT2LMHeadModel: model.activation={cfg.activation!r}")
+    hf = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.ffn_size,
+        activation_function=act,
+        layer_norm_epsilon=cfg.norm_eps,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    out = {
+        "transformer.wte.weight": sd["embed.weight"],
+        "transformer.wpe.weight": sd["pos_embed.weight"],
+        "transformer.ln_f.weight": sd["final_norm.weight"],
+        "transformer.ln_f.bias": sd["final_norm.bias"],
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        # GPT-2's Conv1D stores (in, out): transpose nn.Linear's (out, in); q, k, v are fused as c_attn.
+        qkv = [sd[f"{src}attn.{n}_proj.weight"] for n in "qkv"]
+        out[dst + "attn.c_attn.weight"] = torch.cat(qkv, 0).t()
+        out[dst + "attn.c_attn.bias"] = torch.cat([sd[f"{src}attn.{n}_proj.bias"] for n in "qkv"])
+        for ours, theirs in (
+            ("attn.o_proj", "attn.c_proj"),
+            ("mlp.up_proj", "mlp.c_fc"),
+            ("mlp.down_proj", "mlp.c_proj"),
+        ):
+            out[f"{dst}{theirs}.weight"] = sd[f"{src}{ours}.weight"].t()
+            out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[f"{dst}{theirs}.weight"] = sd[f"{src}{ours}.weight"]
+            out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
+    return hf, out, "GPT2LMHeadModel"
+
+
+def _llama(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    from transformers import LlamaConfig
+
+    _require(
+        cfg,
+        "LlamaForCausalLM",
+        {
+            "norm": (cfg.norm, "rmsnorm"),
+            "position": (cfg.position, "rope"),
+            "activation": (cfg.activation, "swiglu"),
+        },
+    )
+    hf = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        hidden_act="silu",
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.dropout,
+    )
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["final_norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    names = {
+        "attn.q_proj": "self_attn.q_proj",
+        "attn.k_proj": "self_attn.k_proj",
+        "attn.v_proj": "self_attn.v_proj",
+        "attn.o_proj": "self_attn.o_proj",
+        "mlp.gate_proj": "mlp.gate_proj",
+        "mlp.up_proj": "mlp.up_proj",
+        "mlp.down_proj": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+    }
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                key = f"blocks.{i}.{ours}.{kind}"
+                if key in sd:
+                    out[f"model.layers.{i}.{theirs}.{kind}"] = sd[key]
+    return hf, out, "LlamaForCausalLM"
+
+
+def _bert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    from transformers import BertConfig
+
+    _require(
+        cfg,
+        "BertForMaskedLM",
+        {
+            "norm": (cfg.norm, "layernorm"),
+            "norm_position": (cfg.norm_position, "post"),
+            "position": (cfg.position, "learned"),
+            "bias": (cfg.bias, True),
+            "activation": (cfg.activation, "gelu"),
+            "tie_embeddings": (cfg.tie_embeddings, True),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+        },
+    )
+    types = sd.get("type_embed.weight")
+    if types is None:  # no segment embeddings: one all-zero type row reproduces that exactly
+        types = torch.zeros(1, cfg.hidden_size)
+    hf = BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ffn_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=types.shape[0],
+        layer_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=True,
+    )
+    e = "bert.embeddings."
+    out = {
+        e + "word_embeddings.weight": sd["embed.weight"],
+        e + "position_embeddings.weight": sd["pos_embed.weight"],
+        e + "token_type_embeddings.weight": types,
+        e + "LayerNorm.weight": sd["embed_norm.weight"],
+        e + "LayerNorm.bias": sd["embed_norm.bias"],
+        "cls.predictions.transform.dense.weight": sd["mlm_dense.weight"],
+        "cls.predictions.transform.dense.bias": sd["mlm_dense.bias"],
+        "cls.predictions.transform.LayerNorm.weight": sd["mlm_norm.weight"],
+        "cls.predictions.transform.LayerNorm.bias": sd["mlm_norm.bias"],
+        "cls.predictions.bias": sd["mlm_bias"],
+        "cls.predictions.decoder.weight": sd["embed.weight"],
+        "cls.predictions.decoder.bias": sd["mlm_bias"],
+    }
+    names = {
+        "attn.q_proj": "attention.self.query",
+        "attn.k_proj": "attention.self.key",
+        "attn.v_proj": "attention.self.value",
+        "attn.o_proj": "attention.output.dense",
+        "attn_norm": "attention.output.LayerNorm",
+        "mlp.up_proj": "intermediate.dense",
+        "mlp.down_proj": "output.dense",
+        "mlp_norm": "output.LayerNorm",
+    }
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                out[f"bert.encoder.layer.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
+    return hf, out, "BertForMaskedLM"
+
+
+def _t5(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    from transformers import T5Config
+
+    _require(
+        cfg,
+        "T5ForConditionalGeneration",
+        {
+            "norm": (cfg.norm, "rmsnorm"),
+            "bias": (cfg.bias, False),
+            "norm_position": (cfg.norm_position, "pre"),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+        },
+    )
+    ff = {"relu": "relu", "geglu": "gated-gelu", "gelu": None}.get(cfg.activation)
+    if ff is None:
+        raise ExportError(
+            f"cannot export to T5ForConditionalGeneration: model.activation={cfg.activation!r} "
+            "(needs relu or geglu)"
+        )
+    hf = T5Config(  # type: ignore[call-arg]
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.hidden_size,
+        d_kv=cfg.head_dim,
+        d_ff=cfg.ffn_size,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.decoder_layers,
+        num_heads=cfg.num_heads,
+        relative_attention_num_buckets=cfg.relative_buckets,
+        relative_attention_max_distance=cfg.relative_max_distance,
+        dropout_rate=cfg.dropout,
+        layer_norm_epsilon=cfg.norm_eps,
+        feed_forward_proj=ff,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=0,
+        eos_token_id=3,
+        decoder_start_token_id=0,
+    )
+    out = {
+        "shared.weight": sd["embed.weight"],
+        "encoder.embed_tokens.weight": sd["embed.weight"],
+        "decoder.embed_tokens.weight": sd["embed.weight"],
+        "encoder.final_layer_norm.weight": sd["encoder_norm.weight"],
+        "decoder.final_layer_norm.weight": sd["decoder_norm.weight"],
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": sd[
+            "encoder_bias.table.weight"
+        ],
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": sd[
+            "decoder_bias.table.weight"
+        ],
+    }
+    out["lm_head.weight"] = sd["embed.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
+    mlp = ({"mlp.gate_proj": "wi_0", "mlp.up_proj": "wi_1"} if cfg.gated else {"mlp.up_proj": "wi"}) | {
+        "mlp.down_proj": "wo"
+    }
+
+    def attn(src: str, dst: str) -> None:
+        for n in "qkvo":
+            out[f"{dst}.{n}.weight"] = sd[f"{src}.{n}_proj.weight"]
+
+    for stack, n_layers, prefix in (
+        ("encoder", cfg.num_layers, "encoder_blocks"),
+        ("decoder", cfg.decoder_layers, "decoder_blocks"),
+    ):
+        for i in range(n_layers):
+            src, dst = f"{prefix}.{i}.", f"{stack}.block.{i}.layer."
+            attn(src + "attn", dst + "0.SelfAttention")
+            out[dst + "0.layer_norm.weight"] = sd[src + "attn_norm.weight"]
+            ff_layer = 1
+            if stack == "decoder":
+                attn(src + "cross_attn", dst + "1.EncDecAttention")
+                out[dst + "1.layer_norm.weight"] = sd[src + "cross_norm.weight"]
+                ff_layer = 2
+            for ours, theirs in mlp.items():
+                out[f"{dst}{ff_layer}.DenseReluDense.{theirs}.weight"] = sd[f"{src}{ours}.weight"]
+            out[f"{dst}{ff_layer}.layer_norm.weight"] = sd[src + "mlp_norm.weight"]
+    return hf, out, "T5ForConditionalGeneration"
+
+
+def hf_mapping(cfg: ModelConfig) -> Callable:
+    if cfg.family == "bert":
+        return _bert
+    if cfg.family == "t5":
+        return _t5
+    return _llama if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.gated else _gpt2
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _save_tokenizer(tokenizer_model: Path, out_dir: Path) -> None:
+    """The sentencepiece model as transformers' sentencepiece-backed tokenizer (encodes exactly like spm)."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    tok = SentencePieceBackend(
+        vocab_file=str(out_dir / "tokenizer.model"),
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<cls>",
+        sep_token="<sep>",
+        mask_token="<mask>",
+    )
+    tok.save_pretrained(str(out_dir))
+
+
+def export_hf(
+    model: nn.Module,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer_model: Path | None = None,
+    special_ids: dict[str, int] | None = None,
+) -> str:
+    """Writes a directory `AutoModelFor...from_pretrained(out_dir)` loads. Returns the transformers class name."""
+    import transformers
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    hf_config, weights, cls_name = hf_mapping(cfg)(cfg, sd)
+    # Tandem's tokenizer reserves fixed ids (data_pipeline/tokenizer.py); the manifest's record wins if given.
+    for key, value in {"pad_id": 0, "bos_id": 2, "eos_id": 3, **(special_ids or {})}.items():
+        if key in ("pad_id", "bos_id", "eos_id"):
+            setattr(hf_config, key.replace("_id", "_token_id"), value)
+    hf_config.architectures = [cls_name]
+    # Build the real class once: it proves every tensor has a home and the right shape before anything is written.
+    hf_model = getattr(transformers, cls_name)(hf_config)
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    tied = set(getattr(hf_model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError(f"export to {cls_name}: missing {missing}, unexpected {unexpected}")
+    hf_config.save_pretrained(str(out_dir))
+    # Tied tensors share storage; safetensors stores each storage once, so write contiguous copies.
+    save_file(
+        {k: v.contiguous().clone() for k, v in weights.items()},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt", "producer": "tandem"},
+    )
+    if tokenizer_model is not None:
+        _save_tokenizer(tokenizer_model, out_dir)
+    return cls_name
+
+
+def export_safetensors(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+    """Tandem's own names, consolidated, plus the resolved config: framework-neutral weights."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    path = out_dir / "model.safetensors"
+    save_file(sd, str(path), metadata={"format": "pt", "producer": "tandem", "family": cfg.model.family})
+    from pretrain.config import save_config
+
+    save_config(cfg, out_dir / "config.yaml")
+    return path
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str = "hf") -> str:
+    model, cfg = load_model(checkpoint)
+    if fmt == "safetensors":
+        return str(export_safetensors(model, cfg, out_dir))
+    tokenizer_model, special = None, None
+    manifest_path = Path(cfg.data.shards) / "manifest.json"
+    if manifest_path.is_file():
+        tok = json.loads(manifest_path.read_text(encoding="utf-8"))["tokenizer"]
+        special = {k: int(v) for k, v in tok.items() if k.endswith("_id")}
+        if Path(tok["path"]).is_file():
+            tokenizer_model = Path(tok["path"])
+    return export_hf(model, cfg.model, out_dir, tokenizer_model=tokenizer_model, special_ids=special)
