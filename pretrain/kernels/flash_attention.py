@@ -74,6 +74,16 @@ def _load_block(ptr, offs_t, offs_d, stride_t, len_t, head_dim):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST (set only under the CPU interpreter for bf16, whose tl.dot
+    there returns garbage for bf16 operands) multiplies in fp32 instead: a bf16 x bf16 product is exact
+    in fp32, so this matches the GPU's bf16 tensor-core dot up to summation order."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _scores(
     q,
     k,
@@ -94,10 +104,11 @@ def _scores(
     HAS_T5: tl.constexpr,
     T5_BIDIR: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Base-2 scores (BLOCK_M, BLOCK_N) = (q k^T * scale + bias) * log2(e), -inf where masked; also the
     validity mask and the T5 bucket index (for the table gradient)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
     valid = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (len_k - len_q))
@@ -137,7 +148,7 @@ def _seq_bounds(b, cu_q_ptr, cu_k_ptr, dense_len_q, dense_len_k, VARLEN: tl.cons
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KPM, CU_Q, CU_K, TABLE, LUT,
+    Q, K, V, OUT, LSE, KPM, CU_Q, CU_K, TABLE, LUT,
     scale_log2,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -147,7 +158,7 @@ def _fwd_kernel(
     stride_mb,
     num_heads, group, dense_len_q, dense_len_k, head_dim, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -176,9 +187,9 @@ def _fwd_kernel(
         offs_n = start_n + offs_n0
         k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, head_dim)  # (BLOCK_N, BLOCK_D)
         v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, head_dim)
-        s, valid, bucket = _scores(
+        s, _valid, _bucket = _scores(
             q, k, offs_m, offs_n, len_q, len_k, h, num_heads, KPM + b * stride_mb, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION,
+            scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with every key so far masked has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -186,15 +197,17 @@ def _fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
     empty = l_i == 0.0  # the row sees no key: output 0, and LSE = +inf makes its backward p = 0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    o_base = O + b * stride_ob + h * stride_oh + start_q * stride_ot
+    o_base = OUT + b * stride_ob + h * stride_oh + start_q * stride_ot
     o_mask = (offs_m[:, None] < len_q) & (offs_d[None, :] < head_dim)
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(
+        o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=o_mask
+    )
     tl.store(LSE + b * stride_lb + h * stride_lh + start_q + offs_m, lse, mask=offs_m < len_q)
 
 
@@ -210,7 +223,7 @@ def _bwd_dkdv_kernel(
     stride_mb,
     num_heads, num_kv_heads, group, dense_len_q, dense_len_k, head_dim, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (key block, batch, kv head): dK, dV summed over the kv head's query-head group.
@@ -247,14 +260,14 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
             s, valid, bucket = _scores(
                 q, k, offs_m, offs_n, len_q, len_k, h, num_heads, KPM + b * stride_mb, TABLE, LUT,
-                scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION,
+                scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST,
             )  # fmt: skip
             p = tl.exp2(s - lse[:, None])  # softmax probabilities (BLOCK_M, BLOCK_N); 0 where masked
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dL/dP (BLOCK_M, BLOCK_N)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # dL/dP (BLOCK_M, BLOCK_N)
             ds = p * (dp - delta[:, None])  # dL/d(score) in natural units, before the scale
             ds = tl.where(valid, ds, 0.0)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
             if HAS_T5:
                 tl.atomic_add(DTABLE + bucket * num_heads + h, ds, mask=valid)
     dk = dk * scale
@@ -277,7 +290,7 @@ def _bwd_dq_kernel(
     stride_mb,
     num_heads, group, dense_len_q, dense_len_k, head_dim, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (query block, batch, head): dQ. DQ shares Q's strides."""
@@ -309,14 +322,14 @@ def _bwd_dq_kernel(
         offs_n = start_n + offs_n0
         k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, head_dim)
         v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, head_dim)
-        s, valid, bucket = _scores(
+        s, valid, _bucket = _scores(
             q, k, offs_m, offs_n, len_q, len_k, h, num_heads, KPM + b * stride_mb, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION,
+            scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST,
         )  # fmt: skip
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq = dq * scale
     dq_ptr = DQ + b * stride_qb + h * stride_qh + start_q * stride_qt
     mask = (offs_m[:, None] < len_q) & (offs_d[None, :] < head_dim)
@@ -412,9 +425,10 @@ def _row_strides(pb: _Problem, total_q: int) -> tuple[int, int]:
     return pb.num_heads * pb.dense_len_q, pb.dense_len_q
 
 
-def _common_args(pb: _Problem, kpm: torch.Tensor | None, lut: torch.Tensor | None) -> dict:
+def _common_args(pb: _Problem, kpm: torch.Tensor | None, dtype: torch.dtype) -> dict:
     t5 = pb.t5
     return dict(
+        UPCAST=dtype == torch.bfloat16 and interpreting(),
         CAUSAL=pb.causal,
         VARLEN=pb.varlen,
         HAS_KPM=kpm is not None,
@@ -433,6 +447,14 @@ def _t5_args(pb: _Problem, device: torch.device) -> tuple[torch.Tensor | None, t
     return t5.table.contiguous(), lut, t5.max_distance, half
 
 
+def _empty(shape, *, dtype: torch.dtype, device: torch.device, stride=None) -> torch.Tensor:
+    """torch.empty / empty_strided for every buffer a kernel writes; the tests swap in a NaN-filled
+    version so an element a kernel forgets to write shows up."""
+    if stride is not None:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 products (no TF32) so an fp32 model is as accurate as SDPA's math path.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -440,10 +462,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _forward(q, k, v, kpm, cu_q, cu_k, pb: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
     device = q.device
-    o = torch.empty(q.shape, device=device, dtype=q.dtype)  # contiguous: dO is made contiguous to match
+    o = _empty(q.shape, device=device, dtype=q.dtype)  # contiguous: dO is made contiguous to match
     total_q = q.shape[0] if pb.varlen else 0
     lse_shape = (pb.num_heads, total_q) if pb.varlen else (pb.batch, pb.num_heads, pb.dense_len_q)
-    lse = torch.empty(lse_shape, device=device, dtype=torch.float32)
+    lse = _empty(lse_shape, device=device, dtype=torch.float32)
     table, lut, max_distance, half = _t5_args(pb, device)
     dummy = q  # pointer for an unused argument; never dereferenced (its constexpr flag is off)
     kernel, blocks = _kernel("fwd", device)
@@ -459,7 +481,7 @@ def _forward(q, k, v, kpm, cu_q, cu_k, pb: _Problem) -> tuple[torch.Tensor, torc
         kpm.stride(0) if kpm is not None else 0,
         pb.num_heads, pb.num_heads // pb.num_kv_heads, pb.dense_len_q, pb.dense_len_k, pb.head_dim,
         max_distance, half,
-        PRECISION=_precision(q.dtype), **_common_args(pb, kpm, lut), **blocks,
+        PRECISION=_precision(q.dtype), **_common_args(pb, kpm, q.dtype), **blocks,
     )  # fmt: skip
     return o, lse
 
@@ -473,12 +495,12 @@ def _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, pb: _Problem):
         delta = delta.t()  # (H, total) like LSE
     delta = delta.contiguous()
     # Gradients laid out exactly like their inputs: the kernels store them with q's, k's, v's strides.
-    dq, dk, dv = (torch.empty_strided(x.shape, x.stride(), device=device, dtype=x.dtype) for x in (q, k, v))
+    dq, dk, dv = (_empty(x.shape, stride=x.stride(), device=device, dtype=x.dtype) for x in (q, k, v))
     total_q = q.shape[0] if pb.varlen else 0
     table, lut, max_distance, half = _t5_args(pb, device)
     dtable = torch.zeros_like(table, dtype=torch.float32) if table is not None else None
     dummy = q
-    common = _common_args(pb, kpm, lut)
+    common = _common_args(pb, kpm, q.dtype)
     precision = _precision(q.dtype)
     ptrs = dict(
         kpm=kpm if kpm is not None else dummy,
@@ -621,5 +643,3 @@ def _check_t5(t5: T5Bias | None, num_heads: int) -> None:
         raise ValueError(
             f"T5Bias.table shape {tuple(t5.table.shape)} != (num_buckets, heads) = {(t5.num_buckets, num_heads)}"
         )
-    if t5.max_distance < 1 or t5.num_buckets < 2:
-        raise ValueError(f"T5Bias: num_buckets={t5.num_buckets} >= 2 and max_distance={t5.max_distance} >= 1")

@@ -22,6 +22,18 @@ class T5Bias:
     num_buckets: int = 32
     max_distance: int = 128
 
+    def __post_init__(self) -> None:
+        max_exact = (self.num_buckets // 2 if self.bidirectional else self.num_buckets) // 2
+        if self.num_buckets < 4 or self.max_distance <= max_exact:
+            raise ValueError(
+                f"T5Bias: num_buckets={self.num_buckets} must be >= 4 and max_distance={self.max_distance} "
+                f"> {max_exact} (the exact-distance buckets), or T5's log-spaced buckets divide by log(1)"
+            )
+        if self.table.dim() != 2 or self.table.shape[0] != self.num_buckets:
+            raise ValueError(
+                f"T5Bias.table shape {tuple(self.table.shape)}: need (num_buckets={self.num_buckets}, heads)"
+            )
+
 
 def t5_relative_bucket(
     relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int

@@ -1,0 +1,322 @@
+"""Tandem's Triton attention against a float64 softmax(q k^T * scale + bias + masks) v written out here.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the kernel module is
+imported: Triton picks interpreter or compiler when a kernel is defined). The interpreter is ~2000x
+slower than SDPA, so shapes are tiny, with lengths that are not multiples of the 16-wide interpreter
+blocks. Every buffer the kernels write starts as NaN, so an element a kernel forgets fails the test.
+Inputs are fresh each run (seed from the clock, printed so a failure can be replayed with TANDEM_SEED).
+
+Tolerances, relative to max(1, max|reference|), against fp64 computed from the same (rounded) inputs:
+fp32 2e-5 (IEEE fp32 products, ~1e-6 measured, sums over <= 48 keys); fp16 5e-3 (P is rounded to fp16
+before P·V and dS before dS·K: unit roundoff 2^-11 ~ 5e-4, times a few accumulations); bf16 3e-2 (same
+with 2^-8 ~ 4e-3).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain.kernels import T5Bias, attention, get_default_backend, set_default_backend
+from pretrain.kernels.t5_bias import t5_dense_bias, t5_relative_bucket
+
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _import_kernels():
+    """The kernel module, interpreted when there is no GPU (re-imported if it was defined compiled)."""
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+        name = "pretrain.kernels.flash_attention"
+        if name in sys.modules and not sys.modules[name].interpreting():
+            importlib.reload(sys.modules[name])
+    return importlib.import_module("pretrain.kernels.flash_attention")
+
+
+fa = _import_kernels()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    value = int(os.environ.get("TANDEM_SEED", time.time_ns() % 2**31))
+    print(f"seed={value} (rerun with TANDEM_SEED={value})")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    def nan_empty(shape, *, dtype, device, stride=None):
+        out = torch.empty_strided(shape, stride, dtype=dtype, device=device) if stride else None
+        out = out if out is not None else torch.empty(shape, dtype=dtype, device=device)
+        return out.fill_(float("nan"))
+
+    monkeypatch.setattr(fa, "_empty", nan_empty)
+
+
+def reference(q, k, v, *, causal=False, kpm=None, bias=None, scale=None, varlen_cu=None) -> torch.Tensor:
+    """fp64 attention. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); query head h reads kv head h // group;
+    causal bottom-right aligned; rows that see no key give 0 (the kernel's convention)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale  # (B, H, Tq, Tk)
+    if bias is not None:
+        s = s + bias.double()
+    tq, tk = s.shape[-2:]
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = (
+            torch.arange(tk, device=q.device)[None] <= torch.arange(tq, device=q.device)[:, None] + tk - tq
+        )
+    allowed = allowed[None, None]
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert not got.isnan().any(), "NaN in the kernel's result: an element was never written"
+    return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1.0)).item()
+
+
+CASES = {
+    # name: (B, H, Hkv, Tq, Tk, D, causal, padding, t5 (bidirectional) or None, scale)
+    "noncausal": (2, 2, 2, 37, 37, 32, False, False, None, None),
+    "causal": (2, 2, 2, 37, 37, 32, True, False, None, None),
+    "cross_tq_lt_tk": (1, 2, 2, 19, 45, 32, False, False, None, None),
+    "causal_tq_lt_tk": (1, 2, 2, 19, 45, 32, True, False, None, None),
+    "causal_tq_gt_tk": (1, 2, 2, 45, 19, 32, True, False, None, None),  # first 26 rows see no key
+    "padding": (2, 2, 2, 29, 29, 32, False, True, None, None),
+    "gqa_causal_padding": (2, 4, 2, 33, 33, 16, True, True, None, None),
+    "mqa": (1, 4, 1, 21, 35, 16, False, False, None, None),
+    "t5_bidirectional": (2, 2, 2, 37, 37, 32, False, True, True, None),
+    "t5_causal_unidirectional": (1, 2, 2, 41, 41, 32, True, False, False, None),
+    "head_dim_48_scale": (1, 2, 2, 23, 23, 48, True, False, None, 0.3),
+}
+
+
+def run_case(case: str, dtype: torch.dtype) -> dict[str, float]:
+    b, h, hkv, tq, tk, d, causal, padding, t5, scale = CASES[case]
+    q = torch.randn(b, h, tq, d, device=DEVICE).to(dtype).requires_grad_()
+    k = torch.randn(b, hkv, tk, d, device=DEVICE).to(dtype).requires_grad_()
+    v = torch.randn(b, hkv, tk, d, device=DEVICE).to(dtype).requires_grad_()
+    kpm = None
+    if padding:  # right padding of random length plus a random hole, at least one real key per row
+        kpm = torch.rand(b, tk, device=DEVICE) > 0.25
+        kpm[:, 0] = True
+        kpm[-1, tk - 5 :] = False
+    bias = None
+    if t5 is not None:
+        # max_distance 20 < T so the log-spaced and saturated buckets are all exercised.
+        table = torch.randn(32, h, device=DEVICE).to(dtype).requires_grad_()
+        bias = T5Bias(table, bidirectional=t5, num_buckets=32, max_distance=20)
+    out = attention(
+        q, k, v, causal=causal, key_padding_mask=kpm, position_bias=bias, scale=scale, backend="triton"
+    )
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    inputs = [q, k, v] + ([bias.table] if bias is not None else [])
+    grads = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    dense = t5_dense_bias(bias, tq, tk) if bias is not None else None
+    want = reference(q, k, v, causal=causal, kpm=kpm, bias=dense, scale=scale)
+    want.backward(dout.double())
+    errs = {"out": rel_err(out, want)}
+    for name, got, x in zip(["dq", "dk", "dv", "dtable"], grads, inputs, strict=False):
+        errs[name] = rel_err(got, x.grad)
+    return errs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_fp32_forward_and_grads_match_fp64(case: str):
+    errs = run_case(case, torch.float32)
+    assert max(errs.values()) < TOL[torch.float32], errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["causal", "gqa_causal_padding", "t5_bidirectional"])
+def test_attention_half_precision_forward_and_grads_match_fp64(case: str, dtype: torch.dtype):
+    errs = run_case(case, dtype)
+    assert max(errs.values()) < TOL[dtype], errs
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_varlen_packed_matches_each_sequence_alone(causal: bool):
+    lens_q, lens_k = [5, 20, 33], [5, 20, 33] if causal else [9, 17, 30]
+    h, hkv, d = 4, 2, 16
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(lens_q), h, d, device=DEVICE, requires_grad=True)  # (total_q, H, D)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEVICE, requires_grad=True)  # (total_k, Hkv, D)
+    v = torch.randn(sum(lens_k), hkv, d, device=DEVICE, requires_grad=True)
+    out = fa.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    got = [out, q.grad, k.grad, v.grad]
+    for x in (q, k, v):
+        x.grad = None
+    pieces = []
+    for i in range(len(lens_q)):
+        sq, sk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        one = reference(*(x[s].transpose(0, 1)[None] for x, s in ((q, sq), (k, sk), (v, sk))), causal=causal)
+        pieces.append(one[0].transpose(0, 1))  # (Tq_i, H, D)
+    want = torch.cat(pieces)
+    want.backward(dout.double())
+    errs = [rel_err(g, w) for g, w in zip(got, [want, q.grad, k.grad, v.grad], strict=True)]
+    assert max(errs) < TOL[torch.float32], errs
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_t5_buckets_match_transformers(bidirectional: bool):
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    rel = torch.arange(-300, 300)
+    for num_buckets, max_distance in [(32, 128), (16, 20), (8, 5)]:
+        ours = t5_relative_bucket(
+            rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+        )
+        theirs = t5.T5Attention._relative_position_bucket(
+            rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+        )
+        assert torch.equal(ours, theirs), (num_buckets, max_distance)
+    # The kernel's distance lookup table reproduces the full formula at every distance.
+    bias = T5Bias(torch.zeros(32, 1), bidirectional, 32, 128)
+    lut = fa._distance_bucket_lut(bias, torch.device("cpu"))
+    dist = rel.abs().clamp(max=128)
+    direction = (rel > 0).long() * 16 if bidirectional else 0
+    via_lut = lut[dist].long() + direction if bidirectional else lut[(-rel).clamp(min=0, max=128)].long()
+    want = t5_relative_bucket(rel, bidirectional=bidirectional, num_buckets=32, max_distance=128)
+    assert torch.equal(via_lut, want)
+
+
+def test_sdpa_path_with_t5_bias_matches_reference():
+    q, k, v = (torch.randn(1, 2, 13, 16) for _ in range(3))
+    bias = T5Bias(torch.randn(32, 2), True, 32, 20)
+    got = attention(q, k, v, position_bias=bias, backend="sdpa")
+    assert rel_err(got, reference(q, k, v, bias=t5_dense_bias(bias, 13, 13))) < TOL[torch.float32]
+
+
+def test_dispatch_rules(monkeypatch: pytest.MonkeyPatch):
+    q = torch.randn(1, 2, 8, 16)
+    calls = []
+    monkeypatch.setattr(fa, "flash_attention", lambda *a, **kw: calls.append(1) or q)
+    if DEVICE == "cpu":
+        attention(q, q, q)  # auto on CPU: SDPA
+        assert calls == []
+    previous = set_default_backend("triton")
+    try:
+        assert get_default_backend() == "triton"
+        attention(q, q, q)  # auto now resolves to the forced default
+        assert calls == [1]
+        attention(q, q, q, backend="sdpa")  # an explicit backend wins over the default
+        assert calls == [1]
+    finally:
+        set_default_backend(previous)
+    with pytest.raises(ValueError, match="dropout"):
+        attention(q, q, q, dropout_p=0.1, backend="triton")
+    with pytest.raises(ValueError, match="dense position_bias"):
+        attention(q, q, q, position_bias=torch.zeros(8, 8), backend="triton")
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        set_default_backend("cuda")  # type: ignore[arg-type]
+
+
+def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fa, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fa.check_runnable(torch.device("cpu"))
+
+
+def test_env_var_sets_default_backend():
+    import subprocess
+
+    code = "from pretrain.kernels import get_default_backend as g; print(g())"
+    env = {**os.environ, "TANDEM_ATTENTION_BACKEND": "sdpa"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "sdpa"
+    env["TANDEM_ATTENTION_BACKEND"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "TANDEM_ATTENTION_BACKEND='bogus'" in bad.stderr
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_model_loss_and_grads_same_with_triton_and_sdpa(preset: str):
+    """The GPT (learned positions, MHA) and the Llama variant (RoPE, GQA) through the entry point, with
+    a padded batch: same loss and gradients on either backend (fp32; the kernels' ~1e-6 per attention
+    call, through 2 layers)."""
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+
+    cfg = load_config(
+        None,
+        ["data.shards=/tmp/shards", f"model.preset={preset}", "model.vocab_size=97", "model.dropout=0.0"],
+    ).model
+    model = build_model(cfg).to(DEVICE)
+    ids = torch.randint(0, 97, (2, 21), device=DEVICE)
+    mask = torch.ones(2, 21, dtype=torch.long, device=DEVICE)
+    mask[1, 15:] = 0
+    results = {}
+    for backend in ("sdpa", "triton"):
+        previous = set_default_backend(backend)
+        try:
+            model.zero_grad()
+            logits = model(ids, attention_mask=mask)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+        finally:
+            set_default_backend(previous)
+        results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    (loss_s, grads_s), (loss_t, grads_t) = results["sdpa"], results["triton"]
+    assert abs(loss_s - loss_t) < 1e-5 * abs(loss_s)
+    for gs, gt in zip(grads_s, grads_t, strict=True):
+        assert rel_err(gt, gs.double()) < 1e-4
+
+
+# ------------------------------------------------------------------------ GPU, real sizes (a future session)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("seq", [2048, 4096])
+def test_gpu_real_size_bf16_matches_sdpa_fp32(causal: bool, seq: int):
+    b, h, d = 2, 16, 128
+    q, k, v = (
+        torch.randn(b, h, seq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    out = attention(q, k, v, causal=causal, backend="triton")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    got = [out, q.grad, k.grad, v.grad]
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    want = attention(q32, k32, v32, causal=causal, backend="sdpa")
+    want.backward(dout.float())
+    for g, w in zip(got, [want, q32.grad, k32.grad, v32.grad], strict=True):
+        assert rel_err(g, w) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_t5_bias_and_varlen_bf16():
+    h, d = 8, 128
+    q, k, v = (
+        torch.randn(2, h, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    table = torch.randn(32, h, device="cuda", requires_grad=True)
+    bias = T5Bias(table, True, 32, 128)
+    out = attention(q, k, v, position_bias=bias, backend="triton")
+    out.sum().backward()
+    want = attention(q.float(), k.float(), v.float(), position_bias=bias, backend="sdpa")
+    assert rel_err(out, want.detach()) < TOL[torch.bfloat16]
+    assert table.grad is not None and torch.isfinite(table.grad).all()
