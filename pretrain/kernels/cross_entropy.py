@@ -1,0 +1,209 @@
+"""Fused cross-entropy (mean over non-ignored targets, ignore_index=-100), forward and backward.
+
+Two entry points:
+
+* `cross_entropy(logits, targets)` — logits (N, V). A Triton kernel per row streams the vocabulary in
+  blocks with an online log-sum-exp (running max and sum), then writes the row's gradient
+  (softmax - onehot) / n_valid in the same call, so the backward is one multiply by the incoming
+  scalar. `inplace=True` writes that gradient over the logits buffer (no second (N, V) tensor); only
+  use it when nothing else needs the logits afterwards.
+* `linear_cross_entropy(hidden, weight, targets, chunk_size=...)` — hidden (N, C), weight (V, C): the
+  LM head and the loss together. Tokens are processed in chunks of `chunk_size` rows: each chunk's fp32
+  logits (chunk, V) are formed, turned into loss and dlogits (by the kernel above in place, or PyTorch),
+  and immediately folded into dhidden = dlogits @ W and dW += dlogits^T @ hidden. The full (N, V) fp32
+  logits never exist; peak extra memory is chunk x V x 4 bytes (chunk 4096 x 50k vocab = 800 MiB,
+  against 6.4 GiB for N = 32k tokens at once).
+
+With no non-ignored target the loss is 0 with zero gradients (PyTorch's mean would give NaN): a
+fully padded micro batch must not poison a run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+CEBackend = Literal["auto", "triton", "torch"]
+IGNORE_INDEX = -100
+
+
+@triton.jit
+def _ce_kernel(
+    LOGITS, GRAD, TARGETS, LOSS,
+    stride_l, stride_g, n_cols, grad_scale, ignore_index,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Row r: LOSS[r] = logsumexp(logits_r) - logits_r[t]; GRAD[r] = (softmax(logits_r) - onehot(t)) *
+    grad_scale; both 0 for an ignored row. GRAD may alias LOGITS (each block is read before written)."""
+    row = tl.program_id(0)
+    target = tl.load(TARGETS + row)
+    cols0 = tl.arange(0, BLOCK_V)
+    logits_row = LOGITS + row.to(tl.int64) * stride_l
+    grad_row = GRAD + row.to(tl.int64) * stride_g
+    if target == ignore_index:
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + cols0
+            tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(GRAD.dtype.element_ty),
+                     mask=cols < n_cols)  # fmt: skip
+        tl.store(LOSS + row, 0.0)
+    else:
+        m = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)  # per-lane running max
+        s = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane running sum of exp(x - m)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + cols0
+            x = tl.load(logits_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with no column yet
+            s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+            m = m_new
+        m_row = tl.max(m, axis=0)
+        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+        x_target = tl.load(logits_row + target).to(tl.float32)
+        tl.store(LOSS + row, lse - x_target)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + cols0
+            x = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(grad_row + cols, (g * grad_scale).to(GRAD.dtype.element_ty), mask=cols < n_cols)
+
+
+def _empty(shape, *, dtype: torch.dtype, device: torch.device, stride=None) -> torch.Tensor:
+    """torch.empty / empty_strided for every buffer a kernel writes; the tests swap in a NaN-filled
+    version so an element a kernel forgets to write shows up."""
+    if stride is not None:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _ce_rows(
+    logits: torch.Tensor, targets: torch.Tensor, grad_scale: float, *, inplace: bool, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,) fp32 and dlogits (N, V) = (softmax - onehot) * grad_scale, 0 on ignored rows."""
+    if use_triton:
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        grad = logits if inplace else _empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        losses = _empty((logits.shape[0],), device=logits.device, dtype=torch.float32)
+        block_v = min(triton.next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
+        opts = {"num_warps": 8} if logits.is_cuda else {}  # untuned
+        _ce_kernel[(logits.shape[0],)](
+            logits, grad, targets, losses, logits.stride(0), grad.stride(0), logits.shape[1],
+            grad_scale, IGNORE_INDEX, BLOCK_V=block_v, **opts,
+        )  # fmt: skip
+        return losses, grad
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)  # (N,)
+    keep = targets != IGNORE_INDEX
+    safe_t = targets.clamp(min=0)
+    losses = (lse - x.gather(1, safe_t[:, None]).squeeze(1)) * keep
+    grad = torch.exp(x - lse[:, None])
+    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(grad[:, :1]))
+    grad = grad * (keep[:, None] * grad_scale)
+    if inplace:
+        logits.copy_(grad)
+        return losses, logits
+    return losses, grad.to(logits.dtype)
+
+
+def _use_triton(x: torch.Tensor, backend: CEBackend) -> bool:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend={backend!r}: must be 'auto', 'triton' or 'torch'")
+    if backend == "torch" or (backend == "auto" and x.device.type != "cuda"):
+        return False
+    if x.device.type != "cuda":
+        from pretrain.kernels.flash_attention import check_runnable
+
+        check_runnable(x.device)
+    return True
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, inplace: bool, use_triton: bool):  # type: ignore[override]
+        n_valid = int((targets != IGNORE_INDEX).sum())
+        losses, grad = _ce_rows(
+            logits, targets, 1.0 / max(n_valid, 1), inplace=inplace, use_triton=use_triton
+        )
+        ctx.save_for_backward(grad)
+        return losses.sum() / max(n_valid, 1)
+
+    @staticmethod
+    def backward(ctx, dloss):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * dloss.to(grad.dtype), None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    inplace: bool = False,
+    backend: CEBackend = "auto",
+) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,) (ignore_index=-100), fp32 scalar."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits {tuple(logits.shape)} / targets {tuple(targets.shape)}: need (N, V) / (N,)")
+    return _CrossEntropy.apply(logits, targets.contiguous(), inplace, _use_triton(logits, backend))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, use_triton: bool):  # type: ignore[override]
+        n = hidden.shape[0]
+        n_valid = int((targets != IGNORE_INDEX).sum())
+        scale = 1.0 / max(n_valid, 1)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        dhidden = torch.empty_like(hidden)
+        dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        w32 = weight.float()
+        for start in range(0, n, chunk_size):
+            h = hidden[start : start + chunk_size]  # (chunk, C)
+            logits = h.float() @ w32.t()  # (chunk, V) fp32: the only logits ever held
+            losses, dlogits = _ce_rows(
+                logits, targets[start : start + chunk_size], scale, inplace=True, use_triton=use_triton
+            )
+            total += losses.sum()
+            dhidden[start : start + chunk_size] = (dlogits @ w32).to(hidden.dtype)
+            dweight.addmm_(dlogits.t(), h.float())
+        ctx.save_for_backward(dhidden, dweight.to(weight.dtype))
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, dloss):  # type: ignore[override]
+        dhidden, dweight = ctx.saved_tensors
+        return dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype), None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 4096,
+    backend: CEBackend = "auto",
+) -> torch.Tensor:
+    """Mean cross-entropy of (hidden @ weight^T) against targets, never holding all the logits.
+
+    hidden: (N, C) or (B, T, C); weight: (V, C) (the LM head / tied embedding); targets: (N,) or (B, T),
+    ignore_index=-100. Gradients for hidden and weight are computed during the forward, chunk by chunk."""
+    c = hidden.shape[-1]
+    hidden2, targets2 = hidden.reshape(-1, c), targets.reshape(-1)
+    if weight.dim() != 2 or weight.shape[1] != c or targets2.shape[0] != hidden2.shape[0]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}: "
+            "need (N, C), (V, C), (N,)"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+    return _LinearCrossEntropy.apply(
+        hidden2, weight, targets2.contiguous(), chunk_size, _use_triton(hidden2, backend)
+    )
+
+
+def reference_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """PyTorch's F.cross_entropy (mean, ignore_index=-100) in fp32: the unfused baseline."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
