@@ -3,6 +3,9 @@
 The Triton modules are imported lazily (attribute access) because Triton decides at kernel-definition
 time whether to compile for a GPU or to interpret on the CPU (TRITON_INTERPRET=1): importing
 `pretrain.kernels` must not fix that choice before a test or script has set the variable.
+(`flash_attention` and `cross_entropy` are also submodule names, which an import would bind over a
+function of the same name here: the fused attention is reached through `attention(..., backend=...)`,
+the logits cross-entropy as `fused_cross_entropy`.)
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ from pretrain.kernels.attention import attention, get_default_backend, set_defau
 from pretrain.kernels.t5_bias import T5Bias
 
 _LAZY = {
-    "flash_attention": "pretrain.kernels.flash_attention",
     "varlen_attention": "pretrain.kernels.flash_attention",
     "rms_norm": "pretrain.kernels.norms",
     "layer_norm": "pretrain.kernels.norms",
     "FusedRMSNorm": "pretrain.kernels.norms",
     "FusedLayerNorm": "pretrain.kernels.norms",
-    "cross_entropy": "pretrain.kernels.cross_entropy",
+    "fused_cross_entropy": "pretrain.kernels.cross_entropy",
     "linear_cross_entropy": "pretrain.kernels.cross_entropy",
 }
 

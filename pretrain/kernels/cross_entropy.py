@@ -150,6 +150,11 @@ def cross_entropy(
     return _CrossEntropy.apply(logits, targets.contiguous(), inplace, _use_triton(logits, backend))
 
 
+fused_cross_entropy = (
+    cross_entropy  # the package-level name (`pretrain.kernels.cross_entropy` is this module)
+)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size: int, use_triton: bool):  # type: ignore[override]
