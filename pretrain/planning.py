@@ -6,6 +6,7 @@ model built on the meta device so the counts are exact for every option (GQA, Sw
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from parallel.memory import Hardware, ModelShape, Precision, SearchResult, search_layouts
@@ -22,8 +23,11 @@ def model_shape(cfg: ModelConfig, *, seq_len: int) -> ModelShape:
 
     if cfg.vocab_size <= 0:
         raise ValueError(f"model.vocab_size={cfg.vocab_size}: must be set (> 0) to plan a layout")
+    if cfg.family != "gpt":
+        raise ValueError(f"model.family={cfg.family!r}: the planner models decoder-only (gpt) stacks only")
+    # One block is enough: the others are identical, and the estimator multiplies by num_layers.
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(dataclasses.replace(cfg, num_layers=1))
     per_layer = sum(p.numel() for p in model.blocks[0].parameters())  # type: ignore[index]
     embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("lm_head"))

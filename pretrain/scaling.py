@@ -19,6 +19,7 @@ Fits:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -52,7 +53,11 @@ class RunPoint:
 
 
 def non_embedding_params_of(model_cfg: Any) -> int:
-    """Tandem's N for a `ModelConfig`, from a model built on the meta device (no memory, no init cost)."""
+    """Tandem's N for a `ModelConfig`, counted on a model built on the meta device (no memory). A GPT is
+    built with one block and the other L - 1 blocks added by multiplication (blocks are identical), so
+    even 175B-class presets count in milliseconds."""
+    import dataclasses
+
     import torch
 
     from pretrain.flops import non_embedding_params
@@ -60,9 +65,13 @@ def non_embedding_params_of(model_cfg: Any) -> int:
 
     if model_cfg.vocab_size <= 0:
         raise ScalingError(f"model.vocab_size={model_cfg.vocab_size}: must be set to count parameters")
+    one = dataclasses.replace(model_cfg, num_layers=1) if model_cfg.family == "gpt" else model_cfg
     with torch.device("meta"):
-        model = build_model(model_cfg)
-    return int(non_embedding_params(model, model_cfg))
+        model = build_model(one)
+    n = int(non_embedding_params(model, one))
+    if one is not model_cfg:
+        n += (model_cfg.num_layers - 1) * sum(p.numel() for p in model.blocks[0].parameters())
+    return n
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -249,6 +258,15 @@ def _grid_objective(
     return huber.sum(axis=1)
 
 
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """L-BFGS-B's BLAS calls on 5-vectors slow down ~100x when OpenBLAS spreads them over busy cores."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _lbfgs(x0: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
     from scipy.optimize import minimize
 
@@ -284,10 +302,11 @@ def fit_chinchilla(
     if starts is not None and starts < len(grid):
         grid = grid[np.argsort(_grid_objective(grid, *args))[:starts]]
     best_x, best_f = None, math.inf
-    for x0 in [*extra_starts, *grid]:
-        x, f = _lbfgs(np.asarray(x0, dtype=np.float64), args)
-        if f < best_f and np.all(np.isfinite(x)):
-            best_x, best_f = x, f
+    with _one_blas_thread():
+        for x0 in [*extra_starts, *grid]:
+            x, f = _lbfgs(np.asarray(x0, dtype=np.float64), args)
+            if f < best_f and np.all(np.isfinite(x)):
+                best_x, best_f = x, f
     if best_x is None:
         raise ScalingError("Chinchilla fit: no start converged to a finite optimum")
     a, b, e, alpha, beta = best_x
@@ -387,19 +406,20 @@ def fit_kaplan(points: Sequence[RunPoint]) -> KaplanLaw:
         return a_d * inner - ll
 
     best = None
-    for a_n in (0.05, 0.1, 0.3):
-        for a_d in (0.05, 0.1, 0.3):
-            for lnc in (math.log(1e10), math.log(1e14), math.log(1e18)):
-                for ldc in (math.log(1e10), math.log(1e14), math.log(1e18)):
-                    res = least_squares(
-                        resid,
-                        np.array([a_n, a_d, lnc, ldc]),
-                        bounds=([1e-4, 1e-4, -50, -50], [5, 5, 150, 150]),
-                        loss="soft_l1",
-                        f_scale=1e-2,
-                    )
-                    if best is None or res.cost < best.cost:
-                        best = res
+    with _one_blas_thread():
+        for a_n in (0.05, 0.1, 0.3):
+            for a_d in (0.05, 0.1, 0.3):
+                for lnc in (math.log(1e10), math.log(1e14), math.log(1e18)):
+                    for ldc in (math.log(1e10), math.log(1e14), math.log(1e18)):
+                        res = least_squares(
+                            resid,
+                            np.array([a_n, a_d, lnc, ldc]),
+                            bounds=([1e-4, 1e-4, -50, -50], [5, 5, 150, 150]),
+                            loss="soft_l1",
+                            f_scale=1e-2,
+                        )
+                        if best is None or res.cost < best.cost:
+                            best = res
     assert best is not None
     a_n, a_d, lnc, ldc = best.x
 
@@ -531,7 +551,7 @@ class BudgetPlan:
 
 
 def preset_param_counts(*, vocab_size: int = 50257) -> dict[str, int]:
-    """Tandem's N of every configs/models/*.yaml (vocabulary set to `vocab_size`)."""
+    """Tandem's N of every decoder-only (family gpt) configs/models/*.yaml, vocabulary set to `vocab_size`."""
     from pretrain.config import CONFIG_DIR, load_config
 
     counts = {}
@@ -539,7 +559,8 @@ def preset_param_counts(*, vocab_size: int = 50257) -> dict[str, int]:
         cfg = load_config(
             None, [f"model.preset={path.stem}", f"model.vocab_size={vocab_size}"], validate=False
         )
-        counts[path.stem] = non_embedding_params_of(cfg.model)
+        if cfg.model.family == "gpt":
+            counts[path.stem] = non_embedding_params_of(cfg.model)
     return counts
 
 
@@ -610,7 +631,7 @@ def shape_for_params(target: float, *, vocab_size: int, aspect: float = 64.0) ->
     best: tuple[float, Shape] | None = None
     for hidden in range(32, 16385, 32):
         layers = max(1, round(hidden / aspect))
-        heads = max(1, hidden // 64) if hidden >= 64 else 1
+        heads = hidden // 64 if hidden % 64 == 0 else hidden // 32  # head dim 64, or 32 off the grid
         shape = Shape(layers, hidden, heads)
         err = abs(math.log(gpt_params(shape, vocab_size=vocab_size) / target))
         if best is None or err < best[0]:

@@ -1,0 +1,160 @@
+"""The memory/throughput planner: ZeRO and activation formulas against numbers computed by hand (and the
+ZeRO paper's own example), pipeline in-flight accounting, parameter counts against real models, GPT-3
+175B on 1024 x 80 GB, and refusals with reasons."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from parallel.memory import (
+    GB,
+    Hardware,
+    Layout,
+    ModelShape,
+    PlanError,
+    activation_bytes_per_layer,
+    estimate_memory,
+    model_state_bytes,
+    search_layouts,
+)
+from pretrain.config import load_config
+from pretrain.planning import load_model_for_planning, model_shape
+from pretrain.scaling_cli import register
+
+
+@pytest.mark.parametrize(
+    ("stage", "expected_gb"),
+    # Rajbhandari et al. 2019, figure 1: Ψ = 7.5B, N_d = 64, K = 12 -> 120, 31.4, 16.6, 1.88 GB per device.
+    [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.875)],
+)
+def test_zero_model_states_match_the_paper(stage: int, expected_gb: float) -> None:
+    params, grads, optim, host = model_state_bytes(7.5e9, zero_stage=stage, dp=64)
+    assert (params + grads + optim) / GB == pytest.approx(expected_gb, rel=0.01)
+    assert host == 0
+
+
+def test_zero_by_hand_and_offload() -> None:
+    psi, dp = 1e9, 8
+    # stage 1: 2Ψ + 2Ψ + 12Ψ/8 ; stage 2: 2Ψ + 14Ψ/8 ; fp32 stage 0: 4 + 4 + 8 = 16 bytes per parameter.
+    assert sum(model_state_bytes(psi, zero_stage=1, dp=dp)[:3]) == 4e9 + 1.5e9
+    assert sum(model_state_bytes(psi, zero_stage=2, dp=dp)[:3]) == 2e9 + 1.75e9
+    assert sum(model_state_bytes(psi, zero_stage=0, dp=dp, precision="fp32")[:3]) == 16e9
+    p, g, o, host = model_state_bytes(psi, zero_stage=2, dp=dp, offload_optimizer=True)
+    assert (p, g, o, host) == (2e9, 0.25e9, 0.0, 1.5e9)
+    p, g, o, host = model_state_bytes(psi, zero_stage=3, dp=dp, offload_optimizer=True, offload_params=True)
+    assert (p, o, host) == (0.0, 0.0, 1.75e9)
+    with pytest.raises(PlanError, match="zero_stage=1"):
+        model_state_bytes(psi, zero_stage=1, dp=dp, offload_params=True)
+
+
+def test_activation_formulas_by_hand() -> None:
+    # GPT-3 175B layer, s=2048, b=1, h=12288, a=96, t=8 (Korthikanti et al. 2022, table 2).
+    s, b, h, a, t = 2048, 1, 12288, 96, 8
+    sbh = s * b * h
+    kw = dict(seq_len=s, micro_batch_size=b, hidden_size=h, num_heads=a)
+    assert activation_bytes_per_layer(**kw) == sbh * (34 + 5 * a * s / h)
+    assert activation_bytes_per_layer(**kw, tp=t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert activation_bytes_per_layer(**kw, tp=t, sequence_parallel=True) == pytest.approx(
+        sbh / t * (34 + 5 * a * s / h)
+    )
+    assert (
+        activation_bytes_per_layer(**kw, tp=t, sequence_parallel=True, recompute="selective") == 34 * sbh / t
+    )
+    assert activation_bytes_per_layer(**kw, tp=t, recompute="full") == 2 * sbh
+    # The paper's headline: SP + selective recompute at t=8 is 34/t vs 10 + 24/t + 5as/(ht) bytes per sbh.
+    ratio = activation_bytes_per_layer(**kw, tp=t, sequence_parallel=True, recompute="selective") / (
+        activation_bytes_per_layer(**kw, tp=t)
+    )
+    assert ratio == pytest.approx((34 / 8) / (10 + 3 + 80 / 8))
+
+
+SHAPE = ModelShape(
+    num_layers=8,
+    hidden_size=1024,
+    num_heads=16,
+    vocab_size=32000,
+    seq_len=1024,
+    params_per_layer=12 * 1024**2,
+    embedding_params=32000 * 1024,
+    final_norm_params=2048,
+)
+
+
+def test_estimate_memory_adds_up_by_hand() -> None:
+    est = estimate_memory(SHAPE, Layout(dp=4, zero_stage=1, micro_batch_size=2))
+    psi = SHAPE.total_params
+    assert est.params == 2 * psi and est.grads == 2 * psi and est.optimizer == 12 * psi / 4
+    sbh = 1024 * 2 * 1024
+    assert est.activations == 8 * sbh * (34 + 5 * 16 * 1024 / 1024)
+    assert est.output_layer == 4 * sbh * (1 + 32000 / 1024)
+    assert est.total == est.params + est.grads + est.optimizer + est.activations + est.output_layer
+
+
+def test_pipeline_first_stage_holds_pp_micro_batches() -> None:
+    one = activation_bytes_per_layer(seq_len=1024, micro_batch_size=1, hidden_size=1024, num_heads=16)
+    first = estimate_memory(SHAPE, Layout(pp=4, num_micro_batches=16))
+    assert first.stage == "first"
+    assert first.activations == one * (8 // 4) * 4  # L/p layers x p micro-batches in flight (1F1B)
+    few = estimate_memory(SHAPE, Layout(pp=4, num_micro_batches=2))
+    assert few.activations == one * 2 * 2  # never more in flight than there are micro-batches
+    with pytest.raises(PlanError, match="pp=3 does not divide num_layers=8"):
+        estimate_memory(SHAPE, Layout(pp=3))
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_model_shape_counts_match_the_real_model(preset: str) -> None:
+    from pretrain.models import build_model
+
+    cfg = load_config(None, [f"model.preset={preset}", "model.vocab_size=300", "data.shards=x"]).model
+    shape = model_shape(cfg, seq_len=64)
+    assert shape.total_params == sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def _gpt3() -> ModelShape:
+    cfg, seq_len, _ = load_model_for_planning("gpt-175b")
+    assert cfg.model.vocab_size == 50257 and seq_len == 2048
+    return model_shape(cfg.model, seq_len=seq_len)
+
+
+def test_gpt3_175b_on_1024_a100_80gb_fits() -> None:
+    shape = _gpt3()
+    assert shape.total_params == pytest.approx(175e9, rel=0.01)
+    hw = Hardware(gpu_memory_gb=80)
+    result = search_layouts(shape, hw, num_gpus=1024, global_batch_size=1536)
+    best = result.candidates[0]
+    assert best.fits and best.memory.total <= hw.usable_bytes
+    assert best.layout.world_size == 1024 and best.layout.tp <= 8
+    assert best.layout.pp > 1  # 175B does not fit without a pipeline on 80 GB cards
+    assert 0.2 < best.mfu < 0.6 and best.reasons
+
+
+def test_impossible_requests_are_refused_with_a_reason() -> None:
+    shape = _gpt3()
+    with pytest.raises(PlanError, match="nothing fits in 80 GB per GPU"):
+        search_layouts(shape, Hardware(gpu_memory_gb=80), num_gpus=8, global_batch_size=64)
+    with pytest.raises(PlanError, match="no valid layout"):
+        search_layouts(shape, Hardware(gpu_memory_gb=80), num_gpus=1024, global_batch_size=3)
+    with pytest.raises(PlanError, match="gpus=0"):
+        search_layouts(shape, Hardware(gpu_memory_gb=80), num_gpus=0, global_batch_size=64)
+
+
+def _cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="verb")
+    register(sub)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_plan_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--model", "configs/models/gpt-175b.yaml", "--gpus", "1024", "--gpu-memory", "80"]
+    assert _cli([*argv, "--global-batch-size", "1536", "--json"]) == 0
+    out = capsys.readouterr().out
+    best = json.loads(out.strip().splitlines()[-1])
+    assert best["fits"] and best["memory"]["total_gb"] <= 72 and best["tp"] * best["pp"] * best["dp"] == 1024
+    assert "layouts fit on 1024 x 80 GB" in out
+    assert _cli(["plan", "--model", "gpt-175b", "--gpus", "8", "--gpu-memory", "80"]) == 2
+    assert "cannot plan gpt-175b on 8 x 80 GB: nothing fits" in capsys.readouterr().err
