@@ -69,6 +69,10 @@ def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lenient", action="store_true", help="skip and count bad records instead of stopping")
     p.set_defaults(func=cmd_data_shard)
 
+    from pretrain.cli_inspect import register_inspect
+
+    register_inspect(dsub)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -100,13 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face directory or one safetensors file",
+        description="Export RUN/checkpoints/step-N: --format hf writes config.json, model.safetensors and the "
+        "sentencepiece tokenizer for transformers' AutoModelFor...from_pretrained (GPT -> GPT2LMHeadModel or "
+        "LlamaForCausalLM, BERT -> BertForMaskedLM, T5 -> T5ForConditionalGeneration); --format safetensors "
+        "writes the consolidated weights under Tandem's names plus config.yaml.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, type=Path, help="a checkpoint directory (RUN/checkpoints/step-N)"
+    )
+    p.add_argument("--format", choices=["hf", "safetensors"], default="hf", help="default hf")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
         "smoke",
         help="sample corpus -> tokenizer -> shards -> short training run",
         description="The whole chain on the built-in sample corpus with configs/runs/smoke-MODEL.yaml. "
-        "Leaves the corpus, tokenizer and shards in OUT/data/ and the run in OUT/run/.",
+        "Leaves the corpus, tokenizer and shards in OUT/data/ and the run in OUT/run/ (GPT) or "
+        "OUT/run-bert/, OUT/run-t5/.",
     )
     p.add_argument("--out", type=Path, default=Path("smoke"), help="output directory (default ./smoke)")
-    p.add_argument("--model", choices=["gpt"], default="gpt", help="model family (default gpt)")
+    p.add_argument("--model", choices=["gpt", "bert", "t5"], default="gpt", help="model family (default gpt)")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--docs", type=int, default=3000, help="sample corpus documents (default 3000)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="further config overrides")
@@ -179,6 +199,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.export import ExportError, export_checkpoint
+
+    try:
+        what = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {args.out} ({what})")
+    return 0
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     from data_pipeline.corpus import expand_inputs
     from data_pipeline.manifest import unigram_entropy
@@ -192,7 +224,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     data = out / "data"
     corpus_dir, tok_prefix, shards = data / "corpus", data / "tokenizer" / "sp", data / "shards"
     run_cfg = CONFIG_DIR / "runs" / f"smoke-{args.model}.yaml"
-    overrides = [f"data.shards={shards}", f"train.out_dir={out / 'run'}", *args.overrides]
+    run_dir = out / "run" if args.model == "gpt" else out / f"run-{args.model}"
+    overrides = [f"data.shards={shards}", f"train.out_dir={run_dir}", *args.overrides]
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
         if not any(o.startswith("optimizer.warmup_steps=") for o in args.overrides):
@@ -230,23 +263,39 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     print("[4/4] training") if _is_rank0() else None
     result = train(cfg)
     if _is_rank0():
-        entropy = unigram_entropy(shards)
         print(f"first loss        {_fmt(result.first_loss)} nats/token")
         print(f"final loss        {_fmt(result.final_loss)} nats/token (mean of the last log interval)")
+        entropy = unigram_entropy(shards)
         print(f"unigram entropy   {entropy:.4f} nats/token (of the training shards)")
         if result.eval_loss is not None:
             print(f"validation loss   {result.eval_loss:.4f}")
         print(f"throughput        {_fmt(result.tokens_per_s, '.0f')} tokens/s")
         print(f"checkpoint        {result.checkpoint}")
         print(f"metrics           {result.run_dir / 'metrics.jsonl'}")
-        if result.final_loss is None or result.final_loss >= entropy:
-            print("smoke FAILED: final loss is not below the unigram entropy", file=sys.stderr)
+        if result.final_loss is None or result.first_loss is None:
+            print("smoke FAILED: no loss was recorded", file=sys.stderr)
             return 1
-        print("smoke OK: final loss is below the unigram entropy")
+        if args.model == "gpt":
+            # A next-token model that learned only token frequencies would score the unigram entropy.
+            if result.final_loss >= entropy:
+                print("smoke FAILED: final loss is not below the unigram entropy", file=sys.stderr)
+                return 1
+            print("smoke OK: final loss is below the unigram entropy")
+        else:
+            # Masked and span targets exclude <eos>/<sep>, so their frequency-only baseline is not the stream's
+            # unigram entropy; the bar is a clear drop from the starting loss.
+            if result.final_loss > SMOKE_MIN_DROP * result.first_loss:
+                print(
+                    f"smoke FAILED: final loss is not below {SMOKE_MIN_DROP:.0%} of the first",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"smoke OK: final loss is below {SMOKE_MIN_DROP:.0%} of the first loss")
     return 0
 
 
 SMOKE_VOCAB = 1024
+SMOKE_MIN_DROP = 0.75
 
 
 def _is_rank0() -> bool:

@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from data_pipeline.objectives.causal_lm import CausalLM
+from data_pipeline.objectives.mlm import MaskedLM
+from data_pipeline.objectives.span_corruption import SpanCorruption
 
-OBJECTIVES: dict[str, type] = {"gpt": CausalLM}
+OBJECTIVES: dict[str, type] = {"gpt": CausalLM, "bert": MaskedLM, "t5": SpanCorruption}
 
 
 def build_objective(
