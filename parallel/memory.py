@@ -191,6 +191,10 @@ def model_state_bytes(
     if dp < 1:
         raise PlanError(f"dp={dp}: must be >= 1")
     p, g, k = STATE_BYTES[precision]
+    if precision == "fp32" and zero_stage >= 1:
+        # DeepSpeed's ZeRO optimizers keep an fp32 partition of the parameters even when they are fp32
+        # already: 4 more bytes per parameter, sharded (measured: tests/distributed/test_memory_measured.py).
+        k += 4
     psi = float(num_params)
     params = psi * p / dp if zero_stage == 3 else psi * p
     grads = psi * g / dp if zero_stage >= 2 else psi * g

@@ -42,6 +42,8 @@ def test_zero_by_hand_and_offload() -> None:
     assert sum(model_state_bytes(psi, zero_stage=1, dp=dp)[:3]) == 4e9 + 1.5e9
     assert sum(model_state_bytes(psi, zero_stage=2, dp=dp)[:3]) == 2e9 + 1.75e9
     assert sum(model_state_bytes(psi, zero_stage=0, dp=dp, precision="fp32")[:3]) == 16e9
+    # fp32 under ZeRO: DeepSpeed keeps an fp32 partition besides Adam's moments (measured, distributed test).
+    assert sum(model_state_bytes(psi, zero_stage=1, dp=dp, precision="fp32")[:3]) == 8e9 + 1.5e9
     p, g, o, host = model_state_bytes(psi, zero_stage=2, dp=dp, offload_optimizer=True)
     assert (p, g, o, host) == (2e9, 0.25e9, 0.0, 1.5e9)
     p, g, o, host = model_state_bytes(psi, zero_stage=3, dp=dp, offload_optimizer=True, offload_params=True)
