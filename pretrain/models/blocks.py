@@ -17,6 +17,7 @@ from torch import nn
 from parallel.layers import LayerFactory
 from pretrain.config import ModelConfig
 from pretrain.kernels import attention
+from pretrain.kernels.t5_bias import T5Bias
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -47,31 +48,6 @@ class RotaryEmbedding(nn.Module):
         return x * cos + rotated * sin
 
 
-def relative_position_bucket(
-    relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int
-) -> torch.Tensor:
-    """T5's bucketing of (key position - query position) (Raffel et al. 2020, §2.1).
-
-    Half the buckets (all of them when unidirectional) hold exact small distances; the rest cover
-    distances up to max_distance on a log scale; anything farther shares the last bucket. Bidirectional
-    attention spends half the buckets on keys after the query. A unidirectional (decoder) query only
-    looks back, so future keys all fall in bucket 0 (they are masked anyway)."""
-    buckets = torch.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).long() * num_buckets
-        distance = relative_position.abs()
-    else:
-        distance = (-relative_position).clamp(min=0)
-    exact = num_buckets // 2
-    is_small = distance < exact
-    # log-spaced buckets for exact <= distance < max_distance (float math as in the reference).
-    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-    large = exact + (log_ratio * (num_buckets - exact)).long()
-    large = large.clamp(max=num_buckets - 1)
-    return buckets + torch.where(is_small, distance, large)
-
-
 class RelativePositionBias(nn.Module):
     """A (buckets, heads) table of learned biases, shared by every layer of one stack (T5)."""
 
@@ -81,18 +57,10 @@ class RelativePositionBias(nn.Module):
         self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
         self.table = nn.Embedding(cfg.relative_buckets, cfg.num_heads)
 
-    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
-        """-> additive bias (1, H, Tq, Tk); queries are the last Tq of Tk positions."""
-        device = self.table.weight.device
-        q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-        k_pos = torch.arange(k_len, device=device)[None, :]
-        buckets = relative_position_bucket(
-            k_pos - q_pos,
-            bidirectional=self.bidirectional,
-            num_buckets=self.num_buckets,
-            max_distance=self.max_distance,
-        )
-        return self.table(buckets).permute(2, 0, 1).unsqueeze(0)  # (Tq, Tk, H) -> (1, H, Tq, Tk)
+    def forward(self) -> T5Bias:
+        """The table with T5's bucketing rules: the attention kernel fuses it (Triton) or expands it to a
+        dense (1, H, Tq, Tk) bias (SDPA), queries being the last Tq of Tk positions."""
+        return T5Bias(self.table.weight, self.bidirectional, self.num_buckets, self.max_distance)
 
 
 class Attention(nn.Module):
@@ -117,7 +85,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         rope: RotaryEmbedding | None = None,
         key_padding_mask: torch.Tensor | None = None,
-        position_bias: torch.Tensor | None = None,
+        position_bias: torch.Tensor | T5Bias | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         source = x if context is None else context  # (B, S, C)
@@ -202,7 +170,7 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         rope: RotaryEmbedding | None = None,
         key_padding_mask: torch.Tensor | None = None,
-        position_bias: torch.Tensor | None = None,
+        position_bias: torch.Tensor | T5Bias | None = None,
         context: torch.Tensor | None = None,
         context_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:

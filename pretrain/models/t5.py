@@ -46,9 +46,8 @@ class T5(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, S) -> encoder output (B, S, C)."""
-        s = input_ids.shape[1]
         x = self.drop(self.embed(input_ids))
-        bias = self.encoder_bias(s, s)  # (1, H, S, S)
+        bias = self.encoder_bias()
         padding = attention_mask.bool() if attention_mask is not None else None
         for block in self.encoder_blocks:
             x = block(x, None, padding, bias)
@@ -63,9 +62,8 @@ class T5(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decoder_input_ids: (B, T), encoder_output: (B, S, C) -> logits (B, T, V)."""
-        t = decoder_input_ids.shape[1]
         y = self.drop(self.embed(decoder_input_ids))
-        bias = self.decoder_bias(t, t)  # (1, H, T, T)
+        bias = self.decoder_bias()
         self_padding = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
         context_padding = attention_mask.bool() if attention_mask is not None else None
         for block in self.decoder_blocks:

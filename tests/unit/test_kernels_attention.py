@@ -250,11 +250,12 @@ def test_env_var_sets_default_backend():
     assert bad.returncode != 0 and "TANDEM_ATTENTION_BACKEND='bogus'" in bad.stderr
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
 def test_model_loss_and_grads_same_with_triton_and_sdpa(preset: str):
-    """The GPT (learned positions, MHA) and the Llama variant (RoPE, GQA) through the entry point, with
-    a padded batch: same loss and gradients on either backend (fp32; the kernels' ~1e-6 per attention
-    call, through 2 layers)."""
+    """GPT (learned positions, MHA), the Llama variant (RoPE, GQA), BERT (bidirectional, padding) and T5
+    (fused relative-position bias in encoder and causal decoder, cross-attention with padding) through the
+    entry point, with a padded batch: same loss and gradients on either backend (fp32; the kernels' ~1e-6
+    per attention call, through 2 layers)."""
     from pretrain.config import load_config
     from pretrain.models import build_model
 
@@ -271,12 +272,18 @@ def test_model_loss_and_grads_same_with_triton_and_sdpa(preset: str):
         previous = set_default_backend(backend)
         try:
             model.zero_grad()
-            logits = model(ids, attention_mask=mask)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            if cfg.family == "t5":
+                dec = ids[:, :9]
+                logits = model(ids, decoder_input_ids=dec, attention_mask=mask)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:10].flatten())
+            else:
+                logits = model(ids, attention_mask=mask)
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
         finally:
             set_default_backend(previous)
-        results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+        # BERT's pooler takes no part in the MLM loss and has no gradient.
+        results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
     (loss_s, grads_s), (loss_t, grads_t) = results["sdpa"], results["triton"]
     assert abs(loss_s - loss_t) < 1e-5 * abs(loss_s)
     for gs, gt in zip(grads_s, grads_t, strict=True):
