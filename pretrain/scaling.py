@@ -451,6 +451,7 @@ class FitReport:
     num_points: int
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% bootstrap intervals
     objective: float | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -459,6 +460,7 @@ class FitReport:
             "num_points": self.num_points,
             "ci95": {k: list(v) for k, v in self.ci.items()},
             "objective": self.objective,
+            "warnings": self.warnings,
         }
 
 
@@ -506,11 +508,12 @@ def fit(
     if form == "chinchilla":
         law, obj = fit_chinchilla(points)
         ci = bootstrap_chinchilla(points, law, samples=bootstrap, seed=seed) if bootstrap else {}
-        return FitReport("chinchilla", law.params(), len(points), ci, obj), law
+        warn = fit_warnings(points, law)
+        return FitReport("chinchilla", law.params(), len(points), ci, obj, warn), law
     if form == "kaplan":
         klaw = fit_kaplan(points)
         ci = bootstrap_kaplan(points, samples=bootstrap, seed=seed) if bootstrap else {}
-        return FitReport("kaplan", klaw.params(), len(points), ci), klaw
+        return FitReport("kaplan", klaw.params(), len(points), ci, None, fit_warnings(points, klaw)), klaw
     raise ScalingError(f"form={form!r}: must be 'chinchilla' or 'kaplan'")
 
 
@@ -759,6 +762,34 @@ fi
     path = out_dir / "sweep.sbatch"
     path.write_text(script, encoding="utf-8")
     path.chmod(0o755)
+
+
+def fit_warnings(points: Sequence[RunPoint], law: ChinchillaLaw | KaplanLaw) -> list[str]:
+    """Reasons not to trust a fit: IsoFLOP profiles without an interior minimum (the optimum is then an
+    extrapolation) and Chinchilla constants at degenerate values."""
+    out = []
+    for group in _budget_groups(points):
+        c = float(np.exp(np.mean([math.log(p.C) for p in group])))
+        if len(group) < 3:
+            out.append(
+                f"IsoFLOP profile at C≈{c:.2g}: {len(group)} point(s); at least 3 are needed to see a minimum"
+            )
+            continue
+        ns = sorted(p.N for p in group)
+        best = min(group, key=lambda p: p.loss).N
+        if best in (ns[0], ns[-1]):
+            end, way = ("smallest", "down") if best == ns[0] else ("largest", "up")
+            out.append(
+                f"IsoFLOP profile at C≈{c:.2g}: lowest loss at the {end} N ({best:.3g}), no interior minimum; "
+                f"the fitted optimum there is an extrapolation (extend the sizes {way} or change the budget)"
+            )
+    if isinstance(law, ChinchillaLaw):
+        if law.E < 1e-3:
+            out.append(f"E={law.E:.3g}: the irreducible loss collapsed to 0, the data do not constrain it")
+        for name, value in (("alpha", law.alpha), ("beta", law.beta)):
+            if not 0.05 <= value <= 1.5:
+                out.append(f"{name}={value:.3g}: far outside published fits (0.2-0.8); the fit is degenerate")
+    return out
 
 
 # ----------------------------------------------------------------------------- plots

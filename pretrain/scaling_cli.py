@@ -147,6 +147,8 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
             print(f"  {k:8s} exponent {v['exponent']:.4g}, scale {v['scale']:.4g}")
         else:
             print(f"  {k:8s} {v:.6g}" + (f"  (95% CI {ci[0]:.4g} .. {ci[1]:.4g})" if ci else ""))
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "fit.json").write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")

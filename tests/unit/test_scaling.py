@@ -40,6 +40,18 @@ def test_chinchilla_fit_recovers_exponents(law: ChinchillaLaw) -> None:
     assert pytest.approx(law.E, rel=0.05) == fitted.E
 
 
+def test_fit_warns_when_profiles_have_no_interior_minimum() -> None:
+    law = scaling.PRESETS["epoch-refit"]
+    good = _isoflop(law)
+    assert scaling.fit_warnings(good, law) == []
+    # Keep only the smaller half of each profile: the lowest loss sits at the largest N.
+    half = [p for p in good if law.optimal(p.C)[0] / 1.5 >= p.N]
+    warnings = scaling.fit_warnings(half, law)
+    assert len(warnings) == len(BUDGETS) and all("no interior minimum" in w for w in warnings)
+    degenerate = ChinchillaLaw(E=1e-12, A=1.0, B=1.0, alpha=4.4, beta=0.3)
+    assert any("E=" in w for w in scaling.fit_warnings(good, degenerate))
+
+
 def test_chinchilla_objective_gradient_matches_finite_differences() -> None:
     pts = _isoflop(scaling.PRESETS["epoch-refit"])
     n, d, loss = (np.array([getattr(p, k) for p in pts]) for k in ("N", "D", "loss"))
