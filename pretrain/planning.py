@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from parallel.memory import Hardware, ModelShape, Precision, SearchResult, search_layouts
+from parallel.memory import Hardware, Layout, ModelShape, Precision, SearchResult, search_layouts
 from pretrain.config import Config, ModelConfig, load_config, resolve_preset
 
 GPT2_VOCAB = 50257  # GPT-2/GPT-3 BPE vocabulary, used when a model preset leaves vocab_size at 0
@@ -96,16 +96,20 @@ def plan_layouts(
 
 def format_table(result: SearchResult, *, top: int = 10) -> str:
     """The best `top` layouts, one per line, with the estimate behind each."""
-    head = (
-        f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'zero':>4} {'mbs':>3} {'m':>5} {'sp':>3} {'recompute':>9} "
-    )
+    head = f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'zero':>4} {'mbs':>3} {'m':>5} {'sp':>3} {'recompute':>9} {'offload':>7} "
     head += f"{'GB/GPU':>7} {'tok/s':>10} {'MFU':>5}  why"
     lines = [head]
     for i, c in enumerate(result.candidates[:top], start=1):
         lay = c.layout
         lines.append(
             f"{i:>3} {lay.tp:>3} {lay.pp:>3} {lay.dp:>5} {lay.zero_stage:>4} {lay.micro_batch_size:>3} "
-            f"{lay.num_micro_batches:>5} {'y' if lay.sequence_parallel else 'n':>3} {lay.recompute:>9} "
+            f"{lay.num_micro_batches:>5} {'y' if lay.sequence_parallel else 'n':>3} {lay.recompute:>9} {_offload(lay):>7} "
             f"{c.memory.total / 1e9:>7.1f} {c.tokens_per_s:>10.3g} {c.mfu:>5.2f}  {'; '.join(c.reasons)}"
         )
     return "\n".join(lines)
+
+
+def _offload(layout: Layout) -> str:
+    if layout.offload_params:
+        return "opt+par"
+    return "opt" if layout.offload_optimizer else "-"

@@ -115,7 +115,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sequences per step (default: the run config's, else ~2M tokens)",
     )
     p.add_argument("--vocab-size", type=int, default=None, help="default: the config's, else 50257")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="default: the run config's train.precision, else bf16",
+    )
     p.add_argument("--peak-tflops", type=float, default=312.0, help="per-GPU peak (default 312, A100 bf16)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--allow-offload", action="store_true", help="also consider ZeRO CPU offload")
@@ -238,7 +243,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             num_gpus=args.gpus,
             hardware=hw,
             global_batch_size=gbs,
-            precision=args.precision,
+            precision=args.precision or (cfg.train.precision if is_run else "bf16"),
             allow_offload=args.allow_offload,
         )
     except PlanError as exc:
