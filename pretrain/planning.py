@@ -28,7 +28,7 @@ def model_shape(cfg: ModelConfig, *, seq_len: int) -> ModelShape:
     # One block is enough: the others are identical, and the estimator multiplies by num_layers.
     with torch.device("meta"):
         model = build_model(dataclasses.replace(cfg, num_layers=1))
-    per_layer = sum(p.numel() for p in model.blocks[0].parameters())  # type: ignore[index]
+    per_layer = sum(p.numel() for p in model.blocks[0].parameters())  # type: ignore[index,union-attr]
     embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("lm_head"))
     final_norm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("final_norm"))

@@ -70,7 +70,7 @@ def non_embedding_params_of(model_cfg: Any) -> int:
         model = build_model(one)
     n = int(non_embedding_params(model, one))
     if one is not model_cfg:
-        n += (model_cfg.num_layers - 1) * sum(p.numel() for p in model.blocks[0].parameters())
+        n += (model_cfg.num_layers - 1) * sum(p.numel() for p in model.blocks[0].parameters())  # type: ignore[index,union-attr]
     return n
 
 
@@ -878,7 +878,7 @@ def plot_fit(
 
 
 def synthetic_isoflop(
-    law: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    law: Callable[[Any, Any], Any],
     budgets: Sequence[float],
     n_centers: Sequence[float],
     *,
