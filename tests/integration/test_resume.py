@@ -17,12 +17,17 @@ from tests.conftest import REPO, SMOKE_CONFIG, read_metrics, subprocess_env, tin
 STEPS = 24
 
 
-def overrides(shards, out, **extra):
-    # Dropout on, so the restored torch RNG state matters too; a checkpoint every 4 steps.
+PRESETS = {"gpt": "gpt-tiny", "bert": "bert-tiny", "t5": "t5-tiny"}
+
+
+def overrides(shards, out, family="gpt", **extra):
+    # Dropout on, so the restored torch RNG state matters too; a checkpoint every 4 steps. BERT's masks and
+    # T5's spans come from per-sample generators, so they must continue exactly as well.
     return tiny_overrides(
         shards,
         out,
         **{
+            "model.preset": PRESETS[family],
             "train.steps": STEPS,
             "checkpoint.interval": 4,
             "checkpoint.keep_last": 2,
@@ -56,12 +61,13 @@ def kill_after_checkpoint(args: list[str], out, *, step: int, timeout: float = 2
         proc.wait(timeout=30)
 
 
-def test_killed_and_resumed_run_matches_uninterrupted_bitwise(shards_dir, tmp_path, run_pretrain):
+@pytest.mark.parametrize("family", ["gpt", "bert", "t5"])
+def test_killed_and_resumed_run_matches_uninterrupted_bitwise(shards_dir, tmp_path, run_pretrain, family):
     full = tmp_path / "full"
-    run_pretrain(["train", "--config", str(SMOKE_CONFIG), *overrides(shards_dir, full)])
+    run_pretrain(["train", "--config", str(SMOKE_CONFIG), *overrides(shards_dir, full, family)])
 
     cut = tmp_path / "cut"
-    args = ["train", "--config", str(SMOKE_CONFIG), *overrides(shards_dir, cut)]
+    args = ["train", "--config", str(SMOKE_CONFIG), *overrides(shards_dir, cut, family)]
     kill_after_checkpoint(args, cut, step=4)
     saved = sorted(
         int(p.name.split("-")[1]) for p in (cut / "checkpoints").glob("step-*") if "." not in p.name
