@@ -470,7 +470,8 @@ def bootstrap_chinchilla(
     """95% percentile intervals from refits on points resampled with replacement (each refit starts
     from the full-data optimum, the usual warm start for bootstrap refits)."""
     rng = np.random.default_rng(seed)
-    x_full = np.array([math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta])
+    # max(): a degenerate fit can underflow E (or A, B) to 0.0; log of the smallest float keeps it a start.
+    x_full = np.array([math.log(max(v, 1e-300)) for v in (law.A, law.B, law.E)] + [law.alpha, law.beta])
     draws: dict[str, list[float]] = {k: [] for k in law.params()}
     for _ in range(samples):
         idx = rng.integers(0, len(points), len(points))

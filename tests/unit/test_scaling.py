@@ -120,6 +120,10 @@ def test_bootstrap_intervals_cover_the_truth() -> None:
     ci = scaling.bootstrap_chinchilla(pts, fitted, samples=15, seed=0)
     lo, hi = ci["alpha"]
     assert lo <= fitted.alpha <= hi and hi - lo < 0.1
+    # A degenerate law (E underflowed to 0, as on a CPU ladder without interior minima) still bootstraps.
+    assert scaling.bootstrap_chinchilla(
+        pts, ChinchillaLaw(E=0.0, A=1e21, B=150.0, alpha=4.4, beta=0.33), samples=2
+    )
 
 
 def test_run_point_from_a_run_directory(tmp_path: Path) -> None:
