@@ -25,6 +25,9 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "safetensors>=0.4",
+        "scipy>=1.10",  # scaling-law fits (L-BFGS)
+        "threadpoolctl>=3",  # one BLAS thread during fits
+        "matplotlib>=3.7",  # scaling plots
     ],
     extras_require={
         "dev": [
@@ -37,7 +40,6 @@ setup(
             # Triton kernels run under TRITON_INTERPRET=1 in CPU tests; CUDA builds of torch bring their own.
             "triton>=3.0; sys_platform == 'linux'",
         ],
-        "plots": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
 )

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _add_data_verbs(sub)
+    from pretrain.scaling_cli import register as register_scaling
+
+    register_scaling(sub)
 
     p = sub.add_parser(
         "train",
@@ -191,6 +194,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, validate=True)
     result = train(cfg)
+    if result.stopped_early:
+        from pretrain.preemption import EXIT_PREEMPTED
+
+        if _is_rank0():
+            print(
+                f"stopped at step {result.steps} ({result.stopped_early}); checkpoint {result.checkpoint}; "
+                "rerun with train.resume=auto to continue"
+            )
+        return EXIT_PREEMPTED
     if _is_rank0():
         print(
             f"trained {result.steps} steps: final loss {_fmt(result.final_loss)}, "

@@ -148,6 +148,10 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
     peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU; 0 looks the device up in a table")
     progress: bool = _f(True, "console progress bar on rank 0")
+    time_limit_s: float = _f(0.0, "stop (saving a checkpoint) this many seconds after start; 0 = no limit")
+    stop_grace_s: float = _f(
+        120.0, "save and stop when less than this remains of the time limit or Slurm job"
+    )
 
 
 @dataclass

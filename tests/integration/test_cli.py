@@ -13,7 +13,22 @@ from data_pipeline.manifest import load_manifest, verify_shards
 from pretrain.cli import build_parser, main
 from tests.conftest import SMOKE_CONFIG
 
-VERBS = [[], ["data"], ["data", "sample"], ["data", "tokenizer"], ["data", "shard"], ["train"], ["smoke"]]
+VERBS = [
+    [],
+    ["data"],
+    ["data", "sample"],
+    ["data", "tokenizer"],
+    ["data", "shard"],
+    ["data", "inspect"],
+    ["train"],
+    ["export"],
+    ["smoke"],
+    ["scaling"],
+    ["scaling", "fit"],
+    ["scaling", "plan"],
+    ["scaling", "sweep"],
+    ["plan"],
+]
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v) or "pretrain")
