@@ -2,14 +2,21 @@
 
 Corpora are far larger than memory, so every reader here streams line by line and never loads a
 file whole. Bad input never disappears silently: in strict mode the first bad record stops the run
-with ``FILE:LINE: reason``; in lenient mode it is skipped and counted by reason, and the caller saves
-the counts (the shard manifest's ``skipped``).
+with ``FILE:LINE: reason``; in lenient ("skip") mode it is skipped and counted by reason, and the
+caller saves the counts (the shard manifest's ``rejected``).
+
+Reasons: ``bad_utf8``, ``bad_json``, ``not_object``, ``missing_text`` (absent or not a string),
+``bad_metadata``, ``nul_byte`` (a NUL character, raw or escaped: C strings and many tools truncate
+at it), ``oversize`` (over ``max_document_bytes`` with ``oversize="skip"``), ``corrupt_gzip`` (a
+truncated or damaged ``.gz``: counted once per file, the documents before the damage are kept) and
+``empty_text`` (skipped and counted in both modes: well-formed, just empty).
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import io
 import json
 import zlib
@@ -17,11 +24,33 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["SUPPORTED_SUFFIXES", "CorpusError", "Document", "expand_inputs", "iter_documents"]
+__all__ = [
+    "REJECT_REASONS",
+    "SUPPORTED_SUFFIXES",
+    "CorpusError",
+    "Document",
+    "expand_inputs",
+    "iter_documents",
+    "split_text",
+]
+
+REJECT_REASONS = (
+    "bad_utf8",
+    "bad_json",
+    "not_object",
+    "missing_text",
+    "bad_metadata",
+    "nul_byte",
+    "oversize",
+    "corrupt_gzip",
+    "empty_text",
+)
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".txt", ".txt.gz")
 _GLOB_CHARS = frozenset("*?[")
+_NUL = b"\x00"
 
 
 class CorpusError(ValueError):
@@ -30,13 +59,18 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    """One corpus record. ``source`` and ``line`` say where it came from (line is 1-based)."""
+    """One corpus record. ``source`` and ``line`` say where it came from (line is 1-based).
+
+    ``part`` is 0 except for the pieces of a record split for exceeding the size limit (0, 1, ...),
+    so that records read = documents with ``part == 0`` + rejections.
+    """
 
     text: str
     url: str | None
     timestamp: str | None
     source: str
     line: int
+    part: int = 0
 
 
 def _is_supported(path: Path) -> bool:
@@ -97,19 +131,75 @@ def expand_inputs(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return result
 
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+class _HashingReader(io.RawIOBase):
+    """A raw file that hashes the bytes read through it: the manifest's input sha256 costs no
+    second pass over a corpus that may be terabytes."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = self._f.readinto(buffer)
+        if n:
+            self.sha256.update(memoryview(buffer)[:n])
+        return n or 0
+
+    def finish(self) -> str:
+        """Hash whatever was not read (a reader stopped early, trailing bytes) and return the hex digest."""
+        while block := self._f.read(1 << 20):
+            self.sha256.update(block)
+        return self.sha256.hexdigest()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
-def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line without its newline); a damaged gzip stream is always fatal."""
+def _raw_lines(path: Path, reject: _Rejector, hashes: dict[str, str] | None) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line without its newline). A damaged gzip stream ends the file: fatal in
+    strict mode, one ``corrupt_gzip`` in lenient mode (the lines before the damage were yielded)."""
     lineno = 0
+    raw_file = _HashingReader(path)
     try:
-        with _open_binary(path) as f:
+        buffered = io.BufferedReader(raw_file, buffer_size=1 << 20)
+        f = gzip.GzipFile(fileobj=buffered, mode="rb") if path.name.endswith(".gz") else buffered
+        try:
             for lineno, raw in enumerate(f, start=1):
                 yield lineno, raw.rstrip(b"\r\n")
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise CorpusError(f"{path}:{lineno + 1}: corrupt gzip stream ({exc})") from exc
+        except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as exc:
+            reject("corrupt_gzip", f"{path}:{lineno + 1}", f"truncated or corrupt gzip stream ({exc})")
+        if hashes is not None:
+            # Bytes still in the BufferedReader were already hashed when the raw file was read.
+            hashes[str(path)] = raw_file.finish()
+    finally:
+        raw_file.close()
+
+
+def split_text(text: str, max_bytes: int) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_bytes`` UTF-8 bytes, at line breaks where possible,
+    else at a character boundary (never inside a multi-byte character)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in text.split("\n"):
+        n = len(line.encode("utf-8")) + 1
+        if current and size + n > max_bytes:
+            pieces.append("\n".join(current))
+            current, size = [], 0
+        while n - 1 > max_bytes:  # one line alone is too long: cut it at a character boundary
+            head = line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+            pieces.append(head)
+            line = line[len(head) :]
+            n = len(line.encode("utf-8")) + 1
+        current.append(line)
+        size += n
+    if current and any(current):
+        pieces.append("\n".join(current))
+    return [p for p in pieces if p.strip()]
 
 
 class _Rejector:
@@ -126,11 +216,16 @@ class _Rejector:
             self.counts[reason] += 1
 
 
-def _json_documents(path: Path, reject: _Rejector, text_key: str) -> Iterator[Document]:
+def _json_documents(
+    path: Path, reject: _Rejector, text_key: str, hashes: dict[str, str] | None
+) -> Iterator[Document]:
     source = str(path)
-    for lineno, raw in _raw_lines(path):
+    for lineno, raw in _raw_lines(path, reject, hashes):
         where = f"{path}:{lineno}"
         if not raw.strip():
+            continue
+        if b"\x00" in raw:
+            reject("nul_byte", where, f"raw NUL byte at offset {raw.index(_NUL)}")
             continue
         try:
             line = raw.decode("utf-8")
@@ -163,6 +258,9 @@ def _json_documents(path: Path, reject: _Rejector, text_key: str) -> Iterator[Do
             meta[key] = value
         if bad_meta:
             continue
+        if "\x00" in text:
+            reject("nul_byte", where, f"text holds a NUL character at index {text.index(chr(0))}")
+            continue
         if not text.strip():
             # A well-formed but empty record is not an input error; skip it in both modes, counted.
             reject("empty_text", where, "text is empty", always_skip=True)
@@ -170,7 +268,7 @@ def _json_documents(path: Path, reject: _Rejector, text_key: str) -> Iterator[Do
         yield Document(text=text, url=meta["url"], timestamp=meta["timestamp"], source=source, line=lineno)
 
 
-def _text_documents(path: Path, reject: _Rejector) -> Iterator[Document]:
+def _text_documents(path: Path, reject: _Rejector, hashes: dict[str, str] | None) -> Iterator[Document]:
     """Plain text: a document is a block of lines between blank lines; ``line`` is its first line."""
     source = str(path)
     block: list[str] = []
@@ -181,20 +279,24 @@ def _text_documents(path: Path, reject: _Rejector) -> Iterator[Document]:
         if block and not bad:
             yield Document(text="\n".join(block), url=None, timestamp=None, source=source, line=start)
 
-    for lineno, raw in _raw_lines(path):
+    for lineno, raw in _raw_lines(path, reject, hashes):
         if not raw.strip():
             yield from flush()
             block, bad = [], False
             continue
         if not block and not bad:
             start = lineno
+        if bad:
+            continue
+        if b"\x00" in raw:
+            reject("nul_byte", f"{path}:{lineno}", f"raw NUL byte at offset {raw.index(_NUL)}")
+            bad, block = True, []  # count a damaged block once, not once per line
+            continue
         try:
             block.append(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            if not bad:  # count a damaged block once, not once per line
-                reject("bad_utf8", f"{path}:{lineno}", f"invalid UTF-8 at byte {exc.start}")
-            bad = True
-            block = []
+            reject("bad_utf8", f"{path}:{lineno}", f"invalid UTF-8 at byte {exc.start}")
+            bad, block = True, []
     yield from flush()
 
 
@@ -204,16 +306,27 @@ def iter_documents(
     strict: bool = True,
     counts: Counter | None = None,
     text_key: str = "text",
+    max_document_bytes: int | None = None,
+    oversize: Literal["split", "skip"] = "split",
+    hashes: dict[str, str] | None = None,
 ) -> Iterator[Document]:
     """Stream the documents of ``paths`` in order.
 
     JSON lines files hold one object per line with a string ``text_key``; blank lines are skipped.
     ``.txt`` files hold documents separated by one or more blank lines. Strict mode raises
     :class:`CorpusError` (``FILE:LINE: reason: detail``) at the first bad record; lenient mode skips it
-    and adds one to ``counts[reason]`` (reasons: bad_utf8, bad_json, not_object, missing_text,
-    bad_metadata). Empty texts are skipped in both modes and counted as ``empty_text``. A corrupt gzip
-    stream is fatal in both modes: the rest of that file cannot be read.
+    and adds one to ``counts[reason]`` (reasons: see the module docstring). Empty texts are skipped in
+    both modes and counted as ``empty_text``.
+
+    A document over ``max_document_bytes`` UTF-8 bytes is split into pieces (``oversize="split"``,
+    at line breaks; the pieces share ``source`` and ``line`` and number ``part`` 0, 1, ...) or
+    rejected as ``oversize`` (``"skip"``). With ``hashes``, each file's sha256 (of its bytes on disk)
+    is stored there once the file has been read, computed from the bytes streamed.
     """
+    if max_document_bytes is not None and max_document_bytes < 1:
+        raise ValueError(f"max_document_bytes={max_document_bytes} must be >= 1 (or None for no limit)")
+    if oversize not in ("split", "skip"):
+        raise ValueError(f"oversize={oversize!r} must be 'split' or 'skip'")
     reject = _Rejector(strict, counts)
     for p in paths:
         path = Path(p)
@@ -222,6 +335,22 @@ def iter_documents(
         if not _is_supported(path):
             raise CorpusError(f"{path}: unsupported suffix (supported: {', '.join(SUPPORTED_SUFFIXES)})")
         if path.name.endswith((".txt", ".txt.gz")):
-            yield from _text_documents(path, reject)
+            docs = _text_documents(path, reject, hashes)
         else:
-            yield from _json_documents(path, reject, text_key)
+            docs = _json_documents(path, reject, text_key, hashes)
+        if max_document_bytes is None:
+            yield from docs
+            continue
+        for doc in docs:
+            size = len(doc.text.encode("utf-8"))
+            if size <= max_document_bytes:
+                yield doc
+            elif oversize == "skip":
+                reject(
+                    "oversize",
+                    f"{doc.source}:{doc.line}",
+                    f"{size} bytes > max_document_bytes={max_document_bytes}",
+                )
+            else:
+                for part, piece in enumerate(split_text(doc.text, max_document_bytes)):
+                    yield Document(piece, doc.url, doc.timestamp, doc.source, doc.line, part)

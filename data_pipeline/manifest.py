@@ -31,13 +31,17 @@ __all__ = [
     "iter_shard_documents",
     "load_manifest",
     "shard_paths",
+    "tool_description",
     "unigram_entropy",
     "verify_shards",
 ]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tandem-shards"
-MANIFEST_VERSION = 1
+# Version 2 added provenance (tool, input sha256, cleaning) and renamed ``skipped`` to ``rejected``
+# (malformed input) + ``filtered`` (too_short); version 1 manifests are still read, converted.
+MANIFEST_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
 _REQUIRED_KEYS = ("format", "version", "tokenizer", "dtype", "shards", "totals")
 
@@ -70,9 +74,9 @@ def load_manifest(shards_dir: str | Path) -> dict:
         raise ManifestError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"{path}: format={manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    if manifest.get("version") != MANIFEST_VERSION:
+    if manifest.get("version") not in _READABLE_VERSIONS:
         raise ManifestError(
-            f"{path}: version={manifest.get('version')!r}, this code reads {MANIFEST_VERSION}"
+            f"{path}: version={manifest.get('version')!r}, this code reads {_READABLE_VERSIONS}"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
@@ -83,7 +87,24 @@ def load_manifest(shards_dir: str | Path) -> dict:
                 raise ManifestError(f"{path}: shards[{i}] lacks {key!r}")
         if shard["split"] not in SPLITS:
             raise ManifestError(f"{path}: shards[{i}].split={shard['split']!r}, expected one of {SPLITS}")
+    if "skipped" in manifest and "rejected" not in manifest:
+        # Version 1 mixed malformed input and the min_tokens filter under one name.
+        skipped = dict(manifest.pop("skipped"))
+        too_short = skipped.pop("too_short", 0)
+        manifest["rejected"] = skipped
+        manifest["filtered"] = {"too_short": too_short} if too_short else {}
     return manifest
+
+
+def tool_description() -> dict[str, str]:
+    """Name and installed version of the tool that wrote the shards, for the manifest's provenance."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tool_version = version("tandem")
+    except PackageNotFoundError:
+        tool_version = "unknown"
+    return {"name": "tandem", "version": tool_version}
 
 
 def shard_paths(manifest: dict, shards_dir: str | Path, split: str) -> list[Path]:

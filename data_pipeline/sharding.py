@@ -23,6 +23,17 @@ Why it is built this way:
   ``.progress.jsonl``; so a kill at any moment leaves at worst a stray ``.tmp`` and a rerun redoes
   only the unrecorded shards. A rerun still streams the whole corpus (ordinals must line up) but
   skips tokenizing and writing the recorded shards.
+* Optional C4 cleaning and dedupe (``clean=CleanConfig()``) run in the main process before ordinals
+  are assigned: dedupe keeps the first copy in stream order, which needs one sequential owner of the
+  seen-hash set, and cleaning there keeps the output independent of the worker count.
+* Memory is bounded whatever the corpus size: at most ``2 * workers + 2`` shards' documents are in
+  flight (one buffer per split in the main process plus the queued jobs), and dedupe remembers 8-byte
+  hashes only (:mod:`data_pipeline.dedupe`).
+
+Every input record is accounted for in the manifest: ``documents_in`` (records read) equals
+``documents_written`` + the ``rejected`` counts (malformed input, by reason) + the documents removed
+by cleaning (``page_*`` counts in ``cleaning``) + ``filtered`` (``too_short``) - the extra pieces of
+records split for size (``oversize_split``).
 """
 
 from __future__ import annotations
@@ -32,17 +43,26 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from data_pipeline.clean import CleanConfig, clean_document, config_to_dict, pages_removed
 from data_pipeline.corpus import iter_documents
-from data_pipeline.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, file_sha256
+from data_pipeline.dedupe import Deduper
+from data_pipeline.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    file_sha256,
+    tool_description,
+)
 from data_pipeline.tokenizer import Tokenizer
 
 __all__ = ["ShardingError", "assign_split", "shard_corpus"]
@@ -161,9 +181,22 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- main side
 def _validate(
-    inputs: Sequence[Path], workers: int, val_fraction: float, shard_size_mb: float, min_tokens: int
+    inputs: Sequence[Path],
+    workers: int,
+    val_fraction: float,
+    shard_size_mb: float,
+    min_tokens: int,
+    errors: str,
+    max_document_bytes: int | None,
+    oversize: str,
 ) -> None:
     problems = []
+    if errors not in ("strict", "skip"):
+        problems.append(f"errors={errors!r} must be 'strict' or 'skip'")
+    if max_document_bytes is not None and max_document_bytes < 1:
+        problems.append(f"max_document_bytes={max_document_bytes} must be >= 1 (or None for no limit)")
+    if oversize not in ("split", "skip"):
+        problems.append(f"oversize={oversize!r} must be 'split' or 'skip'")
     if not inputs:
         problems.append("inputs is empty")
     if workers < 1:
@@ -246,30 +279,47 @@ def shard_corpus(
     val_fraction: float = 0.0,
     shard_size_mb: float = 64.0,
     seed: int = 0,
-    strict: bool = True,
+    errors: Literal["strict", "skip"] = "strict",
+    strict: bool | None = None,
     min_tokens: int = 1,
+    clean: CleanConfig | None = None,
+    max_document_bytes: int | None = None,
+    oversize: Literal["split", "skip"] = "split",
 ) -> dict:
     """Tokenize ``inputs`` into ``out_dir`` and return the manifest (also written to manifest.json).
 
     Documents are cut into shards of about ``shard_size_mb`` MB of raw UTF-8 text per split; about
     ``val_fraction`` of them go to the validation split (see :func:`assign_split`). Documents with
-    fewer than ``min_tokens`` tokens are left out and counted as ``too_short``. Rerunning with the same
-    inputs, tokenizer and options resumes; other settings are refused. ``workers`` does not change
-    the output and may differ between a run and its resume.
+    fewer than ``min_tokens`` tokens are left out and counted as ``too_short``. ``errors="strict"``
+    stops at the first malformed record with its file and line; ``"skip"`` skips and counts it by
+    reason (``strict`` is the older spelling: ``strict=False`` means ``errors="skip"``). ``clean``
+    applies C4 cleaning and dedupe (off by default: sharding keeps every valid document unless
+    asked). Documents over ``max_document_bytes`` are split or skipped (``oversize``). Rerunning with
+    the same inputs, tokenizer and options resumes; other settings are refused. ``workers`` does not
+    change the output and may differ between a run and its resume.
     """
+    if strict is not None:
+        errors = "strict" if strict else "skip"
     inputs = [Path(p) for p in inputs]
-    _validate(inputs, workers, val_fraction, shard_size_mb, min_tokens)
+    _validate(inputs, workers, val_fraction, shard_size_mb, min_tokens, errors, max_document_bytes, oversize)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(tokenizer_path)
     dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
-    options = {
+    options: dict[str, Any] = {
         "val_fraction": val_fraction,
         "shard_size_mb": shard_size_mb,
         "seed": seed,
-        "strict": strict,
+        "strict": errors == "strict",
         "min_tokens": min_tokens,
     }
+    # New options enter the fingerprint only when used, so directories sharded before they existed
+    # still resume.
+    if clean is not None:
+        options["clean"] = config_to_dict(clean)
+    if max_document_bytes is not None:
+        options["max_document_bytes"] = max_document_bytes
+        options["oversize"] = oversize
     input_list = [{"path": str(p), "bytes": p.stat().st_size} for p in inputs]
     _claim_out_dir(out_dir, options | {"inputs": input_list, "tokenizer_sha256": tok.sha256, "dtype": dtype})
     done = _load_progress(out_dir)
@@ -281,8 +331,17 @@ def shard_corpus(
     next_index = dict.fromkeys(_SPLITS, 0)
     results: dict[str, dict[str, Any]] = {}
     pending: deque = deque()
-    counts: Counter = Counter()
-    documents_read = 0
+    rejected: Counter = Counter()
+    cleaning: Counter = Counter()
+    hashes: dict[str, str] = {}
+    deduper = (
+        Deduper(documents=clean.dedupe_documents, span=clean.dedupe_spans, min_sentences=clean.min_sentences)
+        if clean is not None
+        else None
+    )
+    documents_read = records = split_records = split_pieces = 0
+    ordinal = 0
+    bytes_read = 0
 
     pool = None
     if workers > 1:
@@ -290,9 +349,15 @@ def shard_corpus(
         ctx = multiprocessing.get_context("spawn")
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),))
 
+    bar = tqdm(desc="sharding", unit="doc", file=sys.stderr, disable=None, mininterval=1.0)
+    started = time.monotonic()
+    tokens_done = 0
+
     def finish(stats: dict[str, Any]) -> None:
+        nonlocal tokens_done
         progress.append(stats)
         results[stats["name"]] = stats
+        tokens_done += stats["tokens"]
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
@@ -330,17 +395,45 @@ def shard_corpus(
             pending.append(pool.apply_async(_write_shard, (job,)))
             drain(2 * workers)  # bound the documents held in flight
 
-    bar = tqdm(desc="sharding", unit="doc", file=sys.stderr, disable=None)
     try:
-        for ordinal, doc in enumerate(iter_documents(inputs, strict=strict, counts=counts)):
+        stream = iter_documents(
+            inputs,
+            strict=errors == "strict",
+            counts=rejected,
+            max_document_bytes=max_document_bytes,
+            oversize=oversize,
+            hashes=hashes,
+        )
+        for doc in stream:
             documents_read += 1
+            if doc.part == 0:
+                records += 1
+            else:
+                split_pieces += 1
+                split_records += doc.part == 1
+            text: str | None = doc.text
+            bytes_read += len(doc.text)  # characters: close enough to bytes for a rate display
+            bar.update()
+            if not bar.disable and documents_read % 1000 == 0:
+                elapsed = max(time.monotonic() - started, 1e-9)
+                bar.set_postfix_str(
+                    f"{tokens_done} tokens, {bytes_read / 1e6 / elapsed:.1f} MB/s", refresh=False
+                )
+            if clean is not None and deduper is not None:
+                text = clean_document(text, clean, cleaning)
+                if text is not None:
+                    text = deduper.process(text, cleaning)
+                if text is None:
+                    continue
             split = assign_split(ordinal, seed=seed, val_fraction=val_fraction)
             meta = {"url": doc.url, "timestamp": doc.timestamp, "source": doc.source, "line": doc.line}
-            buffers[split].append((ordinal, doc.text, meta))
-            buffered_bytes[split] += len(doc.text.encode("utf-8"))
+            if doc.part:
+                meta["part"] = doc.part
+            buffers[split].append((ordinal, text, meta))
+            ordinal += 1
+            buffered_bytes[split] += len(text.encode("utf-8"))
             if buffered_bytes[split] >= shard_bytes:
                 dispatch(split)
-            bar.update()
         for split in _SPLITS:
             if buffers[split]:
                 dispatch(split)
@@ -352,8 +445,7 @@ def shard_corpus(
             pool.join()
 
     shards = [results[n] for n in sorted(results, key=lambda n: (_SPLITS.index(results[n]["split"]), n))]
-    skipped = Counter(counts)
-    skipped["too_short"] += sum(s["skipped_too_short"] for s in shards)
+    too_short = sum(s["skipped_too_short"] for s in shards)
     totals = {
         split: {
             "shards": sum(1 for s in shards if s["split"] == split),
@@ -362,19 +454,30 @@ def shard_corpus(
         }
         for split in _SPLITS
     }
-    manifest = {
+    written = totals["train"]["documents"] + totals["val"]["documents"]
+    manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
+        "tool": tool_description(),
         "tokenizer": tok.describe(),
         "dtype": dtype,
         "options": options,
-        "inputs": input_list,
+        "inputs": [entry | {"sha256": hashes.get(entry["path"])} for entry in input_list],
         "shards": [
             {k: s[k] for k in ("name", "split", "documents", "tokens", "bytes", "sha256")} for s in shards
         ],
         "totals": totals,
+        # Records read, i.e. JSON lines / text blocks, whether valid or not.
+        "documents_in": records + sum(rejected.values()),
         "documents_read": documents_read,
-        "skipped": {k: v for k, v in sorted(skipped.items()) if v},
+        "documents_written": written,
+        "rejected": {k: v for k, v in sorted(rejected.items()) if v},
+        "filtered": {"too_short": too_short} if too_short else {},
     }
+    if clean is not None:
+        manifest["cleaning"] = {k: v for k, v in sorted(cleaning.items()) if v}
+        manifest["cleaning_documents_removed"] = pages_removed(cleaning)
+    if split_pieces:
+        manifest["oversize_split"] = {"records": split_records, "extra_pieces": split_pieces}
     _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest

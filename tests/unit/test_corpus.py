@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.corpus import CorpusError, Document, expand_inputs, iter_documents
+from data_pipeline.corpus import CorpusError, Document, expand_inputs, iter_documents, split_text
+from data_pipeline.manifest import file_sha256
 
 
 def _jsonl(records: list[object]) -> str:
@@ -108,14 +109,68 @@ def test_empty_text_is_skipped_even_in_strict_mode(tmp_path: Path) -> None:
 
 
 def test_corrupt_gzip_names_file(tmp_path: Path) -> None:
-    data = gzip.compress(_jsonl([{"text": "word " * 50}] * 200).encode(), mtime=0)
+    records = [{"text": f"doc {i} " + "word " * 50} for i in range(2000)]
+    data = gzip.compress(_jsonl(records).encode(), mtime=0)
     p = _write(tmp_path / "cut.json.gz", data[: len(data) // 2])
-    for strict in (True, False):
-        with pytest.raises(CorpusError, match=r"cut\.json\.gz.*corrupt gzip"):
-            list(iter_documents([p], strict=strict))
+    with pytest.raises(CorpusError, match=r"cut\.json\.gz:\d+: corrupt_gzip: truncated"):
+        list(iter_documents([p]))
+    # Lenient: the documents before the cut are kept, the damaged file counts once, and the next
+    # file is still read.
+    good = _write(tmp_path / "good.jsonl", _jsonl([{"text": "after"}]))
+    counts: Counter = Counter()
+    docs = list(iter_documents([p, good], strict=False, counts=counts))
+    assert counts == Counter(corrupt_gzip=1)
+    assert 0 < len(docs) - 1 < 2000 and docs[-1].text == "after"
+    assert [d.text for d in docs[:-1]] == [r["text"] for r in records[: len(docs) - 1]]
     q = _write(tmp_path / "notgz.json.gz", b"plain text, not gzip\n")
-    with pytest.raises(CorpusError, match=r"notgz\.json\.gz"):
+    with pytest.raises(CorpusError, match=r"notgz\.json\.gz:1: corrupt_gzip"):
         list(iter_documents([q]))
+
+
+def test_nul_bytes(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path / "n.jsonl", b'{"text": "raw \x00 nul"}\n{"text": "escaped \\u0000 nul"}\n{"text": "ok"}\n'
+    )
+    counts: Counter = Counter()
+    assert [d.text for d in iter_documents([p], strict=False, counts=counts)] == ["ok"]
+    assert counts == Counter(nul_byte=2)
+    with pytest.raises(CorpusError, match=r"n\.jsonl:1: nul_byte"):
+        list(iter_documents([p]))
+    t = _write(tmp_path / "n.txt", b"good para\n\nbad\x00 para\nmore\n\nlast\n")
+    counts = Counter()
+    assert [d.text for d in iter_documents([t], strict=False, counts=counts)] == ["good para", "last"]
+    assert counts == Counter(nul_byte=1)
+
+
+def test_oversize_split_and_skip(tmp_path: Path) -> None:
+    big = "\n".join(f"line {i:03d} " + "é" * 20 for i in range(40))  # 40 lines of 50 bytes
+    one_long_line = "x" * 250
+    p = _write(tmp_path / "o.jsonl", _jsonl([{"text": "small"}, {"text": big}, {"text": one_long_line}]))
+    docs = list(iter_documents([p], max_document_bytes=200))
+    assert [d.text for d in docs if d.line != 2 or d.part == 0][:1] == ["small"]
+    pieces = [d for d in docs if d.line == 2]
+    assert [d.part for d in pieces] == list(range(len(pieces))) and len(pieces) == 10
+    assert "\n".join(d.text for d in pieces) == big  # split at line breaks, nothing lost
+    assert all(len(d.text.encode()) <= 200 for d in docs)
+    assert "".join(d.text for d in docs if d.line == 3) == one_long_line  # cut inside a line
+    counts: Counter = Counter()
+    assert [
+        d.text
+        for d in iter_documents([p], strict=False, counts=counts, max_document_bytes=200, oversize="skip")
+    ] == ["small"]
+    assert counts == Counter(oversize=2)
+    with pytest.raises(CorpusError, match=r"o\.jsonl:2: oversize"):
+        list(iter_documents([p], max_document_bytes=200, oversize="skip"))
+    # Multi-byte characters are never cut in half.
+    assert split_text("é" * 5, 3) == ["é", "é", "é", "é", "é"]
+
+
+def test_input_hashes_while_streaming(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json.gz", _jsonl([{"text": "x"}] * 3), gz=True)
+    b = _write(tmp_path / "b.txt", "one\n\ntwo\n")
+    hashes: dict[str, str] = {}
+    list(iter_documents([a, b], hashes=hashes))
+    assert hashes == {str(a): file_sha256(a), str(b): file_sha256(b)}
 
 
 def test_expand_inputs(tmp_path: Path) -> None:

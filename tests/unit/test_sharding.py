@@ -15,6 +15,7 @@ import pytest
 from data_pipeline.corpus import iter_documents
 from data_pipeline.manifest import (
     ManifestError,
+    file_sha256,
     iter_shard_documents,
     load_manifest,
     shard_paths,
@@ -46,10 +47,10 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_manifest_matches_shards(sharded: Path, dp_tokenizer_path: Path) -> None:
+def test_manifest_matches_shards(sharded: Path, dp_tokenizer_path: Path, dp_corpus_paths: list[Path]) -> None:
     manifest = load_manifest(sharded)
     assert verify_shards(sharded) == []
-    assert manifest["format"] == "tandem-shards" and manifest["version"] == 1
+    assert manifest["format"] == "tandem-shards" and manifest["version"] == 2
     assert manifest["dtype"] == "uint16"
     tok = Tokenizer(dp_tokenizer_path)
     assert manifest["tokenizer"]["sha256"] == tok.sha256
@@ -69,10 +70,16 @@ def test_manifest_matches_shards(sharded: Path, dp_tokenizer_path: Path) -> None
             "tokens": sum(s["tokens"] for s in shards),
         }
         assert [p.name for p in shard_paths(manifest, sharded, split)] == [s["name"] for s in shards]
-    assert manifest["documents_read"] == 300
+    assert manifest["documents_read"] == manifest["documents_in"] == manifest["documents_written"] == 300
     assert manifest["totals"]["train"]["documents"] + manifest["totals"]["val"]["documents"] == 300
     assert 10 <= manifest["totals"]["val"]["documents"] <= 60  # ~10% of 300
-    assert manifest["skipped"] == {}
+    assert manifest["rejected"] == {} and manifest["filtered"] == {}
+    assert "cleaning" not in manifest  # cleaning is off unless asked
+    # Provenance: every input with its size and sha256 (hashed while streaming), the tool's version.
+    assert manifest["inputs"] == [
+        {"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in dp_corpus_paths
+    ]
+    assert manifest["tool"]["name"] == "tandem" and manifest["tool"]["version"]
 
 
 def test_tokens_equal_tokenizer_encode(
@@ -182,8 +189,17 @@ def test_min_tokens_skips_and_counts(
         dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=tmp_path / "m", min_tokens=threshold
     )
     too_short = sum(1 for n in lengths if n < threshold)
-    assert manifest["skipped"] == {"too_short": too_short}
+    assert manifest["filtered"] == {"too_short": too_short} and manifest["rejected"] == {}
     assert manifest["totals"]["train"]["documents"] == 300 - too_short
+    # A version-1 manifest (``skipped`` held too_short and rejections) still loads, converted.
+    old = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    for key in ("rejected", "filtered", "tool", "documents_in", "documents_written"):
+        old.pop(key)
+    old |= {"version": 1, "skipped": {"too_short": too_short, "bad_json": 2}}
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(old))
+    loaded = load_manifest(tmp_path / "m")
+    assert loaded["rejected"] == {"bad_json": 2} and loaded["filtered"] == {"too_short": too_short}
+    assert "skipped" not in loaded
     assert manifest["totals"]["val"] == {"shards": 0, "documents": 0, "tokens": 0}
     assert verify_shards(tmp_path / "m") == []
 
