@@ -98,8 +98,8 @@ def validate(spec: JobSpec) -> None:
     for o in spec.overrides:
         if "=" not in o or o.startswith("="):
             problems.append(f"override {o!r}: expected SECTION.KEY=VALUE")
-        if "\n" in o or "\0" in o:
-            problems.append(f"override {o!r}: contains a newline or NUL")
+        if "\0" in o:
+            problems.append(f"override {o!r}: contains a NUL byte")
     try:
         validate_env(spec.env)
     except ValueError as exc:
@@ -118,9 +118,23 @@ def train_args(spec: JobSpec) -> list[str]:
 
 
 def job_env(spec: JobSpec) -> dict[str, str]:
+    """Exported in the batch script: launch's defaults for the device, then the user's entries. On CPU nodes
+    OMP_NUM_THREADS is left to the script (the node's CPUs, not this machine's, divided between the tasks)."""
     env = default_env(spec.device, spec.gpus_per_node)
+    if spec.device == "cpu":
+        env.pop("OMP_NUM_THREADS")
     env.update(spec.env)
     return env
+
+
+def _exports(spec: JobSpec) -> str:
+    env = job_env(spec)
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    if "OMP_NUM_THREADS" not in env:
+        per_task = f"$(( ${{SLURM_CPUS_ON_NODE:-1}} / {spec.gpus_per_node} ))"
+        lines.append(f'[ -n "${{OMP_NUM_THREADS:-}}" ] || export OMP_NUM_THREADS="{per_task}"')
+        lines.append('[ "$OMP_NUM_THREADS" -ge 1 ] 2>/dev/null || export OMP_NUM_THREADS=1')
+    return "\n".join(lines)
 
 
 def render(spec: JobSpec) -> str:
@@ -134,7 +148,6 @@ def render(spec: JobSpec) -> str:
         extra.append(f"#SBATCH --account={spec.account}")
     if spec.device == "gpu":
         extra.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
-    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(job_env(spec).items())]
     preemption = Template((TEMPLATES / "preemption_protocol.sbatch").read_text()).substitute()
     values = {
         "job_name": spec.job_name,
@@ -148,7 +161,7 @@ def render(spec: JobSpec) -> str:
         "preemption": preemption,
         "master_port": str(spec.master_port),
         "task_wait_s": str(TASK_WAIT_S),
-        "exports": "\n".join(exports),
+        "exports": _exports(spec),  # plain shell text: substituted values are not template-expanded
         "workdir": shlex.quote(str(spec.workdir)),
         "python": shlex.quote(spec.python),
         "train_args": shlex.join(train_args(spec)),
