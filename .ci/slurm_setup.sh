@@ -29,7 +29,8 @@ CPUS="$(nproc)"
 CONF_DIR=/etc/slurm
 mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/log/munge
 # Linux process tracking and no task plugin: cgroups are not available inside every CI container.
-# A requeued job waits cred_expire seconds before it may start again (Slurm's default is 120 s).
+# A requeued job waits cred_expire seconds before it may start again; Slurm's default, 120 s, would add two
+# idle minutes to every requeue test (SLURM_CRED_EXPIRE_S overrides). The scheduler looks again every 5 s.
 cat >"$CONF_DIR/slurm.conf" <<CONF
 ClusterName=tandem
 SlurmctldHost=${NODE}(127.0.0.1)
@@ -37,13 +38,14 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=${SLURM_CRED_EXPIRE_S:-120}
+AuthInfo=cred_expire=${SLURM_CRED_EXPIRE_S:-10}
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
