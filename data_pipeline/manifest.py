@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -120,6 +119,9 @@ def iter_shard_documents(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     ``tokens`` is the 1-D integer array as stored (uint16 or uint32). Reads the file sequentially
     once; only ``tokens.npy`` members are decoded (``meta.json`` is skipped).
     """
+    # Imported here: webdataset imports torch (~2 s), which sharding's spawned workers never need.
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     path = Path(path)
     with open(path, "rb") as stream:
         files = tar_file_expander([{"url": str(path), "stream": stream}])

@@ -90,6 +90,7 @@ def _runner() -> Callable[..., subprocess.CompletedProcess]:
         timeout: float = 300,
         check: bool = True,
         cwd: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
         port = str(free_port())
         if launcher == "deepspeed":
@@ -121,7 +122,12 @@ def _runner() -> Callable[..., subprocess.CompletedProcess]:
         else:
             cmd = [sys.executable, "-m", "pretrain", *args]
         proc = subprocess.run(
-            cmd, env=subprocess_env(), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout
+            cmd,
+            env=subprocess_env(**(env or {})),
+            cwd=cwd or REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(

@@ -156,7 +156,8 @@ BAD_CONFIGS = {
     "wsd_without_decay_steps": (["optimizer.decay_style=WSD"], ("optimizer.wsd_decay_steps=0", "WSD")),
     "unknown_preset": (["model.preset=gpt-7t"], ("model.preset='gpt-7t'", "no such preset", "gpt-125m")),
     "t5_without_relative_positions": (
-        ["model.family=t5"], ("model.position='learned'", "T5 uses position=relative")
+        ["model.family=t5"],
+        ("model.position='learned'", "T5 uses position=relative"),
     ),
     "override_with_three_parts": (["model.attn.heads=4"], ("model.attn.heads", "SECTION.KEY=VALUE")),
     "negative_count": (["checkpoint.keep_last=-1"], ("checkpoint.keep_last=-1", ">= 0")),

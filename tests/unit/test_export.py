@@ -23,17 +23,27 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 CASES = {
     "gpt2-style": ("gpt-tiny", [], "GPT2LMHeadModel", transformers.AutoModelForCausalLM),
     "llama-style": ("llama-tiny", [], "LlamaForCausalLM", transformers.AutoModelForCausalLM),
-    "llama-tied": ("llama-tiny", ["model.tie_embeddings=true", "model.num_kv_heads=4"], "LlamaForCausalLM",
-                   transformers.AutoModelForCausalLM),
+    "llama-tied": (
+        "llama-tiny",
+        ["model.tie_embeddings=true", "model.num_kv_heads=4"],
+        "LlamaForCausalLM",
+        transformers.AutoModelForCausalLM,
+    ),
     "bert": ("bert-tiny", [], "BertForMaskedLM", transformers.AutoModelForMaskedLM),
     "t5": ("t5-tiny", [], "T5ForConditionalGeneration", transformers.AutoModelForSeq2SeqLM),
-    "t5-v1.1-gated-gelu": ("t5-tiny", ["model.activation=geglu", "model.tie_embeddings=false"],
-                           "T5ForConditionalGeneration", transformers.AutoModelForSeq2SeqLM),
+    "t5-v1.1-gated-gelu": (
+        "t5-tiny",
+        ["model.activation=geglu", "model.tie_embeddings=false"],
+        "T5ForConditionalGeneration",
+        transformers.AutoModelForSeq2SeqLM,
+    ),
 }
 
 
 def tandem_model(preset: str, extra: list[str]):
-    cfg = load_config(None, ["data.shards=unused", f"model.preset={preset}", f"model.vocab_size={VOCAB}", *extra])
+    cfg = load_config(
+        None, ["data.shards=unused", f"model.preset={preset}", f"model.vocab_size={VOCAB}", *extra]
+    )
     model = build_model(cfg.model).eval()
     with torch.no_grad():  # move norms and biases off their init values so their mapping is exercised
         for p in model.parameters():

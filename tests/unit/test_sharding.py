@@ -253,3 +253,21 @@ def test_load_manifest_errors(tmp_path: Path) -> None:
     assert verify_shards(tmp_path)[0].endswith(
         "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
     )
+
+
+def test_tar_and_npy_members_match_the_standard_writers() -> None:
+    # Shards are written without tarfile/webdataset for speed; the bytes must be what they would write.
+    import tarfile
+
+    from data_pipeline.sharding import _npy_header, _tar_header
+
+    for name, size in [("0000000000.meta.json", 0), ("0000012345.tokens.npy", 511), ("x" * 100, 10**9)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "tandem", "tandem"
+        assert _tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT) == info.tobuf(tarfile.PAX_FORMAT)
+    for dtype in (np.uint16, np.uint32):
+        for n in (0, 1, 7, 300, 123_456):
+            arr = np.arange(n, dtype=dtype)
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            assert _npy_header(arr.dtype.str, n) + arr.tobytes() == buf.getvalue()
