@@ -263,6 +263,10 @@ def _linear_default_init(fan_in: int) -> tuple[InitMethod, InitMethod]:
     )
 
 
+# from_* constructors overwrite every value with a slice of an existing layer: skip the random init so
+# converting a model does not advance the RNG (which would shift every later dropout mask).
+_NO_INIT: dict[str, InitMethod] = {"init_method": nn.init.zeros_, "bias_init_method": nn.init.zeros_}
+
 # ---------------------------------------------------------------------------------------------------
 # Layers.
 
@@ -310,8 +314,7 @@ class ColumnParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Group, **kw: Any) -> ColumnParallelLinear:
         """The shard of an already-initialized full linear (exact parity with the one-process model)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw,
-                    init_method=nn.init.zeros_, bias_init_method=nn.init.zeros_)  # fmt: skip
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw, **_NO_INIT)
         with torch.no_grad():
             layer.weight.copy_(shard(linear.weight, 0, group))
             if layer.bias is not None and linear.bias is not None:
@@ -380,8 +383,7 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Group, **kw: Any) -> RowParallelLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw,
-                    init_method=nn.init.zeros_, bias_init_method=nn.init.zeros_)  # fmt: skip
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw, **_NO_INIT)
         with torch.no_grad():
             layer.weight.copy_(shard(linear.weight, 1, group))
             if layer.bias is not None and linear.bias is not None:
@@ -459,8 +461,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     three all-reduces of (N,) vectors (max, target logit, sum of exps) instead of a (N, V) gather."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, group: Group, vocab_start: int,
-                ignore_index: int) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, group: Group, vocab_start: int, ignore_index: int
+    ) -> torch.Tensor:
         v_local = logits.shape[-1]
         x = logits.reshape(-1, v_local)  # (N, V/tp)
         t = targets.reshape(-1)  # (N,)

@@ -172,7 +172,33 @@ def _layers_case(rank: int, _: str) -> None:
     _close(vemb.weight.grad, emb.weight.grad[5 * rank : 5 * (rank + 1)], "vocab embedding dW")
 
 
+def _rng_tracker_checks(rank: int) -> None:
+    """Dropout streams: the default one agrees across TP ranks and is not advanced by a fork; the TP
+    stream differs across ranks and continues where it left off."""
+    from parallel.tensor import TPRngTracker
+
+    torch.manual_seed(123)
+    tracker = TPRngTracker()
+    tracker.seed_tensor_parallel(123, rank)
+    outside = torch.rand(8)
+    with tracker.fork():
+        inside = torch.rand(8)
+    after = torch.rand(8)
+    with tracker.fork():
+        inside_again = torch.rand(8)
+    torch.manual_seed(123)
+    assert torch.equal(torch.cat([outside, after]), torch.rand(16)), "fork advanced the default stream"
+    both = [torch.empty(8) for _ in range(WORLD)]
+    dist.all_gather(both, inside)
+    assert not torch.equal(both[0], both[1]), "TP stream must differ across TP ranks"
+    dist.all_gather(both, outside)
+    assert torch.equal(both[0], both[1]), "default stream must agree across TP ranks"
+    torch.manual_seed(123 + 2718 + rank)
+    assert torch.equal(torch.cat([inside, inside_again]), torch.rand(16))
+
+
 def _cross_entropy_case(rank: int, _: str) -> None:
+    _rng_tracker_checks(rank)
     from parallel.tensor import vocab_parallel_cross_entropy
 
     group = dist.group.WORLD
