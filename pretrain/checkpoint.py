@@ -6,15 +6,24 @@ Layout of `RUN/checkpoints/step-N/` (a DeepSpeed checkpoint tag directory plus T
   config.yaml                                     the resolved run config
   meta.json                                       step, consumed samples, layout, written last
 
-A checkpoint is written under `step-N.partial/` and renamed to `step-N/` by rank 0 only after every rank
-has finished writing (a barrier), so a directory named `step-N` is always complete. `latest` names the
-newest one. Tandem's own per-rank files hold only tensors and plain values and are read back with
-`torch.load(weights_only=True)`.
+  manifest.json                                   every file's size and sha256, layout, step, tokens, config hash
+
+A checkpoint is written under `step-N.partial/`; after a barrier (every rank has written), rank 0 hashes the
+files, writes manifest.json, fsyncs and renames the directory to `step-N/`. Only a directory named `step-N`
+with a manifest is a checkpoint: a crash at any point leaves either the previous checkpoint or the new one,
+never a half-written one that auto-resume would pick. `latest` is replaced by write-temp-then-rename.
+Old checkpoints are renamed away before they are deleted, and the newest is never deleted.
+
+Nothing here unpickles arbitrary objects: Tandem's own files are read with `torch.load(weights_only=True)`,
+and DeepSpeed's engine files go through `SafeCheckpointEngine`, which allows only the handful of DeepSpeed
+classes its optimizer states contain.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -64,20 +73,163 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+FAULT_ENV = "TANDEM_FAULT_INJECT"
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: `TANDEM_FAULT_INJECT=NAME:STEP` SIGKILLs this process at that point of saving that step
+    (no cleanup runs, as with a node failure). Points: shards, manifest, latest, prune."""
+    want = os.environ.get(FAULT_ENV)
+    if want and want == f"{name}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def build_manifest(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    files = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[str(f.relative_to(directory))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    return {"format": "tandem-checkpoint", "version": 1, **meta, "files": files}
+
+
+def verify_checkpoint(directory: str | Path, *, hashes: bool = True) -> list[str]:
+    """Problems with a checkpoint directory (empty = complete and intact): missing manifest, missing or
+    extra files, sizes, and with `hashes` every file's sha256. Each problem names the file."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path}: missing (the checkpoint was never completed)"]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        return [f"{manifest_path}: unreadable ({exc.__class__.__name__})"]
+    problems = []
+    for name, want in files.items():
+        f = directory / name
+        if not f.is_file():
+            problems.append(f"{f}: listed in the manifest but missing")
+        elif f.stat().st_size != want["bytes"]:
+            problems.append(f"{f}: {f.stat().st_size} bytes, manifest says {want['bytes']}")
+        elif hashes and _sha256(f) != want["sha256"]:
+            problems.append(f"{f}: sha256 differs from the manifest (corrupted)")
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        if str(f.relative_to(directory)) not in files:
+            problems.append(f"{f}: not in the manifest")
+    return problems
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {directory} is not a complete Tandem checkpoint")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _allowed_deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its optimizer-state files (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint); nothing else may be unpickled."""
+    allowed: list[Any] = []
+    for module, names in (
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        allowed += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return allowed
+
+
+def install_safe_checkpoint_engine(engine: Any) -> None:
+    """Replaces DeepSpeed's checkpoint engine (which loads with weights_only=False) by one that loads
+    with weights_only=True and an explicit allow-list; a file carrying anything else is refused."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = _allowed_deepspeed_globals()
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as exc:  # pickle.UnpicklingError and friends: name the file, keep the reason
+                raise CheckpointError(
+                    f"{path}: refused to load (not plain tensors and allowed types): {exc}"
+                ) from None
+
+    current = getattr(engine, "checkpoint_engine", None)
+    if current is None or type(current) is TorchCheckpointEngine:
+        safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
+        if current is not None:
+            safe.__dict__.update(current.__dict__)
+        else:
+            TorchCheckpointEngine.__init__(safe, None)
+        engine.checkpoint_engine = safe
+
+
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, engine: Any, *, rank: int, world_size: int, keep_last: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        engine: Any,
+        *,
+        rank: int,
+        world_size: int,
+        keep_last: int = 0,
+        verify_on_load: bool = True,
+    ):
         self.dir = Path(run_dir) / "checkpoints"
         self.engine, self.rank, self.world_size, self.keep_last = engine, rank, world_size, keep_last
+        self.verify_on_load = verify_on_load
+        if engine is not None:
+            install_safe_checkpoint_engine(engine)
 
     # ------------------------------------------------------------------ queries
     def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Checkpoints with a manifest, oldest first (partial and half-deleted ones are not named step-N)."""
         if not self.dir.is_dir():
             return []
         found = [
             (int(m.group(1)), p)
             for p in self.dir.iterdir()
-            if p.is_dir() and (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()
+            if p.is_dir() and (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()
         ]
         return [p for _, p in sorted(found)]
 
@@ -92,9 +244,9 @@ class Checkpointer:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        if not (path / "meta.json").is_file():
+        if not (path / MANIFEST).is_file():
             raise FileNotFoundError(
-                f"train.resume={resume!r}: not a complete Tandem checkpoint (no meta.json)"
+                f"train.resume={resume!r}: not a complete Tandem checkpoint (no {MANIFEST})"
             )
         return path
 
@@ -106,37 +258,66 @@ class Checkpointer:
         partial = self.dir / tag
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if partial.exists():
-                shutil.rmtree(partial)  # left by a run that died while saving
+            for stale in self.dir.glob("*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run that died while saving
+            for stale in self.dir.glob(".deleting-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run that died while pruning
         barrier()
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state={}, save_latest=False)
+        _fault_point("shards", step)
         own = {"state": state, "rng": rng_state(), "rank": self.rank, "world_size": self.world_size}
-        torch.save(own, partial / f"tandem-rank-{self.rank:05d}.pt")
+        own_file = partial / f"tandem-rank-{self.rank:05d}.pt"
+        torch.save(own, own_file)
+        _fsync(own_file)
         barrier()
         if self.rank == 0:
             (partial / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time()}
+            meta = {
+                **meta,
+                "step": step,
+                "world_size": self.world_size,
+                "saved_at": time.time(),
+                "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+            }
             (partial / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            for f in partial.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            write_atomic(partial / MANIFEST, json.dumps(build_manifest(partial, meta), indent=2))
+            _fault_point("manifest", step)
             if final.exists():
-                shutil.rmtree(final)
+                self._delete(final)
             partial.rename(final)
-            (self.dir / "latest").write_text(final.name + "\n", encoding="utf-8")
-            self._prune()
+            _fsync(self.dir)
+            _fault_point("latest", step)
+            write_atomic(self.dir / "latest", final.name + "\n")
+            self._prune(step)
         barrier()
         return final
 
-    def _prune(self) -> None:
+    def _delete(self, path: Path, step: int = -1) -> None:
+        """Rename first, so a crash mid-delete never leaves a `step-N` directory missing files."""
+        doomed = path.with_name(f".deleting-{path.name}")
+        path.rename(doomed)
+        _fault_point("prune", step)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _prune(self, step: int = -1) -> None:
         if self.keep_last <= 0:
             return
-        for old in self.complete_checkpoints()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        done = self.complete_checkpoints()
+        for old in done[: -self.keep_last]:  # the newest complete checkpoint is never in this slice
+            self._delete(old, step)
 
     # ------------------------------------------------------------------ load
     def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restores engine, RNG and returns (this rank's state, meta). Same layout only."""
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        problems = verify_checkpoint(path, hashes=self.verify_on_load)
+        if problems:
+            raise CheckpointError(f"{path}: will not load a damaged checkpoint:\n  " + "\n  ".join(problems))
+        meta = read_manifest(path)
         if meta.get("world_size") != self.world_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path}: saved with world size {meta.get('world_size')} (layout {meta.get('layout')}), this run "
                 f"has {self.world_size}; a plain DeepSpeed load cannot change the layout"
             )

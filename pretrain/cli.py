@@ -121,6 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.set_defaults(func=cmd_export)
 
+    ckpt = sub.add_parser(
+        "ckpt",
+        help="verify and inspect checkpoints",
+        description="Check and describe checkpoint directories (RUN/checkpoints/step-N).",
+    )
+    csub = ckpt.add_subparsers(dest="ckpt_verb", metavar="VERB", required=True)
+    p = csub.add_parser(
+        "verify",
+        help="re-check every file's size and sha256 against the manifest",
+        description="Exit 0 if the checkpoint is complete and intact, 1 naming each bad file.",
+    )
+    p.add_argument(
+        "checkpoint", type=Path, help="a checkpoint directory, or a run's checkpoints/ directory (all)"
+    )
+    p.set_defaults(func=cmd_ckpt_verify)
+    p = csub.add_parser(
+        "inspect",
+        help="print layout, step, tokens and sizes",
+        description="Print a checkpoint's step, tokens seen, layout (tp/pp/dp/zero), files and sizes.",
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--json", action="store_true", help="print the manifest summary as one JSON line")
+    p.set_defaults(func=cmd_ckpt_inspect)
+
     p = sub.add_parser(
         "smoke",
         help="sample corpus -> tokenizer -> shards -> short training run",
@@ -208,6 +232,58 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"trained {result.steps} steps: final loss {_fmt(result.final_loss)}, "
             f"{_fmt(result.tokens_per_s, '.0f')} tokens/s, checkpoint {result.checkpoint}"
         )
+    return 0
+
+
+def _checkpoint_dirs(path: Path) -> list[Path]:
+    if (path / "manifest.json").is_file() or path.name.startswith("step-"):
+        return [path]
+    return sorted((p for p in path.glob("step-*") if p.is_dir()), key=lambda p: p.name)
+
+
+def cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import verify_checkpoint
+
+    dirs = _checkpoint_dirs(args.checkpoint)
+    if not dirs:
+        print(f"error: {args.checkpoint}: no checkpoint directories", file=sys.stderr)
+        return 2
+    bad = 0
+    for d in dirs:
+        problems = verify_checkpoint(d)
+        bad += bool(problems)
+        print(f"{d}: {'OK' if not problems else 'DAMAGED'}")
+        for problem in problems:
+            print(f"  {problem}")
+    return 1 if bad else 0
+
+
+def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import CheckpointError, read_manifest
+
+    try:
+        m = read_manifest(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    total = sum(f["bytes"] for f in m["files"].values())
+    summary = {
+        "step": m.get("step"),
+        "tokens": m.get("tokens"),
+        "consumed_samples": m.get("consumed_samples"),
+        "family": m.get("family"),
+        "layout": m.get("layout"),
+        "world_size": m.get("world_size"),
+        "files": len(m["files"]),
+        "bytes": total,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for key, value in summary.items():
+        print(f"{key:17} {value}")
+    for name, f in m["files"].items():
+        print(f"  {f['bytes']:>12}  {name}")
     return 0
 
 

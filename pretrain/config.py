@@ -159,6 +159,7 @@ class CheckpointConfig:
     interval: int = _f(0, "steps between checkpoints; 0 saves only at the end")
     keep_last: int = _f(3, "complete checkpoints to keep (older ones are deleted); 0 keeps all")
     save_final: bool = _f(True, "save a checkpoint after the last step")
+    verify_on_load: bool = _f(True, "re-hash every file against the checkpoint manifest before resuming")
 
 
 @dataclass

@@ -149,7 +149,12 @@ def train(cfg: Config) -> TrainResult:
         engine.enable_backward_allreduce = False
     scheduler = build_scheduler(engine.optimizer, cfg)
     checkpointer = Checkpointer(
-        run_dir, engine, rank=rank, world_size=world, keep_last=cfg.checkpoint.keep_last
+        run_dir,
+        engine,
+        rank=rank,
+        world_size=world,
+        keep_last=cfg.checkpoint.keep_last,
+        verify_on_load=cfg.checkpoint.verify_on_load,
     )
 
     # --- resume
@@ -210,7 +215,7 @@ def train(cfg: Config) -> TrainResult:
         meta = {
             "consumed_samples": loader.consumed_samples,
             "tokens": loader.consumed_samples * cfg.data.seq_len,
-            "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp},
+            "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp, "zero": cfg.parallel.zero_stage},
             "family": cfg.model.family,
         }
         return checkpointer.save(at_step, state=state, meta=meta, config_yaml=config_yaml)
