@@ -74,7 +74,8 @@ class Nodes:
     def rank_pid(self, node: int) -> int:
         """The training process under node `node`'s launcher (runner -> deepspeed.launcher.launch -> rank)."""
         pids = _descendants(self.procs[node].pid)
-        ranks = [p for p in pids if b"pretrain" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+        # the rank is `python -u -m pretrain --local_rank=0 train ...`; the launcher only names the module
+        ranks = [p for p in pids if b"\0-m\0pretrain\0" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(ranks) == 1, (pids, ranks)
         return ranks[0]
 
