@@ -70,9 +70,9 @@ _TERMINAL_MARKS: tuple[str, ...] = (".", "?", "!", '"')
 _ELLIPSIS = "..."
 # "[1]", "[23]", "[]" (C4 allows zero digits), "[edit]", "[citation needed]".
 _CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
-# A sentence ends at a run of terminal punctuation, optionally followed by closing quotes or
-# brackets, then whitespace or the end of the line.
-_SENTENCE_END_RE = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*(?=\s|$)")
+# A whole sentence: from a non-space up to a run of terminal punctuation, optionally followed by
+# closing quotes or brackets, then whitespace or the end of the line (or up to the end of the line).
+_SENTENCE_RE = re.compile(r"\S.*?(?:[.!?]+[\"')\]\u201d\u2019]*(?=\s|$)|$)")
 
 
 class CleanError(ValueError):
@@ -159,21 +159,16 @@ def _bad_words_regex(path: str) -> re.Pattern[str] | None:
 
 def sentence_spans(line: str) -> Iterator[tuple[int, int]]:
     """(start, end) offsets of the sentences of one line; a trailing fragment is a sentence too."""
-    start = 0
-    n = len(line)
-    while start < n and line[start].isspace():
-        start += 1
-    for m in _SENTENCE_END_RE.finditer(line):
-        if m.end() > start:
-            yield start, m.end()
-            start = m.end()
-            while start < n and line[start].isspace():
-                start += 1
-    if start < n:
-        end = n
+    for m in _SENTENCE_RE.finditer(line):
+        start, end = m.span()
         while end > start and line[end - 1].isspace():
             end -= 1
-        yield start, end
+        if end > start:
+            yield start, end
+
+
+def _count_sentences(line: str) -> int:
+    return len(_SENTENCE_RE.findall(line))
 
 
 def split_sentences(text: str) -> list[str]:
@@ -200,7 +195,12 @@ def clean_document(text: str, cfg: CleanConfig, counts: Counter) -> str | None:
         line = raw_line.strip()
         if not line:
             continue  # blank lines carry no text; not counted as a removal
-        if cfg.max_word_length and any(len(w) > cfg.max_word_length for w in line.split()):
+        # Only a line longer than the limit can hold a longer word: skip the split for the rest.
+        if (
+            cfg.max_word_length
+            and len(line) > cfg.max_word_length
+            and max(map(len, line.split())) > cfg.max_word_length
+        ):
             counts["line_long_word"] += 1
             continue
         if cfg.remove_citations:
@@ -227,7 +227,7 @@ def clean_document(text: str, cfg: CleanConfig, counts: Counter) -> str | None:
         if cfg.drop_policy_lines and any(p in lower for p in POLICY_SUBSTRINGS):
             counts["line_policy"] += 1
             continue
-        sentences += sum(1 for _ in sentence_spans(line))
+        sentences += _count_sentences(line)
         kept.append(line)
     if sentences < cfg.min_sentences or not kept:
         counts["page_too_few_sentences"] += 1
@@ -306,7 +306,11 @@ def clean_corpus(
         tmp = out_dir / (name + ".tmp")
         raw = open(tmp, "wb")  # noqa: SIM115 - closed in close_part
         current.update(
-            name=name, tmp=tmp, raw=raw, gz=gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0), n=0
+            name=name,
+            tmp=tmp,
+            raw=raw,
+            gz=gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6),
+            n=0,
         )
 
     def close_part() -> None:
