@@ -9,12 +9,10 @@ alone (and hence identical for any worker count, since only the main process ded
 Memory is bounded by hashes, never texts: every span and document is remembered as the first 8
 bytes of its blake2b digest, held in :class:`HashSet64`: a sorted ``uint64`` numpy array plus a small
 Python set of recent insertions that is merged into the array whenever it grows past 1/8 of it.
-Measured with tracemalloc on one million
-spans: 11.6 bytes per entry held (12 MB per million spans), peaking at 23 bytes per entry while a merge
-copies the array; a plain Python set of the same ints costs 70 bytes per entry (70 MB per million).
-With 64-bit hashes the
-chance that any two of 10^9 distinct spans collide (and one is wrongly removed) is about 3%, and
-then only one span is lost.
+Measured with tracemalloc on one million spans: 11.6 bytes per entry held (12 MB per million
+spans), peaking at 23 bytes per entry while a merge copies the array; a plain Python set of the same
+ints costs 70 bytes per entry (70 MB per million). With 64-bit hashes the chance that any two of 10^9
+distinct spans collide (and one is wrongly removed) is about 3%, and then only one span is lost.
 """
 
 from __future__ import annotations
