@@ -239,3 +239,50 @@ def test_peak_memory_of_10x_corpus(tmp_path: Path) -> None:
     print(f"peak RSS: {peak_small / 1024:.1f} MiB for 4k documents, {peak_large / 1024:.1f} MiB for 40k")
     assert peak_large <= 1.2 * peak_small, (peak_small, peak_large)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+# ----------------------------------------------------------------------------------- kill, resume
+_SHARD_CHILD = (
+    "import sys; from pathlib import Path; from data_pipeline.sharding import shard_corpus;"
+    "shard_corpus(sorted(Path(sys.argv[1]).glob('*.json.gz')), tokenizer_path=Path(sys.argv[2]),"
+    " out_dir=Path(sys.argv[3]), shard_size_mb=0.05, workers=2, val_fraction=0.05)"
+)
+
+
+def test_killed_shard_run_resumes_to_identical_output(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    corpus_dir = tmp_path / "corpus"
+    write_sample_corpus(corpus_dir, docs=6000, seed=0, docs_per_file=1000)
+    tok = train_tokenizer(sorted(corpus_dir.glob("*.json.gz")), vocab_size=512, out_prefix=tmp_path / "sp")
+    cmd = [sys.executable, "-c", _SHARD_CHILD, str(corpus_dir), str(tok)]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, str(tmp_path / "full")], check=True, cwd=REPO, env=env, timeout=300)
+
+    out = tmp_path / "killed"
+    # Own session, so that SIGKILL reaches the pool's workers too, as a node failure would.
+    proc = subprocess.Popen([*cmd, str(out)], cwd=REPO, env=env, start_new_session=True)
+    progress = out / ".progress.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.is_file() and len(progress.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; use a larger corpus"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()  # no manifest, so no partial shard is ever listed
+    done_before = len(progress.read_text().splitlines())
+    assert done_before < len(list((tmp_path / "full").glob("*.tar")))
+
+    subprocess.run([*cmd, str(out)], check=True, cwd=REPO, env=env, timeout=300)
+    assert (out / "manifest.json").read_text() == (tmp_path / "full" / "manifest.json").read_text().replace(
+        str(tmp_path / "full"), str(out)
+    )
+    tars = sorted(p.name for p in (tmp_path / "full").glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.tar")) == tars
+    for name in tars:
+        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert not list(out.glob("*.tmp"))
