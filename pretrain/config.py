@@ -148,6 +148,8 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
     peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU; 0 looks the device up in a table")
     progress: bool = _f(True, "console progress bar on rank 0")
+    loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
+    max_skipped_in_a_row: int = _f(10, "stop (after saving) when this many steps in a row were skipped")
     time_limit_s: float = _f(0.0, "stop (saving a checkpoint) this many seconds after start; 0 = no limit")
     stop_grace_s: float = _f(
         120.0, "save and stop when less than this remains of the time limit or Slurm job"

@@ -34,6 +34,7 @@ from pretrain.flops import device_peak_tflops, flops_per_sample
 from pretrain.metrics import MetricsLogger, memory_gb
 from pretrain.models import build_model
 from pretrain.preemption import StopFlag, slurm_deadline
+from pretrain.step_guard import OptimizerGate, StepGuard, injected_fault
 
 IGNORE_INDEX = -100
 
@@ -137,6 +138,8 @@ def train(cfg: Config) -> TrainResult:
     optimizer = torch.optim.AdamW(
         param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
     )
+    gate = OptimizerGate(optimizer)
+    guard = StepGuard(spike_factor=t_cfg.loss_spike_factor, max_in_a_row=t_cfg.max_skipped_in_a_row)
     engine = parallelize(
         module,
         optimizer=optimizer,
@@ -163,6 +166,7 @@ def train(cfg: Config) -> TrainResult:
     if resume_from is not None:
         state, _ = checkpointer.load(resume_from)
         scheduler.load_state_dict(state["scheduler"])
+        guard.load_state_dict(state.get("guard", {}))
         step, consumed = int(state["step"]), int(state["loader"]["consumed_samples"])
     loader = TrainLoader(
         cfg.data.shards,
@@ -211,7 +215,12 @@ def train(cfg: Config) -> TrainResult:
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
     def save(at_step: int) -> Path:
-        state = {"step": at_step, "loader": loader.state_dict(), "scheduler": scheduler.state_dict()}
+        state = {
+            "step": at_step,
+            "loader": loader.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "guard": guard.state_dict(),
+        }
         meta = {
             "consumed_samples": loader.consumed_samples,
             "tokens": loader.consumed_samples * cfg.data.seq_len,
@@ -236,31 +245,55 @@ def train(cfg: Config) -> TrainResult:
     total_time, total_steps_timed = 0.0, 0
     while step < t_cfg.steps:
         scheduler.step(1)  # lr for update number step+1 (warmup starts above zero)
-        loss_sum = 0.0
+        rng_before = torch.get_rng_state()
+        losses: list[float] = []
         log_now = (step + 1) % t_cfg.log_interval == 0 or step + 1 == t_cfg.steps
         grad_norm = None
+        fault = injected_fault(step + 1, rank)
         for micro in range(loader.gas):
             loss = engine(next(loader))
+            if fault:
+                loss = loss * (float("nan") if fault == "nan" else 100.0)
             engine.backward(loss)
-            if log_now and own_grad_norm and micro == loader.gas - 1:
-                grad_norm = _grad_norm(module)  # gradients are all-reduced by now, not yet clipped
+            losses.append(loss.item())
+            if micro == loader.gas - 1:
+                if own_grad_norm:
+                    grad_norm = _grad_norm(module)  # gradients are all-reduced by now, not yet clipped
+                # Collective: every rank reaches the same verdict before the optimizer update.
+                skip_reason, step_loss = guard.verdict(losses, grad_norm, world_size=world)
+                gate.closed = skip_reason is not None
             engine.step()
-            loss_sum += loss.item()
+        gate.closed = False
         step += 1
-        step_loss = _mean_over(loss_sum / loader.gas, topo.dp_group, dp)
-        result.losses[step] = step_loss
-        if result.first_loss is None:
-            result.first_loss = step_loss
-        window_loss += step_loss
-        window_steps += 1
+        guard.record(skip_reason, step_loss)
         logger.advance()
+        if skip_reason is not None:
+            # Untouched weights; give back the dropout randomness and the schedule step this update used.
+            torch.set_rng_state(rng_before)
+            scheduler.step(-1)
+            result.losses[step] = math.nan
+            logger.log({"step": step, "skipped": skip_reason, "skipped_total": guard.skipped})
+            if guard.exhausted:
+                result.checkpoint = save(step)
+                raise RuntimeError(
+                    f"{guard.in_a_row} steps in a row skipped (last at step {step}: {skip_reason}); stopped "
+                    f"after saving {result.checkpoint} (weights of the last good step)"
+                )
+        else:
+            result.losses[step] = step_loss
+            if result.first_loss is None:
+                result.first_loss = step_loss
+            window_loss += step_loss
+            window_steps += 1
 
-        if step % t_cfg.log_interval == 0 or step == t_cfg.steps:
+        if (step % t_cfg.log_interval == 0 or step == t_cfg.steps) and window_steps:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
             tflops = window_steps * flops_step / elapsed / 1e12 / world
             if not own_grad_norm:
                 grad_norm = engine.get_global_grad_norm()
+            elif not log_now:
+                grad_norm = None
             record = {
                 "step": step,
                 "loss": window_loss / window_steps,
@@ -271,6 +304,7 @@ def train(cfg: Config) -> TrainResult:
                 "mfu": tflops / peak if peak else None,
                 "memory_gb": memory_gb(),
                 "consumed_samples": loader.consumed_samples,
+                "skipped_total": guard.skipped,
                 "elapsed_s": elapsed,
             }
             logger.log(record)
