@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -30,7 +31,15 @@ import sentencepiece as spm
 from data_pipeline.corpus import iter_documents
 from data_pipeline.manifest import file_sha256
 
-__all__ = ["RESERVED_TOKENS", "Tokenizer", "TokenizerError", "reserved_pieces", "train_tokenizer"]
+__all__ = [
+    "RESERVED_TOKENS",
+    "Tokenizer",
+    "TokenizerError",
+    "evaluate_tokenizer",
+    "reserved_pieces",
+    "reservoir_sample",
+    "train_tokenizer",
+]
 
 # Tokens with fixed ids 0..6; the sentinels follow at 7...
 RESERVED_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<cls>", "<sep>", "<mask>")
@@ -57,6 +66,27 @@ def _training_sentences(inputs: Sequence[Path], *, max_documents: int, strict: b
                 yield line
 
 
+def reservoir_sample(items: Iterable[str], k: int, *, seed: int) -> list[str]:
+    """A uniform sample of ``k`` items from a stream of unknown length, holding only ``k`` in memory.
+
+    Vitter's Algorithm R: item ``i`` (0-based) replaces a random slot with probability ``k / (i+1)``.
+    Deterministic for a given stream and seed. The sample keeps stream order of its slots, not of
+    the corpus; sentencepiece shuffles its input anyway.
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for i, item in enumerate(items):
+        if i < k:
+            sample.append(item)
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                sample[j] = item
+    return sample
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -79,6 +109,7 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     num_threads: int = 1,
     strict: bool = True,
+    sampling: Literal["first", "reservoir"] = "first",
 ) -> Path:
     """Train a sentencepiece model on the first ``max_documents`` documents of ``inputs``.
 
@@ -88,9 +119,12 @@ def train_tokenizer(
     byte-identical model file. ``num_threads`` is one of those options (it is recorded in the model
     and changes how pieces are scored), so keep it fixed when you need a reproducible hash.
 
-    The documents taken are the first ``max_documents`` in stream order, not a random sample: a
-    sample would need a full pass over a corpus that may be terabytes. Shuffle the input file order
-    if the files are sorted by something that matters (site, date).
+    With ``sampling="first"`` (the default) the documents taken are the first ``max_documents`` in
+    stream order, which reads only that prefix of the corpus; shuffle the input file order if the
+    files are sorted by something that matters (site, date). ``sampling="reservoir"`` instead reads
+    the whole corpus once (``max_documents`` is then ignored) and keeps a uniform sample of
+    ``input_sentence_size`` lines (:func:`reservoir_sample`), so memory stays bounded by the sample,
+    not the corpus.
     """
     reserved = reserved_pieces(num_sentinels)
     problems = []
@@ -107,6 +141,12 @@ def train_tokenizer(
         )
     if max_documents < 1:
         problems.append(f"max_documents={max_documents} must be >= 1")
+    if sampling not in ("first", "reservoir"):
+        problems.append(f"sampling={sampling!r} must be 'first' or 'reservoir'")
+    if input_sentence_size < 1:
+        problems.append(f"input_sentence_size={input_sentence_size} must be >= 1")
+    if num_threads < 1:
+        problems.append(f"num_threads={num_threads} must be >= 1")
     if problems:
         raise TokenizerError("cannot train tokenizer: " + "; ".join(problems))
 
@@ -118,9 +158,14 @@ def train_tokenizer(
     # data and the options below.
     model_bytes = io.BytesIO()
     spm.set_random_generator_seed(seed)
+    if sampling == "reservoir":
+        lines = _training_sentences(inputs, max_documents=2**62, strict=strict)
+        sentences: Iterator[str] = iter(reservoir_sample(lines, input_sentence_size, seed=seed))
+    else:
+        sentences = _training_sentences(inputs, max_documents=max_documents, strict=strict)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(inputs, max_documents=max_documents, strict=strict),
+            sentence_iterator=sentences,
             model_writer=model_bytes,
             model_type=model_type,
             vocab_size=vocab_size,
@@ -260,3 +305,28 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]}...)"
+
+
+def evaluate_tokenizer(tok: Tokenizer, texts: Iterable[str]) -> dict[str, float | int]:
+    """Bytes per token and coverage of ``tok`` on held-out ``texts``.
+
+    ``coverage`` is the fraction of UTF-8 bytes encoded by learned pieces rather than byte-fallback
+    pieces (``<0xNN>``, one byte each): a tokenizer trained on too small or too different a sample
+    falls back to bytes more often, which costs sequence length.
+    """
+    sp = tok._sp
+    byte_ids = {i for i in range(tok.vocab_size) if sp.is_byte(i)}
+    total_bytes = tokens = fallback = 0
+    for text in texts:
+        ids = tok.encode(text)
+        total_bytes += len(text.encode("utf-8"))
+        tokens += len(ids)
+        fallback += sum(1 for i in ids if i in byte_ids)
+    if not tokens:
+        raise TokenizerError("evaluate_tokenizer: the held-out texts are empty")
+    return {
+        "bytes": total_bytes,
+        "tokens": tokens,
+        "bytes_per_token": total_bytes / tokens,
+        "coverage": 1.0 - fallback / total_bytes,
+    }

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 
 from data_pipeline.corpus import iter_documents
-from data_pipeline.tokenizer import RESERVED_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+from data_pipeline.sample_corpus import iter_sample_documents
+from data_pipeline.tokenizer import (
+    RESERVED_TOKENS,
+    Tokenizer,
+    TokenizerError,
+    evaluate_tokenizer,
+    reservoir_sample,
+    train_tokenizer,
+)
 
 # Must match tests/unit/conftest.py (conftest modules are not importable without packages).
 DP_VOCAB_SIZE = 512
@@ -117,3 +126,34 @@ def test_foreign_model_is_rejected(dp_corpus_paths: list[Path], tmp_path: Path) 
         Tokenizer(tmp_path / "plain.model")
     with pytest.raises(FileNotFoundError, match=r"nope\.model"):
         Tokenizer(tmp_path / "nope.model")
+
+
+def test_reservoir_sample_is_uniform_bounded_and_deterministic() -> None:
+    assert reservoir_sample(iter(["a", "b"]), 5, seed=0) == ["a", "b"]
+    sample = reservoir_sample((str(i) for i in range(100_000)), 100, seed=3)
+    assert len(sample) == 100 and sample == reservoir_sample((str(i) for i in range(100_000)), 100, seed=3)
+    # Uniform: each half of the stream supplies about half of the sample (binomial sd 5).
+    assert 30 <= sum(int(x) < 50_000 for x in sample) <= 70
+    hits = Counter(x for seed in range(2000) for x in reservoir_sample(iter("abcdefghij"), 3, seed=seed))
+    assert all(500 <= hits[c] <= 700 for c in "abcdefghij")  # each kept with p=0.3: 600 expected, sd 20
+
+
+def test_reservoir_training_and_evaluation(dp_corpus_paths: list[Path], tmp_path: Path) -> None:
+    kw = {"vocab_size": DP_VOCAB_SIZE, "sampling": "reservoir", "input_sentence_size": 500}
+    path = train_tokenizer(dp_corpus_paths, out_prefix=tmp_path / "r", **kw)
+    again = train_tokenizer(dp_corpus_paths, out_prefix=tmp_path / "r2", **kw)
+    assert path.read_bytes() == again.read_bytes()
+    held_out = [d["text"] for d in iter_sample_documents(docs=50, seed=99)]
+    report = evaluate_tokenizer(Tokenizer(path), held_out)
+    assert report["coverage"] > 0.99 and 1.2 < report["bytes_per_token"] < 10  # 512 pieces: short ones
+    # A character never seen in training is spelled in bytes: coverage counts exactly those bytes.
+    odd = evaluate_tokenizer(Tokenizer(path), ["☃☃"])
+    assert odd["coverage"] == 0.0 and odd["tokens"] == 6 and odd["bytes_per_token"] == 1.0
+    with pytest.raises(TokenizerError, match=r"sampling='all'.*input_sentence_size=0"):
+        train_tokenizer(
+            dp_corpus_paths,
+            vocab_size=600,
+            out_prefix=tmp_path / "x",
+            sampling="all",
+            input_sentence_size=0,  # type: ignore[arg-type]
+        )
