@@ -292,6 +292,13 @@ def clean_corpus(
         raise CleanError("cannot clean: " + "; ".join(problems))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for p in out_dir.glob("part-*.json.gz"))
+    if stale:
+        # Parts of an earlier run would mix with this one's (and a shorter run would leave extras).
+        raise CleanError(
+            f"{out_dir} already holds cleaned output ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); "
+            "use a fresh --out directory or delete those files"
+        )
     started = time.monotonic()
     rejected: Counter = Counter()
     cleaning: Counter = Counter()
@@ -389,9 +396,10 @@ def clean_corpus(
         if pool is not None:
             pool.terminate()
             pool.join()
-        if current:
+        if current:  # stopped by an error: no half-written part is left behind
             current["gz"].close()
             current["raw"].close()
+            current["tmp"].unlink(missing_ok=True)
 
     report = {
         "tool": tool_description(),

@@ -145,7 +145,7 @@ def register_clean(dsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_clean(args: argparse.Namespace) -> int:
-    from data_pipeline.clean import clean_corpus
+    from data_pipeline.clean import CleanError, clean_corpus
     from data_pipeline.corpus import CorpusError, expand_inputs
 
     started = time.monotonic()
@@ -160,7 +160,7 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
             oversize=args.oversize,
             docs_per_file=args.docs_per_file,
         )
-    except CorpusError as exc:
+    except (CorpusError, CleanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(

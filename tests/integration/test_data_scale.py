@@ -142,6 +142,7 @@ def test_clean_cli(corpus: list[Path], tmp_path: Path, capsys: pytest.CaptureFix
     args = parser.parse_args(["clean", "--input", str(corpus[1]), "--out", str(tmp_path / "o"), "--json"])
     assert args.func(args) == 2  # strict by default: the first bad record stops the run
     assert f"{corpus[1]}:" in capsys.readouterr().err
+    assert not list((tmp_path / "o").iterdir())  # no half-written part left behind
     args = parser.parse_args(
         ["clean", "--input", ",".join(map(str, corpus)), "--out", str(tmp_path / "o"), "--json", "--lenient",
          "--max-doc-mb", str(LIMIT / 1e6), "--oversize", "skip"]
@@ -153,6 +154,8 @@ def test_clean_cli(corpus: list[Path], tmp_path: Path, capsys: pytest.CaptureFix
         last["documents_in"]
         == last["documents_written"] + sum(last["rejected"].values()) + last["cleaned_away"]
     )
+    assert args.func(args) == 2  # a second run into the same directory is refused
+    assert "already holds cleaned output" in capsys.readouterr().err
 
 
 def test_shard_inline_clean_reconciles_and_ignores_workers(corpus: list[Path], tmp_path: Path) -> None:
