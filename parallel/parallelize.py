@@ -1,12 +1,16 @@
 """The one place a plain model becomes a parallel, engine-wrapped one. Order:
 
-1. tensor-parallel plan (layers already come from `parallel.layers`; nothing to do at tp=1),
+1. tensor-parallel plan (`parallel.tensor_plan.apply_tensor_parallel`: shards the built model in place;
+   nothing to do at tp=1),
 2. activation checkpointing of each Transformer block (applied to the module tree `model.*.blocks`),
-3. the DeepSpeed wrap (`deepspeed.initialize`): data parallelism, ZeRO, mixed precision, accumulation.
+3. the training wrapper (loss) and the optimizer, built on the final, sharded parameters,
+4. the DeepSpeed wrap (`deepspeed.initialize`): data parallelism, ZeRO, mixed precision, accumulation;
+   with tp > 1 the topology is passed as `mpu=` so gradients are averaged over dp only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,19 +35,45 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 def parallelize(
     model: nn.Module,
     *,
-    optimizer: torch.optim.Optimizer,
+    topology: Any,
     ds_config: dict[str, Any],
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
     activation_checkpointing: bool = False,
-) -> Any:
-    """Returns the DeepSpeed engine around `model`."""
+    sequence_parallel: bool = False,
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """Returns (the DeepSpeed engine, the tensor-parallel RNG tracker or None)."""
     import deepspeed
 
+    tracker = None
+    tp = topology.dims.tp
+    if tp > 1:
+        from parallel.tensor import TPRngTracker
+        from parallel.tensor_plan import apply_tensor_parallel
+
+        tracker = TPRngTracker()
+        tracker.seed_tensor_parallel(seed, topology.tp_rank)
+        apply_tensor_parallel(
+            model,
+            group=topology.tp_group,
+            tp_size=tp,
+            tp_rank=topology.tp_rank,
+            sequence_parallel=sequence_parallel,
+            rng_tracker=tracker,
+        )
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    module = wrap(model) if wrap is not None else model
+    optimizer = make_optimizer(module)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        model=module,
+        optimizer=optimizer,
+        config=ds_config,
+        dist_init_required=False,
+        mpu=topology.as_mpu() if tp > 1 else None,
     )
-    return engine
+    return engine, tracker
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -61,6 +61,11 @@ class Topology:
     def pp_group(self):
         return self.groups.get("pp")
 
+    def as_mpu(self) -> _ModelParallelUnit:
+        """The `mpu=` object DeepSpeed asks for (Megatron's accessor names): it then all-reduces gradients
+        over the dp group only, sums gradient norms across tp ranks, and names files mp_rank_XX by tp rank."""
+        return _ModelParallelUnit(self)
+
     @classmethod
     def build(cls, *, tp: int = 1, pp: int = 1) -> Topology:
         """Creates the process groups of the current (initialized) world, or a 1-rank topology."""
@@ -91,3 +96,36 @@ class Topology:
             groups=groups,
             ds_topology=topo,
         )
+
+
+class _ModelParallelUnit:
+    def __init__(self, topo: Topology):
+        self.topo = topo
+
+    def get_data_parallel_group(self):
+        return self.topo.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topo.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topo.dims.dp
+
+    def get_model_parallel_group(self):
+        return self.topo.tp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.topo.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.topo.dims.tp
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.topo.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.topo.dims.pp

@@ -110,6 +110,9 @@ class ParallelConfig:
     tp: int = _f(1, "tensor-parallel degree")
     pp: int = _f(1, "pipeline-parallel degree")
     zero_stage: int = _f(0, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters")
+    sequence_parallel: bool = _f(
+        False, "with tp > 1, shard norms and dropout along the sequence (Korthikanti 2022)"
+    )
 
 
 @dataclass
@@ -465,11 +468,28 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: DeepSpeed's pipeline engine "
             "supports ZeRO stage 0 or 1 only"
         )
-    if _ints(par.tp, par.pp) and (par.tp > 1 or par.pp > 1):
+    if _ints(par.pp) and par.pp > 1:
         p.append(
-            f"parallel.tp={par.tp}, parallel.pp={par.pp}: tensor and pipeline parallelism are not "
-            "available in this version; use tp=1, pp=1 (data parallelism + ZeRO)"
+            f"parallel.pp={par.pp}: pipeline parallelism is not available in this version; use pp=1 "
+            "(tensor + data parallelism + ZeRO)"
         )
+    if _ints(par.tp) and par.tp > 1:
+        from parallel.tensor_plan import tensor_parallel_problems
+
+        if m.vocab_size:  # 0 = from the tokenizer: checked again once it is known
+            p += [f"parallel.tp={par.tp}: {x}" for x in tensor_parallel_problems(m, par.tp)]
+        else:
+            p += [
+                f"parallel.tp={par.tp}: {x}" for x in tensor_parallel_problems(m, par.tp) if "vocab" not in x
+            ]
+        if par.zero_stage == 3:
+            p.append(f"parallel.zero_stage=3 with parallel.tp={par.tp}: ZeRO-3 is supported with tp=1 only")
+        if par.sequence_parallel and _ints(d.seq_len) and d.seq_len % par.tp:
+            p.append(
+                f"data.seq_len={d.seq_len}: must be divisible by parallel.tp={par.tp} with sequence_parallel"
+            )
+    if par.sequence_parallel and _ints(par.tp) and par.tp == 1:
+        p.append("parallel.sequence_parallel=true: needs parallel.tp > 1")
 
     positive("optimizer.lr", o.lr)
     nonneg("optimizer.min_lr", o.min_lr)

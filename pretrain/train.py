@@ -42,15 +42,22 @@ IGNORE_INDEX = -100
 class LanguageModelLoss(nn.Module):
     """Wraps a model so the engine's forward takes a batch dict and returns the mean token loss."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, tp_group: Any = None, tp_size: int = 1):
         super().__init__()
         self.model = model
+        self.tp_group, self.tp_size = tp_group, tp_size
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.model(**inputs)  # (B, T, V); T = decoder length for T5
+        logits = self.model(**inputs)  # (B, T, V), or (B, T, V/tp) under tensor parallelism
         # The loss is computed in fp32 whatever the training precision: bf16 logits lose the small
         # probability differences that the loss averages over.
+        if self.tp_size > 1:
+            from parallel.tensor import vocab_parallel_cross_entropy
+
+            return vocab_parallel_cross_entropy(
+                logits.float(), batch["labels"], self.tp_group, ignore_index=IGNORE_INDEX
+            )
         return F.cross_entropy(
             logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
         )
@@ -133,19 +140,28 @@ def train(cfg: Config) -> TrainResult:
     np.random.seed(t_cfg.seed % 2**32)
     random.seed(t_cfg.seed)
     model = build_model(cfg.model)
-    module = LanguageModelLoss(model)
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(
-        param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
-    )
-    gate = OptimizerGate(optimizer)
-    guard = StepGuard(spike_factor=t_cfg.loss_spike_factor, max_in_a_row=t_cfg.max_skipped_in_a_row)
-    engine = parallelize(
-        module,
-        optimizer=optimizer,
+    gates: list[OptimizerGate] = []
+
+    def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+        optimizer = torch.optim.AdamW(
+            param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
+        )
+        gates.append(OptimizerGate(optimizer))
+        return optimizer
+
+    engine, tp_rng = parallelize(
+        model,
+        topology=topo,
         ds_config=deepspeed_config(cfg, dp_size=dp),
+        make_optimizer=make_optimizer,
+        wrap=lambda m: LanguageModelLoss(m, tp_group=topo.tp_group, tp_size=topo.dims.tp),
         activation_checkpointing=t_cfg.activation_checkpointing,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        seed=t_cfg.seed,
     )
+    module, gate = engine.module, gates[0]
+    guard = StepGuard(spike_factor=t_cfg.loss_spike_factor, max_in_a_row=t_cfg.max_skipped_in_a_row)
     if world == 1 and cfg.parallel.zero_stage == 0:
         # One rank has nothing to average, but DeepSpeed still flattens every gradient through a one-rank
         # all-reduce each step (~1% of a small model's step, measured by bench/train_throughput.py).
@@ -167,6 +183,8 @@ def train(cfg: Config) -> TrainResult:
         state, _ = checkpointer.load(resume_from)
         scheduler.load_state_dict(state["scheduler"])
         guard.load_state_dict(state.get("guard", {}))
+        if tp_rng is not None and "tp_rng" in state:
+            tp_rng.load_state_dict(state["tp_rng"])
         step, consumed = int(state["step"]), int(state["loader"]["consumed_samples"])
     loader = TrainLoader(
         cfg.data.shards,
@@ -221,6 +239,8 @@ def train(cfg: Config) -> TrainResult:
             "scheduler": scheduler.state_dict(),
             "guard": guard.state_dict(),
         }
+        if tp_rng is not None:
+            state["tp_rng"] = tp_rng.state_dict()
         meta = {
             "consumed_samples": loader.consumed_samples,
             "tokens": loader.consumed_samples * cfg.data.seq_len,
@@ -258,7 +278,7 @@ def train(cfg: Config) -> TrainResult:
             losses.append(loss.item())
             if micro == loader.gas - 1:
                 if own_grad_norm:
-                    grad_norm = _grad_norm(module)  # gradients are all-reduced by now, not yet clipped
+                    grad_norm = _grad_norm(module, topo)  # all-reduced by now, not yet clipped
                 # Collective: every rank reaches the same verdict before the optimizer update.
                 skip_reason, step_loss = guard.verdict(losses, grad_norm, world_size=world)
                 gate.closed = skip_reason is not None
@@ -344,9 +364,23 @@ def train(cfg: Config) -> TrainResult:
 
 
 @torch.no_grad()
-def _grad_norm(module: nn.Module) -> float:
-    norms = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+def _grad_norm(module: nn.Module, topo: Topology) -> float:
+    """Global L2 norm of the gradients: tensor-parallel shards summed over the tp group, replicated
+    parameters counted once."""
+    from parallel.tensor import is_tensor_parallel
+
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().double().pow(2).sum()
+            if is_tensor_parallel(p):
+                sharded += sq
+            else:
+                replicated += sq
+    if topo.dims.tp > 1:
+        torch.distributed.all_reduce(sharded, group=topo.tp_group)
+    return (sharded + replicated).sqrt().item()
 
 
 @torch.no_grad()
