@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain*", "parallel*", "data_pipeline*", "launch*", "slurm*"]),
-    package_data={"": ["*.yaml", "*.txt", "*.sh"]},
+    package_data={"": ["*.yaml", "*.txt", "*.sh", "*.sbatch"]},
     install_requires=[
         # torch is not pinned here: CI installs the CPU build first, GPU users keep their CUDA build.
         "torch>=2.6",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _add_data_verbs(sub)
+    from pretrain.cli_launch import register as register_launch
     from pretrain.scaling_cli import register as register_scaling
 
     register_scaling(sub)
+    register_launch(sub)
 
     p = sub.add_parser(
         "train",
@@ -217,7 +220,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pretrain.train import train
 
     cfg = load_config(args.config, args.overrides, validate=True)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except RuntimeError as exc:
+        from pretrain.distributed import is_collective_timeout
+
+        if not is_collective_timeout(exc):
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(
+            f"error: rank {rank}: a collective timed out after train.collective_timeout_s="
+            f"{cfg.train.collective_timeout_s:g} s (a peer stopped participating): {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        # Process-group teardown would wait on the silent peer again: leave at once.
+        os._exit(1)
     if result.stopped_early:
         from pretrain.preemption import EXIT_PREEMPTED
 
@@ -346,7 +365,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         print(f"[3/4] shards: {tr['shards']} train shard(s), {tr['tokens']} tokens in {shards}")
     from pretrain.distributed import barrier, init_distributed
 
-    init_distributed()
+    init_distributed(timeout_s=cfg.train.collective_timeout_s)
     barrier()  # under a launcher, other ranks wait for rank 0's data
     print("[4/4] training") if _is_rank0() else None
     result = train(cfg)
@@ -387,8 +406,6 @@ SMOKE_MIN_DROP = 0.75
 
 
 def _is_rank0() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -153,6 +153,7 @@ class TrainConfig:
     progress: bool = _f(True, "console progress bar on rank 0")
     loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
     max_skipped_in_a_row: int = _f(10, "stop (after saving) when this many steps in a row were skipped")
+    collective_timeout_s: float = _f(1800.0, "seconds a collective waits for a peer before the run fails")
     time_limit_s: float = _f(0.0, "stop (saving a checkpoint) this many seconds after start; 0 = no limit")
     stop_grace_s: float = _f(
         120.0, "save and stop when less than this remains of the time limit or Slurm job"

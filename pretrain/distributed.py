@@ -3,6 +3,7 @@ launcher or Slurm `srun`. gloo on CPU, nccl on GPU."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -30,8 +31,11 @@ def _adopt_slurm_env() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Initializes torch.distributed (through DeepSpeed) and returns (rank, world_size, local_rank)."""
+def init_distributed(*, timeout_s: float | None = None) -> tuple[int, int, int]:
+    """Initializes torch.distributed (through DeepSpeed) and returns (rank, world_size, local_rank).
+
+    timeout_s bounds how long any collective waits for a peer (gloo and nccl): a rank that stops
+    participating then makes the others fail with a timeout error instead of hanging forever."""
     ensure_accelerator_env()
     import deepspeed
     import torch.distributed as dist
@@ -50,8 +54,21 @@ def init_distributed() -> tuple[int, int, int]:
         if not cuda and "OMP_NUM_THREADS" not in os.environ and local_world > 1:
             # Oversubscribed intra-op threads make multi-process CPU runs several times slower.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        kwargs = {}
+        if timeout_s:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+            # Groups created later without an explicit timeout (ours, and DeepSpeed's clone of the world
+            # group for data parallelism) take torch's module default of 30 minutes, read at creation time.
+            import torch.distributed.distributed_c10d as c10d
+
+            c10d.default_pg_timeout = kwargs["timeout"]
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def barrier() -> None:

@@ -108,7 +108,7 @@ def _mean_over(value: float, group: Any, size: int) -> float:
 
 
 def train(cfg: Config) -> TrainResult:
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     problems = validation_problems(cfg, world_size=world)
     if problems:
         raise ConfigError(problems)
