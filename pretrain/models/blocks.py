@@ -9,6 +9,7 @@ The math lives here; which concrete linear/embedding layer is used (plain or ten
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,26 @@ class RelativePositionBias(nn.Module):
         return T5Bias(self.table.weight, self.bidirectional, self.num_buckets, self.max_distance)
 
 
+@dataclass
+class LayerCache:
+    """Keys and values already computed for one attention layer (incremental decoding).
+
+    Self-attention appends each new step's keys/values; cross-attention computes the encoder's once."""
+
+    k: torch.Tensor | None = None  # (B, Hkv, S, D)
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+@dataclass
+class BlockCache:
+    self_attn: LayerCache = field(default_factory=LayerCache)
+    cross_attn: LayerCache = field(default_factory=LayerCache)
+
+
 class Attention(nn.Module):
     """Multi-head attention over the block's own input (self) or an encoder's output (cross)."""
 
@@ -86,14 +107,27 @@ class Attention(nn.Module):
         rope: RotaryEmbedding | None = None,
         key_padding_mask: torch.Tensor | None = None,
         position_bias: torch.Tensor | T5Bias | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         source = x if context is None else context  # (B, S, C)
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(source).view(b, source.shape[1], -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-        v = self.v_proj(source).view(b, source.shape[1], -1, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = rope(q), rope(k)
+        if cache is not None and context is not None and cache.k is not None:
+            k, v = cache.k, cache.v  # the encoder output does not change while decoding
+            assert v is not None
+        else:
+            k = (
+                self.k_proj(source).view(b, source.shape[1], -1, self.head_dim).transpose(1, 2)
+            )  # (B, Hkv, S, D)
+            v = self.v_proj(source).view(b, source.shape[1], -1, self.head_dim).transpose(1, 2)
+            offset = cache.length if cache is not None and context is None else 0
+            if rope is not None:
+                q, k = rope(q, offset), rope(k, offset)
+            if cache is not None:
+                if context is None and cache.k is not None:
+                    k = torch.cat([cache.k, k], dim=2)  # (B, Hkv, S_past + T, D)
+                    v = torch.cat([cache.v, v], dim=2)  # type: ignore[list-item]
+                cache.k, cache.v = k, v
         y = attention(
             q,
             k,
@@ -173,17 +207,29 @@ class TransformerBlock(nn.Module):
         position_bias: torch.Tensor | T5Bias | None = None,
         context: torch.Tensor | None = None,
         context_padding_mask: torch.Tensor | None = None,
+        cache: BlockCache | None = None,
     ) -> torch.Tensor:
         x = self._residual(
             x,
             self.attn_norm,
-            lambda h: self.attn(h, rope=rope, key_padding_mask=key_padding_mask, position_bias=position_bias),
+            lambda h: self.attn(
+                h,
+                rope=rope,
+                key_padding_mask=key_padding_mask,
+                position_bias=position_bias,
+                cache=cache.self_attn if cache is not None else None,
+            ),
         )
         if context is not None:
             x = self._residual(
                 x,
                 self.cross_norm,
-                lambda h: self.cross_attn(h, context=context, key_padding_mask=context_padding_mask),
+                lambda h: self.cross_attn(
+                    h,
+                    context=context,
+                    key_padding_mask=context_padding_mask,
+                    cache=cache.cross_attn if cache is not None else None,
+                ),
             )
         return self._residual(x, self.mlp_norm, self.mlp)
 

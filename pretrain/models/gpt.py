@@ -9,7 +9,7 @@ from torch import nn
 
 from parallel.layers import LayerFactory
 from pretrain.config import ModelConfig
-from pretrain.models.blocks import RotaryEmbedding, TransformerBlock, init_weights, make_norm
+from pretrain.models.blocks import BlockCache, RotaryEmbedding, TransformerBlock, init_weights, make_norm
 
 
 class GPT(nn.Module):
@@ -36,18 +36,33 @@ class GPT(nn.Module):
         )
         init_weights(self, cfg)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T) -> logits (B, T, V). attention_mask: optional (B, T), 1 = real token."""
+    def new_cache(self) -> list[BlockCache]:
+        """Empty key/value caches, one per block, for incremental decoding."""
+        return [BlockCache() for _ in self.blocks]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: list[BlockCache] | None = None,
+    ) -> torch.Tensor:
+        """input_ids: (B, T) -> logits (B, T, V). attention_mask: optional (B, T_past + T), 1 = real token.
+
+        With `cache` (from `new_cache()`), input_ids continue the cached sequence: positions start after the
+        cached tokens and the cache is extended in place (greedy/sampled generation)."""
+        past = cache[0].self_attn.length if cache else 0
         t = input_ids.shape[1]  # (B, T)
-        if t > self.config.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}")
+        if past + t > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {past + t} exceeds model.max_seq_len={self.config.max_seq_len}"
+            )
         x = self.embed(input_ids)  # (B, T, C)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(t, device=input_ids.device))
+            x = x + self.pos_embed(torch.arange(past, past + t, device=input_ids.device))
         x = self.drop(x)
         padding = attention_mask.bool() if attention_mask is not None else None  # (B, T), True = real token
-        for block in self.blocks:
-            x = block(x, self.rope, padding)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rope, padding, cache=cache[i] if cache is not None else None)
         x = self.final_norm(x)
         head = self.embed if self.lm_head is None else self.lm_head
         weight: torch.Tensor = head.weight  # type: ignore[assignment]
