@@ -392,7 +392,7 @@ def shard_corpus(
     if max_document_bytes is not None:
         options["max_document_bytes"] = max_document_bytes
         options["oversize"] = oversize
-    input_list = [{"path": str(p), "bytes": p.stat().st_size} for p in inputs]
+    input_list: list[dict[str, Any]] = [{"path": str(p), "bytes": p.stat().st_size} for p in inputs]
     _claim_out_dir(out_dir, options | {"inputs": input_list, "tokenizer_sha256": tok.sha256, "dtype": dtype})
     done = _load_progress(out_dir)
     progress = _ProgressLog(out_dir / PROGRESS_NAME)
@@ -483,7 +483,7 @@ def shard_corpus(
             else:
                 split_pieces += 1
                 split_records += doc.part == 1
-            text: str | None = doc.text
+            text = doc.text
             bytes_read += len(doc.text)  # characters: close enough to bytes for a rate display
             bar.update()
             if not bar.disable and documents_read % 1000 == 0:
@@ -492,13 +492,19 @@ def shard_corpus(
                     f"{tokens_done} tokens, {bytes_read / 1e6 / elapsed:.1f} MB/s", refresh=False
                 )
             if clean is not None and deduper is not None:
-                text = clean_document(text, clean, cleaning)
-                if text is not None:
-                    text = deduper.process(text, cleaning)
-                if text is None:
+                cleaned = clean_document(doc.text, clean, cleaning)
+                if cleaned is not None:
+                    cleaned = deduper.process(cleaned, cleaning)
+                if cleaned is None:
                     continue
+                text = cleaned
             split = assign_split(ordinal, seed=seed, val_fraction=val_fraction)
-            meta = {"url": doc.url, "timestamp": doc.timestamp, "source": doc.source, "line": doc.line}
+            meta: dict[str, Any] = {
+                "url": doc.url,
+                "timestamp": doc.timestamp,
+                "source": doc.source,
+                "line": doc.line,
+            }
             if doc.part:
                 meta["part"] = doc.part
             buffers[split].append((ordinal, text, meta))
