@@ -416,6 +416,7 @@ def clean_corpus(
         "cleaning": {k: v for k, v in sorted(cleaning.items()) if v},
         "cleaning_documents_removed": pages_removed(cleaning),
         "oversize_split": {"records": split_records, "extra_pieces": split_pieces},
+        "dedupe_hashes": len(deduper),
         "dedupe_hash_bytes": deduper.nbytes,
         "outputs": outputs,
         "seconds": round(time.monotonic() - started, 3),

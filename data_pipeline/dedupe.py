@@ -96,6 +96,10 @@ class Deduper:
     def nbytes(self) -> int:
         return self._docs.nbytes + self._spans.nbytes
 
+    def __len__(self) -> int:
+        """Hashes remembered (documents + spans): what dedupe memory grows with."""
+        return len(self._docs) + len(self._spans)
+
     def process(self, text: str, counts: Counter) -> str | None:
         if self.documents and not self._docs.add(hash64(text)):
             counts["page_duplicate"] += 1

@@ -555,6 +555,8 @@ def shard_corpus(
     if clean is not None:
         manifest["cleaning"] = {k: v for k, v in sorted(cleaning.items()) if v}
         manifest["cleaning_documents_removed"] = pages_removed(cleaning)
+        # Dedupe's memory grows with this (~12 bytes each, data_pipeline.dedupe); the rest is flat.
+        manifest["dedupe_hashes"] = len(deduper) if deduper is not None else 0
     if split_pieces:
         manifest["oversize_split"] = {"records": split_records, "extra_pieces": split_pieces}
     _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
