@@ -170,7 +170,7 @@ def _raw_lines(path: Path, reject: _Rejector, hashes: dict[str, str] | None) -> 
         try:
             for lineno, raw in enumerate(f, start=1):
                 yield lineno, raw.rstrip(b"\r\n")
-        except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as exc:
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
             reject("corrupt_gzip", f"{path}:{lineno + 1}", f"truncated or corrupt gzip stream ({exc})")
         if hashes is not None:
             # Bytes still in the BufferedReader were already hashed when the raw file was read.
