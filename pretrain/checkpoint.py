@@ -219,7 +219,61 @@ class Checkpointer:
         self.engine, self.rank, self.world_size, self.keep_last = engine, rank, world_size, keep_last
         self.verify_on_load = verify_on_load
         if engine is not None:
-            install_safe_checkpoint_engine(engine)
+            self.attach(engine)
+
+    def attach(self, engine: Any) -> None:
+        self.engine = engine
+        install_safe_checkpoint_engine(engine)
+
+    # ------------------------------------------------------------------ layout changes
+    @staticmethod
+    def reshard_plan(path: Path, layout: dict[str, int]) -> str:
+        """How to load `path` into `layout` ({tp, pp, dp, zero}): 'same' (plain load), 'plain' (only the
+        number of data-parallel replicas changed and nothing is partitioned: a plain load works),
+        'universal' (through DeepSpeed's universal checkpoint). Raises for what cannot be converted."""
+        saved = read_manifest(path).get("layout") or {}
+        if all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp")):
+            return "same"
+        if saved.get("tp", 1) != layout["tp"] or saved.get("pp", 1) != layout["pp"]:
+            raise CheckpointError(
+                f"{path}: saved at tp={saved.get('tp')}, pp={saved.get('pp')}; this run has tp={layout['tp']}, "
+                f"pp={layout['pp']}: resharding tensor/pipeline splits is not available yet (only dp changes)"
+            )
+        if saved.get("zero", 0) == 0 and layout["zero"] == 0:
+            return "plain"
+        return "universal"
+
+    def prepare_universal(self, path: Path) -> Path:
+        """Converts `path` once with DeepSpeed's ds_to_universal (rank 0; cached beside it as
+        `step-N.universal/`, marked complete by a file written last). Collective."""
+        out = path.with_name(path.name + ".universal")
+        done = out / "TANDEM_COMPLETE"
+        if self.rank == 0 and not done.is_file():
+            import subprocess
+            import sys
+
+            if out.exists():
+                shutil.rmtree(out)
+            cmd = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(path),
+                "--output_folder",
+                str(out),
+                "--inject_missing_state",
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RANK": "0"})
+            if proc.returncode != 0:
+                raise CheckpointError(f"{path}: universal conversion failed:\n{proc.stderr[-3000:]}")
+            write_atomic(done, path.name + "\n")
+        barrier()
+        return out
 
     # ------------------------------------------------------------------ queries
     def complete_checkpoints(self) -> list[Path]:
@@ -301,6 +355,7 @@ class Checkpointer:
         path.rename(doomed)
         _fault_point("prune", step)
         shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(path.with_name(path.name + ".universal"), ignore_errors=True)  # its converted copy
 
     def _prune(self, step: int = -1) -> None:
         if self.keep_last <= 0:
@@ -310,27 +365,32 @@ class Checkpointer:
             self._delete(old, step)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restores engine, RNG and returns (this rank's state, meta). Same layout only."""
+    def load(self, path: Path, *, plan: str = "same") -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores engine and RNG; returns (this rank's state, meta). `plan` from `reshard_plan`: with
+        'universal' the engine was initialized with load_universal and reads `step-N.universal/`."""
         problems = verify_checkpoint(path, hashes=self.verify_on_load)
         if problems:
             raise CheckpointError(f"{path}: will not load a damaged checkpoint:\n  " + "\n  ".join(problems))
         meta = read_manifest(path)
-        if meta.get("world_size") != self.world_size:
+        if plan == "same" and meta.get("world_size") != self.world_size:
             raise CheckpointError(
                 f"{path}: saved with world size {meta.get('world_size')} (layout {meta.get('layout')}), this run "
                 f"has {self.world_size}; a plain DeepSpeed load cannot change the layout"
             )
+        source = path.with_name(path.name + ".universal") if plan == "universal" else path
         load_path, _ = self.engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
+            str(source.parent),
+            tag=source.name,
             load_optimizer_states=True,
             load_lr_scheduler_states=False,
             load_module_strict=True,
         )
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed found no engine state to load")
-        own_file = path / f"tandem-rank-{self.rank:05d}.pt"
+        # Loader position, schedule and counters are the same on every rank; after a layout change a rank
+        # beyond the saved world takes rank 0's RNG stream (the run continues within 1e-5, not bitwise).
+        saved_rank = self.rank if self.rank < int(meta.get("world_size", 1)) else 0
+        own_file = path / f"tandem-rank-{saved_rank:05d}.pt"
         if not own_file.is_file():
             raise FileNotFoundError(f"{own_file}: missing; the checkpoint is incomplete")
         own = torch.load(own_file, weights_only=True)

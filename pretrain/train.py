@@ -150,10 +150,31 @@ def train(cfg: Config) -> TrainResult:
         gates.append(OptimizerGate(optimizer))
         return optimizer
 
+    # --- where to resume from, and whether the saved layout must be converted first
+    checkpointer = Checkpointer(
+        run_dir,
+        None,
+        rank=rank,
+        world_size=world,
+        keep_last=cfg.checkpoint.keep_last,
+        verify_on_load=cfg.checkpoint.verify_on_load,
+    )
+    resume_from = checkpointer.resolve(t_cfg.resume)
+    layout = {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp, "zero": cfg.parallel.zero_stage}
+    ds_config = deepspeed_config(cfg, dp_size=dp)
+    plan = "same"
+    if resume_from is not None:
+        plan = checkpointer.reshard_plan(resume_from, layout)
+        if plan == "universal":
+            checkpointer.prepare_universal(resume_from)
+            ds_config["checkpoint"] = {"load_universal": True}
+        if plan != "same" and rank == 0:
+            print(f"resuming {resume_from} at a new layout {layout} ({plan} load)", flush=True)
+
     engine, tp_rng = parallelize(
         model,
         topology=topo,
-        ds_config=deepspeed_config(cfg, dp_size=dp),
+        ds_config=ds_config,
         make_optimizer=make_optimizer,
         wrap=lambda m: LanguageModelLoss(m, tp_group=topo.tp_group, tp_size=topo.dims.tp),
         activation_checkpointing=t_cfg.activation_checkpointing,
@@ -167,20 +188,12 @@ def train(cfg: Config) -> TrainResult:
         # all-reduce each step (~1% of a small model's step, measured by bench/train_throughput.py).
         engine.enable_backward_allreduce = False
     scheduler = build_scheduler(engine.optimizer, cfg)
-    checkpointer = Checkpointer(
-        run_dir,
-        engine,
-        rank=rank,
-        world_size=world,
-        keep_last=cfg.checkpoint.keep_last,
-        verify_on_load=cfg.checkpoint.verify_on_load,
-    )
+    checkpointer.attach(engine)
 
     # --- resume
     step, consumed = 0, 0
-    resume_from = checkpointer.resolve(t_cfg.resume)
     if resume_from is not None:
-        state, _ = checkpointer.load(resume_from)
+        state, _ = checkpointer.load(resume_from, plan=plan)
         scheduler.load_state_dict(state["scheduler"])
         guard.load_state_dict(state.get("guard", {}))
         if tp_rng is not None and "tp_rng" in state:
