@@ -67,12 +67,15 @@ def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="raw text per shard in MB (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--lenient", action="store_true", help="skip and count bad records instead of stopping")
+    from pretrain.cli_data_clean import add_shard_cleaning_args, register_clean
+
+    add_shard_cleaning_args(p)  # --clean --errors --lenient --bad-words --max-doc-mb --oversize --json
     p.set_defaults(func=cmd_data_shard)
 
     from pretrain.cli_inspect import register_inspect
 
     register_inspect(dsub)
+    register_clean(dsub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,25 +197,9 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_data_shard(args: argparse.Namespace) -> int:
-    from data_pipeline.corpus import expand_inputs
-    from data_pipeline.sharding import shard_corpus
+    from pretrain.cli_data_clean import cmd_data_shard as shard_with_flags
 
-    manifest = shard_corpus(
-        expand_inputs(args.input),
-        tokenizer_path=args.tokenizer,
-        out_dir=args.out,
-        workers=args.workers,
-        val_fraction=args.val_fraction,
-        shard_size_mb=args.shard_size_mb,
-        seed=args.seed,
-        strict=not args.lenient,
-    )
-    for split, tot in manifest["totals"].items():
-        print(f"{split}: {tot['shards']} shard(s), {tot['documents']} documents, {tot['tokens']} tokens")
-    if manifest.get("skipped"):
-        print(f"skipped: {json.dumps(manifest['skipped'])}")
-    print(f"manifest: {args.out / 'manifest.json'}")
-    return 0
+    return shard_with_flags(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
