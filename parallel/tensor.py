@@ -314,7 +314,7 @@ class ColumnParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Group, **kw: Any) -> ColumnParallelLinear:
         """The shard of an already-initialized full linear (exact parity with the one-process model)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw, **_NO_INIT)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw, **_NO_INIT)  # type: ignore[arg-type]
         with torch.no_grad():
             layer.weight.copy_(shard(linear.weight, 0, group))
             if layer.bias is not None and linear.bias is not None:
@@ -383,7 +383,7 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Group, **kw: Any) -> RowParallelLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw, **_NO_INIT)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kw, **_NO_INIT)  # type: ignore[arg-type]
         with torch.no_grad():
             layer.weight.copy_(shard(linear.weight, 1, group))
             if layer.bias is not None and linear.bias is not None:

@@ -154,7 +154,7 @@ def apply_tensor_parallel(
     with `parallel.tensor.vocab_parallel_cross_entropy(logits, labels, group)`. Every TP rank must feed
     the same batch. With `rng_tracker` (seeded by `seed_tensor_parallel`), attention (and, under
     sequence parallelism, residual) dropout runs in the per-rank stream."""
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg: Any = model.config
     size, rank = tp_world(group)
     problems = tensor_parallel_problems(cfg, tp_size)
     if (size, rank) != (tp_size, tp_rank):
@@ -207,7 +207,7 @@ def apply_tensor_parallel(
         mark_tensor_parallel(model.mlm_bias, 0)
     for table_name in plan.bias_tables:
         owner = model.get_submodule(table_name)  # the nn.Embedding(buckets, H)
-        owner.weight = nn.Parameter(shard(owner.weight, 1, group))  # (buckets, H/tp)
+        owner.weight = nn.Parameter(shard(owner.weight, 1, group))  # type: ignore[arg-type]  # (buckets, H/tp)
         mark_tensor_parallel(owner.weight, 1)
 
     def head_input_hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
