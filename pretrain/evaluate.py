@@ -391,7 +391,7 @@ def fewshot_eval(
     if pool is not None and _kind(pool_rows, str(pool)) != kind:
         raise ValueError(f"{pool}: a {kind} task needs a pool of the same kind")
     queries = rows[:limit] if limit else rows
-    max_len = int(model.config.max_seq_len)  # type: ignore[union-attr]
+    max_len = int(model.config.max_seq_len)  # type: ignore[union-attr, arg-type]
     # Training packs documents separated by <eos>, so a prompt that starts after <eos> looks like the start of a
     # document; it also gives a 0-shot query one token of context to predict its first token from.
     bos = [int(tokenizer.eos_id)]

@@ -72,7 +72,8 @@ class FinetuneOptions:
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # Biases, norm gains and embeddings of size-1 dims are not decayed, as in BERT's optimizer.
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -148,7 +149,7 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.bert = bert
         self.drop = nn.Dropout(dropout)
-        hidden = int(bert.config.hidden_size)  # type: ignore[union-attr]
+        hidden = int(bert.config.hidden_size)  # type: ignore[union-attr, arg-type]
         self.head = nn.Linear(hidden, num_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

@@ -84,7 +84,7 @@ def generate(
     options = options or SamplingOptions()
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
-    max_len = int(model.config.max_seq_len)  # type: ignore[union-attr]
+    max_len = int(model.config.max_seq_len)  # type: ignore[union-attr, arg-type]
     if len(prompt) >= max_len:
         raise ValueError(f"the prompt has {len(prompt)} tokens; model.max_seq_len={max_len} leaves no room")
     device = next(model.parameters()).device

@@ -163,7 +163,25 @@ def test_finetune_verbs_write_weights_and_metrics(
 
 def _keyword_task(n: int, seed: int) -> list[dict]:
     """label 1 iff the sentence contains "Monday" (a single piece of the test tokenizer), balanced."""
-    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "day", "car", "love", "more", "you", "every", "works"]
+    words = [
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "day",
+        "car",
+        "love",
+        "more",
+        "you",
+        "every",
+        "works",
+    ]
     rng = random.Random(seed)
     rows = []
     for i in range(n):
