@@ -146,12 +146,70 @@ class PackedSamples:
         return self._reader.read(k * self.sample_len, self.sample_len)
 
 
+class BlendedSamples:
+    """A weighted mixture of several sources' sample streams, exactly reproducible and resumable.
+
+    Global samples come in blocks of `block` samples. Each block holds exactly round(weight x block)
+    samples of each source (largest remainders settle the rounding), in an order shuffled by
+    (seed, block index). So sample j's source, and its index within that source, follow from j alone —
+    no history, no index arrays — and any prefix of the run matches the weights to within one block."""
+
+    def __init__(self, sources: list[PackedSamples], weights: list[float], *, seed: int, block: int = 1000):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("blending needs one weight per source and at least one source")
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"data.sources weights must be > 0, got {weights}")
+        total = sum(weights)
+        exact = [w / total * block for w in weights]
+        quota = [int(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: exact[i] - quota[i], reverse=True)[
+            : block - sum(quota)
+        ]:
+            quota[i] += 1
+        if any(q == 0 for q in quota):
+            raise ValueError(
+                f"data.sources weights {weights}: a source would get no sample in a block of {block}"
+            )
+        self.sources, self.quota, self.seed, self.block = sources, quota, seed, block
+        self.samples_per_epoch = sum(s.samples_per_epoch for s in sources)
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each position, index of that position among its source's samples in the block)."""
+        if self._cache is None or self._cache[0] != b:
+            ids = np.repeat(np.arange(len(self.quota)), self.quota)
+            order = np.random.default_rng([self.seed, 0xB1E4D, b]).permutation(ids)
+            rank = np.empty(self.block, dtype=np.int64)
+            for s in range(len(self.quota)):
+                where = order == s
+                rank[where] = np.arange(int(where.sum()))
+            self._cache = (b, order, rank)
+        return self._cache[1], self._cache[2]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (source, sample index within that source)."""
+        b, r = divmod(index, self.block)
+        order, rank = self._block(b)
+        s = int(order[r])
+        return s, b * self.quota[s] + int(rank[r])
+
+    def counts(self, consumed: int) -> list[int]:
+        """Samples drawn from each source among the first `consumed`."""
+        b, r = divmod(consumed, self.block)
+        order, _ = self._block(b)
+        return [b * q + int((order[:r] == s).sum()) for s, q in enumerate(self.quota)]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        s, k = self.locate(index)
+        return self.sources[s][k]
+
+
 class MicroBatches(IterableDataset):
     """Yields this rank's micro batches from micro-batch number `start_micro` on (infinite)."""
 
     def __init__(
         self,
-        samples: PackedSamples,
+        samples: PackedSamples | BlendedSamples,
         objective: Any,
         *,
         micro_batch_size: int,
@@ -202,7 +260,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Path | list[tuple[str | Path, float]],
         objective: Any,
         *,
         split: str,
@@ -216,13 +274,31 @@ class TrainLoader:
         num_workers: int = 0,
         consumed_samples: int = 0,
     ):
-        self.stream = SplitStream.from_manifest(shards_dir, split)
         self.objective = objective
         self.global_batch, self.num_workers = global_batch_size, num_workers
         self.seed, self.shuffle = seed, shuffle_shards
-        samples = PackedSamples(
-            self.stream, sample_len=objective.sample_len, eos_id=eos_id, seed=seed, shuffle=shuffle_shards
-        )
+        # One source (a shards directory) or a weighted blend of several: [(directory, weight), ...].
+        blend = list(shards_dir) if isinstance(shards_dir, (list, tuple)) else [(shards_dir, 1.0)]
+        self.source_names = [
+            f"{i}:{path}" for i, (path, _) in enumerate(blend)
+        ]  # unique even if a path repeats
+        streams = [SplitStream.from_manifest(path, split) for path, _ in blend]
+        parts = [
+            PackedSamples(
+                stream, sample_len=objective.sample_len, eos_id=eos_id, seed=seed + i, shuffle=shuffle_shards
+            )
+            for i, stream in enumerate(streams)
+        ]
+        samples: PackedSamples | BlendedSamples
+        if len(blend) == 1:
+            samples, self.blend = parts[0], None
+            self.fingerprint = streams[0].fingerprint
+        else:
+            samples = self.blend = BlendedSamples(parts, [float(w) for _, w in blend], seed=seed)
+            digest = hashlib.sha256()
+            for stream, (_, weight) in zip(streams, blend):
+                digest.update(f"{stream.fingerprint}:{float(weight)!r}\n".encode())
+            self.fingerprint = digest.hexdigest()
         self.samples_per_epoch = samples.samples_per_epoch
         if consumed_samples % global_batch_size:
             raise ValueError(
@@ -243,6 +319,12 @@ class TrainLoader:
     @property
     def gas(self) -> int:
         return self.dataset.gas
+
+    def source_samples(self) -> dict[str, int] | None:
+        """Samples drawn from each blended source so far, keyed "INDEX:PATH" (None without blending)."""
+        if self.blend is None:
+            return None
+        return dict(zip(self.source_names, self.blend.counts(self.consumed_samples)))
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -275,7 +357,7 @@ class TrainLoader:
         return {
             "consumed_samples": self.consumed_samples,
             "epoch": self.consumed_samples // self.samples_per_epoch,
-            "fingerprint": self.stream.fingerprint,
+            "fingerprint": self.fingerprint,
             "sample_len": self.objective.sample_len,
             "global_batch_size": self.global_batch,
             "seed": self.seed,

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_scaling(sub)
     register_launch(sub)
+    from pretrain.cli_eval import register as register_eval
+
+    register_eval(sub)
 
     p = sub.add_parser(
         "train",

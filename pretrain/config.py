@@ -98,6 +98,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = _f("", "directory with manifest.json written by `pretrain data shard`")
+    sources: list = _f([], "weighted blend instead of data.shards: [{path: DIR, weight: W}, ...]")  # noqa: RUF009
     seq_len: int = _f(128, "tokens per training sequence")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     shuffle_shards: bool = _f(True, "visit the shards in a new seeded order every epoch")
@@ -204,6 +205,10 @@ class ConfigError(ValueError):
 def _coerce(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
     """Checks `value` against the annotation `tp`; returns the (possibly converted) value."""
     origin = typing.get_origin(tp)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{name}={value!r}: must be a list")
+        return value
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -453,8 +458,21 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     if m.family == "gpt" and m.norm_position == "post":
         p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
 
-    if not d.shards:
-        p.append("data.shards='': must name a directory written by `pretrain data shard`")
+    if not d.shards and not d.sources:
+        p.append(
+            "data.shards='': must name a directory written by `pretrain data shard` (or set data.sources)"
+        )
+    if d.shards and d.sources:
+        p.append(
+            "data.shards and data.sources are both set: use one (data.sources blends several directories)"
+        )
+    for i, src in enumerate(d.sources if isinstance(d.sources, list) else []):
+        if not isinstance(src, dict) or set(src) != {"path", "weight"}:
+            p.append(f"data.sources[{i}]={src!r}: must be a mapping with exactly the keys path and weight")
+        elif not isinstance(src["path"], str) or not src["path"]:
+            p.append(f"data.sources[{i}].path={src['path']!r}: must be a directory with manifest.json")
+        elif not _nums(src["weight"]) or src["weight"] <= 0:
+            p.append(f"data.sources[{i}].weight={src['weight']!r}: must be a number > 0")
     positive("data.seq_len", d.seq_len)
     nonneg("data.num_workers", d.num_workers)
     if _ints(d.seq_len, m.max_seq_len) and m.position == "learned" and d.seq_len > m.max_seq_len:

@@ -117,7 +117,17 @@ def train(cfg: Config) -> TrainResult:
     t_cfg = cfg.train
 
     # --- data and model shapes
-    manifest = load_manifest(cfg.data.shards)
+    # One shards directory, or a weighted blend of several sharded with the same tokenizer.
+    blend: list[tuple[str | Path, float]] = [(s["path"], float(s["weight"])) for s in cfg.data.sources]
+    data_source: str | list[tuple[str | Path, float]] = list(blend) or cfg.data.shards
+    eval_shards = cfg.data.shards or blend[0][0]
+    manifest = load_manifest(eval_shards)
+    for path, _ in blend[1:]:
+        other = load_manifest(path)["tokenizer"]["sha256"]
+        if other != manifest["tokenizer"]["sha256"]:
+            raise ConfigError(
+                [f"data.sources: {path} was tokenized with another tokenizer than {blend[0][0]}"]
+            )
     tok = manifest["tokenizer"]
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = int(tok["vocab_size"])
@@ -200,7 +210,7 @@ def train(cfg: Config) -> TrainResult:
             tp_rng.load_state_dict(state["tp_rng"])
         step, consumed = int(state["step"]), int(state["loader"]["consumed_samples"])
     loader = TrainLoader(
-        cfg.data.shards,
+        data_source,
         objective,
         split=cfg.data.train_split,
         micro_batch_size=t_cfg.micro_batch_size,
@@ -216,7 +226,7 @@ def train(cfg: Config) -> TrainResult:
     if resume_from is not None:
         mismatch = TrainLoader.check_resumable(
             state["loader"],
-            fingerprint=loader.stream.fingerprint,
+            fingerprint=loader.fingerprint,
             sample_len=objective.sample_len,
             global_batch_size=t_cfg.global_batch_size,
             seed=t_cfg.seed,
@@ -338,6 +348,7 @@ def train(cfg: Config) -> TrainResult:
                 "memory_gb": memory_gb(),
                 "consumed_samples": loader.consumed_samples,
                 "skipped_total": guard.skipped,
+                "source_samples": loader.source_samples(),
                 "elapsed_s": elapsed,
             }
             logger.log(record)
@@ -402,7 +413,7 @@ def evaluate(engine: Any, cfg: Config, objective: Any, eos_id: int, topo: Topolo
     try:
         batches = list(
             eval_batches(
-                cfg.data.shards,
+                cfg.data.shards or cfg.data.sources[0]["path"],
                 objective,
                 split=cfg.data.eval_split,
                 micro_batch_size=cfg.train.micro_batch_size,
