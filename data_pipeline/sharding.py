@@ -54,6 +54,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.atomic import fsync_path, write_text_atomic
 from data_pipeline.clean import CleanConfig, clean_document, config_to_dict, pages_removed
 from data_pipeline.corpus import iter_documents
 from data_pipeline.dedupe import Deduper
@@ -97,24 +98,6 @@ def assign_split(ordinal: int, *, seed: int, val_fraction: float) -> str:
     if ordinal == 1 and _unit_hash(seed, 0) >= val_fraction:
         return "val"
     return "train"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- worker side
@@ -236,7 +219,7 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
     digest = file_sha256(tmp)
     size = tmp.stat().st_size
     os.replace(tmp, final)
-    _fsync_dir(out_dir)
+    fsync_path(out_dir)
     return {
         "name": name,
         "split": job["split"],
@@ -305,7 +288,7 @@ def _claim_out_dir(out_dir: Path, fingerprint: dict[str, Any]) -> None:
         raise ShardingError(
             f"{out_dir} holds shards of unknown provenance (no {OPTIONS_NAME}); use a fresh out_dir"
         )
-    _atomic_write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
 
 def _load_progress(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -559,5 +542,5 @@ def shard_corpus(
         manifest["dedupe_hashes"] = len(deduper) if deduper is not None else 0
     if split_pieces:
         manifest["oversize_split"] = {"records": split_records, "extra_pieces": split_pieces}
-    _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.atomic import fsync_path, write_text_atomic
 from pretrain.distributed import barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -93,30 +94,12 @@ def _fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def build_manifest(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +254,7 @@ class Checkpointer:
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RANK": "0"})
             if proc.returncode != 0:
                 raise CheckpointError(f"{path}: universal conversion failed:\n{proc.stderr[-3000:]}")
-            write_atomic(done, path.name + "\n")
+            write_text_atomic(done, path.name + "\n")
         barrier()
         return out
 
@@ -322,7 +305,7 @@ class Checkpointer:
         own = {"state": state, "rng": rng_state(), "rank": self.rank, "world_size": self.world_size}
         own_file = partial / f"tandem-rank-{self.rank:05d}.pt"
         torch.save(own, own_file)
-        _fsync(own_file)
+        fsync_path(own_file)
         barrier()
         if self.rank == 0:
             (partial / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -336,15 +319,15 @@ class Checkpointer:
             (partial / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
             for f in partial.rglob("*"):
                 if f.is_file():
-                    _fsync(f)
-            write_atomic(partial / MANIFEST, json.dumps(build_manifest(partial, meta), indent=2))
+                    fsync_path(f)
+            write_text_atomic(partial / MANIFEST, json.dumps(build_manifest(partial, meta), indent=2))
             _fault_point("manifest", step)
             if final.exists():
                 self._delete(final)
             partial.rename(final)
-            _fsync(self.dir)
+            fsync_path(self.dir)
             _fault_point("latest", step)
-            write_atomic(self.dir / "latest", final.name + "\n")
+            write_text_atomic(self.dir / "latest", final.name + "\n")
             self._prune(step)
         barrier()
         return final
