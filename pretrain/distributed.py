@@ -31,6 +31,16 @@ def _adopt_slurm_env() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
 
 
+def launched_world_size() -> int:
+    """The world size the launcher set up (torchrun/deepspeed: WORLD_SIZE; srun: SLURM_NTASKS), read
+    without creating a process group; 1 for a plain process."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def init_distributed(*, timeout_s: float | None = None) -> tuple[int, int, int]:
     """Initializes torch.distributed (through DeepSpeed) and returns (rank, world_size, local_rank).
 

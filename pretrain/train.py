@@ -29,7 +29,7 @@ from pretrain.config import (
     save_config,
     validation_problems,
 )
-from pretrain.distributed import init_distributed
+from pretrain.distributed import init_distributed, launched_world_size
 from pretrain.flops import device_peak_tflops, flops_per_sample
 from pretrain.metrics import MetricsLogger, memory_gb
 from pretrain.models import build_model
@@ -108,10 +108,11 @@ def _mean_over(value: float, group: Any, size: int) -> float:
 
 
 def train(cfg: Config) -> TrainResult:
-    rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
-    problems = validation_problems(cfg, world_size=world)
+    # Every rule, including those about the world size, is checked before any process group exists.
+    problems = validation_problems(cfg, world_size=launched_world_size())
     if problems:
         raise ConfigError(problems)
+    rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     topo = Topology.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     dp, dp_rank = topo.dims.dp, topo.dp_rank
     t_cfg = cfg.train

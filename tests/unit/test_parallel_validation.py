@@ -1,0 +1,58 @@
+"""Impossible parallel layouts are refused with one error naming each problem, before any process group
+is created (so a bad job fails in seconds, not after the launcher has started every rank)."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from pretrain.config import ConfigError, load_config
+from pretrain.train import train
+
+BASE = [
+    "data.shards=unused",
+    "model.preset=gpt-tiny",
+    "model.vocab_size=512",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+]
+
+TABLE = {
+    "zero2_with_pipeline": (1, ["parallel.zero_stage=2", "parallel.pp=2"], "supports ZeRO stage 0 or 1 only"),
+    "pipeline_not_available": (2, ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not available"),
+    "heads_not_divisible": (3, ["parallel.tp=3"], "model.num_heads=4 is not divisible by parallel.tp=3"),
+    "vocab_not_divisible": (
+        2,
+        ["parallel.tp=2", "model.vocab_size=511"],
+        "model.vocab_size=511 is not divisible",
+    ),
+    "kv_heads_not_divisible": (
+        4,
+        ["parallel.tp=4", "model.num_kv_heads=2"],
+        "model.num_kv_heads=2 is not divisible",
+    ),
+    "zero3_with_tp": (2, ["parallel.tp=2", "parallel.zero_stage=3"], "ZeRO-3 is supported with tp=1 only"),
+    "sequence_parallel_without_tp": (1, ["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
+    "seq_len_not_divisible_for_sp": (
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=63"],
+        "data.seq_len=63: must be divisible by parallel.tp=2",
+    ),
+    "world_not_divisible": (3, ["parallel.tp=2"], "world size 3: not divisible by tp=2 x pp=1"),
+    "batch_not_divisible": (
+        4,
+        ["train.global_batch_size=6"],
+        "must be a multiple of train.micro_batch_size=2 x dp=4",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE))
+def test_impossible_layout_is_refused_before_any_process_group(case, monkeypatch):
+    world, overrides, message = TABLE[case]
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = load_config(None, [*BASE, *overrides], validate=False)
+    with pytest.raises(ConfigError) as exc:
+        train(cfg)
+    assert message in str(exc.value)
+    assert not dist.is_initialized()
