@@ -403,7 +403,17 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _quiet_optional_backends() -> None:
+    """megatron-core warns once per module that Transformer Engine / Apex are absent; Tandem uses only its
+    device-agnostic scheduler, so the warnings say nothing actionable."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*Apex.*", category=UserWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_optional_backends()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
