@@ -1,10 +1,12 @@
 # One command per habit. `make smoke` and `make test` do their own set-up on a fresh machine.
-# TORCH_SPEC chooses the PyTorch build: CI sets TORCH_SPEC=torch==2.13.0 (the CPU build); the default
-# takes the package index's build (CUDA on Linux). VENV_FLAGS=--system-site-packages reuses a PyTorch
-# that is already installed outside the virtualenv (the default spec is then already satisfied).
+# TORCH_SPEC chooses the PyTorch build. With an NVIDIA driver (nvidia-smi) the default takes the package
+# index's newest build (CUDA on Linux); without one it pins the version CI tests (torch==2.13.0), which is
+# also what a machine with a local CPU wheel resolves to. Any pip requirement works:
+# `make smoke TORCH_SPEC="torch --index-url ..."`. VENV_FLAGS=--system-site-packages reuses a PyTorch that
+# is already installed outside the virtualenv.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch>=2.6
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.6,torch==2.13.0)
 VENV_FLAGS ?=
 SMOKE_OUT ?= smoke
 PYTEST_ARGS ?=
