@@ -288,8 +288,17 @@ class Checkpointer:
         return path
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, *, state: dict[str, Any], meta: dict[str, Any], config_yaml: str) -> Path:
-        """Collective: every rank calls it. `state` is this rank's own (loader, scheduler, counters)."""
+    def save(
+        self,
+        step: int,
+        *,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+        config_yaml: str,
+        extra_files: dict[str, Path] | None = None,
+    ) -> Path:
+        """Collective: every rank calls it. `state` is this rank's own (loader, scheduler, counters);
+        `extra_files` (name -> source) are copied in by rank 0 and sealed by the manifest like the rest."""
         final = self.dir / f"step-{step}"
         tag = f"step-{step}.partial"
         partial = self.dir / tag
@@ -309,6 +318,8 @@ class Checkpointer:
         barrier()
         if self.rank == 0:
             (partial / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            for name, source in (extra_files or {}).items():
+                shutil.copyfile(source, partial / name)
             meta = {
                 **meta,
                 "step": step,

@@ -439,4 +439,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, fmt: str =
         special = {k: int(v) for k, v in tok.items() if k.endswith("_id")}
         if Path(tok["path"]).is_file():
             tokenizer_model = Path(tok["path"])
+    if (Path(checkpoint) / "tokenizer.model").is_file():  # saved with the checkpoint: always the right one
+        tokenizer_model = Path(checkpoint) / "tokenizer.model"
     return export_hf(model, cfg.model, out_dir, tokenizer_model=tokenizer_model, special_ids=special)

@@ -255,6 +255,9 @@ def train(cfg: Config) -> TrainResult:
         checkpoint=resume_from,
     )
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    # The tokenizer travels with every checkpoint, so export and evaluation work after the shards move.
+    tokenizer_file = Path(str(tok.get("path", "")))
+    extra_files = {"tokenizer.model": tokenizer_file} if tokenizer_file.is_file() else {}
 
     def save(at_step: int) -> Path:
         state = {
@@ -271,7 +274,9 @@ def train(cfg: Config) -> TrainResult:
             "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp, "zero": cfg.parallel.zero_stage},
             "family": cfg.model.family,
         }
-        return checkpointer.save(at_step, state=state, meta=meta, config_yaml=config_yaml)
+        return checkpointer.save(
+            at_step, state=state, meta=meta, config_yaml=config_yaml, extra_files=extra_files
+        )
 
     # DeepSpeed records the gradient norm only inside its ZeRO and mixed-precision optimizers.
     own_grad_norm = cfg.parallel.zero_stage == 0 and t_cfg.precision == "fp32"

@@ -106,7 +106,8 @@ def test_ckpt_inspect(small_run, capsys):
     assert main(["ckpt", "inspect", str(small_run / "checkpoints" / "step-2"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["step"] == 2 and info["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero": 0}
-    assert info["consumed_samples"] == 16 and info["files"] == 4 and info["bytes"] > 0
+    # model states, this rank's state, config.yaml, meta.json and the tokenizer
+    assert info["consumed_samples"] == 16 and info["files"] == 5 and info["bytes"] > 0
 
 
 class _Canary:
