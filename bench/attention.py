@@ -1,6 +1,6 @@
 """Attention TFLOP/s: Tandem's Triton kernels against PyTorch SDPA with each of its backends.
 
-FLOP convention (FlashAttention's benchmark, docs in /work/shared/REFERENCES.md): forward
+FLOP convention (FlashAttention's benchmark): forward
 4·batch·seq²·heads·head_dim, halved for causal; backward 2.5x forward; forward+backward 3.5x.
 Grid: seq 512..16k, head dim 64 and 128, causal and not, bf16, batch·seq fixed at 16k tokens and
 heads = 2048 / head_dim (FlashAttention's setup), plus the T5-bias kernel against the unfused
