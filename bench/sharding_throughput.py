@@ -17,7 +17,7 @@ the one least disturbed by other work). Ratios: shard tokens/s per worker ÷ raw
 >= 0.9), and 2-worker ÷ 1-worker tokens/s (target >= 1.8x, which needs two free cores: the main
 process reads and parses the corpus while the workers tokenize).
 
-Usage: ``python bench/data_pipeline.py [--docs 20000] [--repeats 3] [--json]``.
+Usage: ``python bench/sharding_throughput.py [--docs 20000] [--repeats 3] [--json]``.
 """
 
 from __future__ import annotations
