@@ -364,7 +364,7 @@ def train(cfg: Config) -> TrainResult:
             window_loss, window_steps = 0.0, 0
 
         if t_cfg.eval_interval and (step % t_cfg.eval_interval == 0 or step == t_cfg.steps):
-            result.eval_loss = evaluate(engine, cfg, objective, special["eos_id"], topo)
+            result.eval_loss = evaluate(engine, cfg, objective, special["eos_id"], topo, shards=eval_shards)
             if result.eval_loss is not None:
                 logger.log(
                     {
@@ -414,12 +414,14 @@ def _grad_norm(module: nn.Module, topo: Topology) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, cfg: Config, objective: Any, eos_id: int, topo: Topology) -> float | None:
+def evaluate(
+    engine: Any, cfg: Config, objective: Any, eos_id: int, topo: Topology, *, shards: str | Path
+) -> float | None:
     """Mean loss over the first `train.eval_batches` micro batches of the validation split (None if absent)."""
     try:
         batches = list(
             eval_batches(
-                cfg.data.shards or cfg.data.sources[0]["path"],
+                shards,
                 objective,
                 split=cfg.data.eval_split,
                 micro_batch_size=cfg.train.micro_batch_size,
