@@ -198,7 +198,9 @@ def bare_loop(args: argparse.Namespace, shards: Path) -> SideResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # Tandem's batches, in Tandem's order, produced before the clock starts.
-    objective = build_objective(cfg.model.family, seq_len=cfg.data.seq_len, tokenizer=tok, seed=t.seed)
+    objective = build_objective(
+        cfg.model.objective_name, seq_len=cfg.data.seq_len, tokenizer=tok, seed=t.seed
+    )
     loader = TrainLoader(
         shards,
         objective,

@@ -37,6 +37,11 @@ class ModelConfig:
     family: Literal["gpt", "bert", "t5"] = _f(
         "gpt", "model family: decoder-only, encoder-only or encoder-decoder"
     )
+    objective: str = _f(
+        "",
+        "pretraining objective (data_pipeline.objectives.OBJECTIVES); empty means the family's own: "
+        "gpt causal LM, bert masked LM, t5 span corruption",
+    )
     vocab_size: int = _f(0, "vocabulary size; 0 takes it from the shards' tokenizer")
     hidden_size: int = _f(128, "width of the residual stream")
     num_layers: int = _f(2, "number of Transformer blocks")
@@ -68,6 +73,11 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout on embeddings, attention probabilities and residual branches")
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
     init_std: float = _f(0.02, "std of the normal weight init; residual projections get /sqrt(2*num_layers)")
+
+    @property
+    def objective_name(self) -> str:
+        """The objective this model trains with: `objective` if set, else the family's default."""
+        return self.objective or self.family
 
     @property
     def gated(self) -> bool:
@@ -431,6 +441,11 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size"):
         nonneg(f"model.{name}", getattr(m, name))
     positive("model.norm_eps", m.norm_eps)
+    if m.objective:
+        from data_pipeline.objectives import OBJECTIVES
+
+        if m.objective not in OBJECTIVES:
+            p.append(f"model.objective={m.objective!r}: unknown; available: {', '.join(sorted(OBJECTIVES))}")
     positive("model.init_std", m.init_std)
     if isinstance(m.dropout, float) and not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout={m.dropout}: must be in [0, 1)")

@@ -162,7 +162,7 @@ def validation_loss(
     split = split or cfg.data.eval_split
     num_batches = num_batches or cfg.train.eval_batches
     objective = build_objective(
-        cfg.model.family, seq_len=cfg.data.seq_len, tokenizer=tok, seed=cfg.train.seed
+        cfg.model.objective_name, seq_len=cfg.data.seq_len, tokenizer=tok, seed=cfg.train.seed
     )
     batches = eval_batches(
         shards_dir,

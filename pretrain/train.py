@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -31,36 +30,11 @@ from pretrain.config import (
 )
 from pretrain.distributed import init_distributed, launched_world_size
 from pretrain.flops import device_peak_tflops, flops_per_sample
+from pretrain.losses import LanguageModelLoss
 from pretrain.metrics import MetricsLogger, memory_gb
 from pretrain.models import build_model
 from pretrain.preemption import StopFlag, slurm_deadline
 from pretrain.step_guard import OptimizerGate, StepGuard, injected_fault
-
-IGNORE_INDEX = -100
-
-
-class LanguageModelLoss(nn.Module):
-    """Wraps a model so the engine's forward takes a batch dict and returns the mean token loss."""
-
-    def __init__(self, model: nn.Module, *, tp_group: Any = None, tp_size: int = 1):
-        super().__init__()
-        self.model = model
-        self.tp_group, self.tp_size = tp_group, tp_size
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.model(**inputs)  # (B, T, V), or (B, T, V/tp) under tensor parallelism
-        # The loss is computed in fp32 whatever the training precision: bf16 logits lose the small
-        # probability differences that the loss averages over.
-        if self.tp_size > 1:
-            from parallel.tensor import vocab_parallel_cross_entropy
-
-            return vocab_parallel_cross_entropy(
-                logits.float(), batch["labels"], self.tp_group, ignore_index=IGNORE_INDEX
-            )
-        return F.cross_entropy(
-            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
-        )
 
 
 @dataclass
@@ -140,7 +114,9 @@ def train(cfg: Config) -> TrainResult:
             ]
         )
     special = {k: int(v) for k, v in tok.items() if k.endswith("_id")}
-    objective = build_objective(cfg.model.family, seq_len=cfg.data.seq_len, tokenizer=tok, seed=t_cfg.seed)
+    objective = build_objective(
+        cfg.model.objective_name, seq_len=cfg.data.seq_len, tokenizer=tok, seed=t_cfg.seed
+    )
 
     run_dir = Path(t_cfg.out_dir)
     if rank == 0:
@@ -291,6 +267,7 @@ def train(cfg: Config) -> TrainResult:
     # --- the loop
     engine.train()
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_extra: dict[str, list[float]] = {}  # the model's own metrics (pretraining_loss), per micro batch
     total_time, total_steps_timed = 0.0, 0
     while step < t_cfg.steps:
         scheduler.step(1)  # lr for update number step+1 (warmup starts above zero)
@@ -305,6 +282,8 @@ def train(cfg: Config) -> TrainResult:
                 loss = loss * (float("nan") if fault == "nan" else 100.0)
             engine.backward(loss)
             losses.append(loss.item())
+            for key, value in engine.module.metrics.items():
+                window_extra.setdefault(key, []).append(value)
             if micro == loader.gas - 1:
                 if own_grad_norm:
                     grad_norm = _grad_norm(module, topo)  # all-reduced by now, not yet clipped
@@ -357,6 +336,8 @@ def train(cfg: Config) -> TrainResult:
                 "source_samples": loader.source_samples(),
                 "elapsed_s": elapsed,
             }
+            record.update({k: sum(v) / len(v) for k, v in window_extra.items()})
+            window_extra = {}
             logger.log(record)
             result.final_loss, result.tokens_per_s = record["loss"], tokens_per_s
             total_time += elapsed

@@ -1,14 +1,25 @@
-"""Model families assembled from the shared blocks in `blocks.py`."""
+"""Model families assembled from the shared blocks in `blocks.py`.
+
+`build_model` picks the network from `model.family`; an objective that trains more than one network or
+adds heads (ELECTRA's generator and discriminator, ALBERT's sentence-order head, a distillation teacher)
+registers a builder in `OBJECTIVE_MODELS` keyed by `model.objective`, which wraps or extends the family's
+network and defines `pretraining_loss` (see `pretrain/losses.py`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
 from parallel.layers import LayerFactory
 from pretrain.config import ModelConfig
 
+# objective name -> "module:function" building the model for it (imported lazily).
+OBJECTIVE_MODELS: dict[str, str] = {}
 
-def build_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> nn.Module:
+
+def build_family_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> nn.Module:
+    """The family's own network (no objective-specific heads or wrappers)."""
     if cfg.family == "gpt":
         from pretrain.models.gpt import GPT
 
@@ -22,3 +33,14 @@ def build_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> nn.Modu
 
         return T5(cfg, layers)
     raise ValueError(f"model.family={cfg.family!r}: not implemented (available: gpt, bert, t5)")
+
+
+def build_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> nn.Module:
+    target = OBJECTIVE_MODELS.get(cfg.objective)
+    if target is None:
+        return build_family_model(cfg, layers)
+    import importlib
+
+    module, _, name = target.partition(":")
+    builder: Callable[..., nn.Module] = getattr(importlib.import_module(module), name)
+    return builder(cfg, layers)

@@ -1,0 +1,59 @@
+"""Training losses: the token cross-entropy every objective starts from, and the hook through which a model
+with its own pretraining loss (auxiliary heads, two networks, routed experts) takes over.
+
+A model may define `pretraining_loss(batch) -> (loss, metrics)`: `batch` is the objective's dict of tensors
+(labels included), `loss` the scalar to minimize, `metrics` a dict of scalar tensors (component losses,
+accuracies, expert utilization) that the training loop averages over each log interval and writes to
+metrics.jsonl next to `loss`. Without it, the loss is the cross-entropy of `model(**inputs)` against
+`batch["labels"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, tp_group: Any = None, tp_size: int = 1
+) -> torch.Tensor:
+    """Mean cross-entropy over the labels that are not IGNORE_INDEX. logits: (..., V), or (..., V/tp) when
+    the vocabulary is split over a tensor-parallel group.
+
+    Computed in fp32 whatever the training precision: bf16 logits lose the small probability differences
+    that the loss averages over."""
+    if tp_size > 1:
+        from parallel.tensor import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits.float(), labels, tp_group, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class LanguageModelLoss(nn.Module):
+    """Wraps a model so the engine's forward takes a batch dict and returns the scalar training loss.
+
+    After each forward, `metrics` holds the model's extra scalars (empty for plain cross-entropy)."""
+
+    def __init__(self, model: nn.Module, *, tp_group: Any = None, tp_size: int = 1):
+        super().__init__()
+        self.model = model
+        self.tp_group, self.tp_size = tp_group, tp_size
+        self.metrics: dict[str, float] = {}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        custom = getattr(self.model, "pretraining_loss", None)
+        if custom is not None:
+            loss, metrics = custom(batch)
+            self.metrics = {
+                k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()
+            }
+            return loss
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.model(**inputs)  # (B, T, V), or (B, T, V/tp) under tensor parallelism
+        self.metrics = {}
+        return token_cross_entropy(logits, batch["labels"], tp_group=self.tp_group, tp_size=self.tp_size)
