@@ -84,6 +84,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at </s>")
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams (most likely continuation; sampling options unused); default 1",
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        help="beam search: rank finished beams by sum log p / length**this (default 0: plain log-likelihood)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -107,6 +119,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--max-len", type=int, default=128, help="input tokens per example (default 128)")
     p.add_argument("--max-target-len", type=int, default=64, help="text2text: target tokens (default 64)")
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="text2text: beam width of the evaluation decode (default 1, greedy)",
+    )
     p.add_argument(
         "--from-scratch",
         action="store_true",
@@ -204,12 +222,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pretrain.generate import SamplingOptions, generate
+    from pretrain.generate import SamplingOptions, beam_generate, generate
 
     try:
         options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         if args.max_new_tokens < 1:
             return _fail(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+        if args.num_beams < 1:
+            return _fail(f"--num-beams={args.num_beams} must be >= 1")
         model, cfg, checkpoint = _load(args)
         if cfg.model.family != "gpt":
             return _fail(f"generate needs a GPT checkpoint; {checkpoint} is {cfg.model.family!r}")
@@ -217,14 +237,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # Generation starts after <eos> like a document in the packed training stream.
         prompt = [tok.eos_id, *tok.encode(args.prompt)]
         t0 = time.perf_counter()
-        new = generate(
-            model,
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            options=options,
-            seed=args.seed,
-            eos_id=None if args.no_stop else tok.eos_id,
-        )
+        eos = None if args.no_stop else tok.eos_id
+        if args.num_beams > 1:
+            new = beam_generate(
+                model,
+                prompt,
+                num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens,
+                eos_id=eos,
+                length_penalty=args.length_penalty,
+            )
+        else:
+            new = generate(
+                model, prompt, max_new_tokens=args.max_new_tokens, options=options, seed=args.seed, eos_id=eos
+            )
         seconds = time.perf_counter() - t0
     except (ValueError, NotImplementedError) as exc:
         return _fail(str(exc))
@@ -257,6 +283,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_len=args.max_len,
         max_target_len=args.max_target_len,
+        num_beams=args.num_beams,
     )
     keys = ("text", "label") if args.task == "classify" else ("input", "target")
     try:

@@ -52,10 +52,12 @@ class FinetuneOptions:
     """text2text: target tokens per example, and the longest greedy decode"""
     dropout: float = 0.1
     """classify: dropout on the pooled representation before the new linear layer"""
+    num_beams: int = 1
+    """text2text: beam width of the evaluation decode; 1 is greedy"""
 
     def problems(self) -> list[str]:
         p = []
-        for name in ("epochs", "batch_size", "max_len", "max_target_len"):
+        for name in ("epochs", "batch_size", "max_len", "max_target_len", "num_beams"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
@@ -343,6 +345,64 @@ def greedy_decode_t5(
     return rows
 
 
+@torch.no_grad()
+def beam_decode_t5(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_beams: int,
+    max_len: int,
+    eos_id: int,
+    pad_id: int,
+) -> list[list[int]]:
+    """Beam search (`pretrain.generate.beam_search`) per row from the pad start token, each result up to and
+    excluding its <eos>. The encoder runs once per row; every beam re-reads its decoder prefix each step."""
+    rows = []
+    for i in range(input_ids.shape[0]):
+        keep = attention_mask[i].bool()
+        ids = _beam_decode_row(
+            model,
+            input_ids[i : i + 1, keep],
+            attention_mask[i : i + 1, keep],
+            num_beams=num_beams,
+            max_len=max_len,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+        rows.append(ids[: ids.index(eos_id)] if eos_id in ids else ids)
+    return rows
+
+
+def _beam_decode_row(
+    model: nn.Module,
+    src: torch.Tensor,
+    src_mask: torch.Tensor,
+    *,
+    num_beams: int,
+    max_len: int,
+    eos_id: int,
+    pad_id: int,
+) -> list[int]:
+    from pretrain.generate import beam_search
+
+    encoded = model.encode(src, src_mask)  # type: ignore[operator]  # (1, S, C)
+    prefix = torch.full((1, 1), pad_id, dtype=torch.long, device=src.device)  # (K, t) decoder inputs
+
+    def logprobs(rows: torch.Tensor) -> torch.Tensor:
+        k = rows.shape[0]
+        ctx, mask = encoded.expand(k, -1, -1), src_mask.expand(k, -1)
+        logits = model.decode(rows, ctx, attention_mask=mask)[:, -1]  # type: ignore[operator]
+        return torch.log_softmax(logits.float(), dim=-1)  # (K, V)
+
+    def step(origin: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal prefix
+        prefix = torch.cat([prefix[origin], tokens[:, None]], dim=1)
+        return logprobs(prefix)
+
+    return beam_search(logprobs(prefix)[0], step, num_beams=num_beams, max_new_tokens=max_len, eos_id=eos_id)
+
+
 def finetune_text2text(
     model: nn.Module,
     cfg: Config,
@@ -398,14 +458,21 @@ def finetune_text2text(
             src = [ev_src[i] for i in idx]
             s, n = loss_sum(src, [ev_tgt[i] for i in idx])
             total, count = total + s.item(), count + n
-            decoded = greedy_decode_t5(
-                model,
-                _pad(src, pad),
-                _pad([[1] * len(r) for r in src], 0),
-                max_len=opts.max_target_len,
-                eos_id=eos,
-                pad_id=pad,
-            )
+            x, mask = _pad(src, pad), _pad([[1] * len(r) for r in src], 0)
+            if opts.num_beams > 1:
+                decoded = beam_decode_t5(
+                    model,
+                    x,
+                    mask,
+                    num_beams=opts.num_beams,
+                    max_len=opts.max_target_len,
+                    eos_id=eos,
+                    pad_id=pad,
+                )
+            else:
+                decoded = greedy_decode_t5(
+                    model, x, mask, max_len=opts.max_target_len, eos_id=eos, pad_id=pad
+                )
             for i, ids in zip(idx, decoded):
                 text, ref = tokenizer.decode(ids).strip(), str(eval_rows[i]["target"]).strip()
                 exact += text == ref

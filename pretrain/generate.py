@@ -1,4 +1,5 @@
-"""Text generation from a GPT checkpoint: greedy, temperature, top-k and nucleus (top-p) sampling.
+"""Text generation from a GPT checkpoint: greedy, temperature, top-k and nucleus (top-p) sampling, and beam
+search (also used by T5 text-to-text decoding).
 
 Decoding uses the model's key/value cache: the prompt is fed once, then one token per step, so each new
 token costs one position of attention instead of re-running the whole prefix (`use_cache=False` does the
@@ -10,7 +11,7 @@ whose probability reaches p (Holtzman et al. 2020). Both renormalize over what t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,3 +103,119 @@ def generate(
         ids = torch.cat([ids, token[:, None]], dim=1)
         step_input = token[:, None]  # with a cache, only the new token is fed
     return out
+
+
+# ----------------------------------------------------------------------------- beam search
+
+# step(origin, tokens): reorder the decoder's state so row i continues row origin[i] of the previous step,
+# append tokens[i] to row i, and return the next-token log-probabilities (K, V) of every row.
+BeamStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def beam_search(
+    first_logprobs: torch.Tensor,
+    step: BeamStep,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_id: int | None,
+    length_penalty: float = 0.0,
+) -> list[int]:
+    """The highest-scoring continuation found by beam search (Sutskever et al. 2014; the length-normalized
+    score of Wu et al. 2016 in the form sum log p / length**length_penalty).
+
+    `first_logprobs` (V,) are the log-probabilities of the first new token; `step` advances the decoder's
+    state (see `BeamStep`). At each step the `num_beams` best unfinished continuations are kept; a candidate
+    ending in `eos_id` among the best `num_beams` candidates is set aside as finished. The search stops when
+    `num_beams` finished hypotheses score at least the best unfinished one could reach (exact for
+    length_penalty 0, where scores only fall as a sequence grows) or after `max_new_tokens`. With
+    length_penalty 0 and num_beams >= V**max_new_tokens it returns the exact maximum-likelihood sequence.
+    Returned ids include the final `eos_id` when the best hypothesis ended with one."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams={num_beams} must be >= 1")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+
+    def score(logprob: float, length: int) -> float:
+        return logprob / (length**length_penalty) if length_penalty else logprob
+
+    alive: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[float, list[int]]] = []
+    logprobs = first_logprobs.float()[None]  # (K, V)
+    for t in range(1, max_new_tokens + 1):
+        totals = torch.tensor([lp for _, lp in alive], dtype=torch.float64)[:, None] + logprobs.double()
+        order = torch.argsort(totals.flatten(), descending=True)[: 2 * num_beams]
+        vocab = logprobs.shape[-1]
+        origin, tokens, survivors = [], [], []
+        for rank, flat in enumerate(order.tolist()):
+            row, token = divmod(flat, vocab)
+            total = float(totals[row, token])
+            if total == float("-inf"):
+                break
+            seq = [*alive[row][0], token]
+            if eos_id is not None and token == eos_id:
+                if rank < num_beams:
+                    finished.append((score(total, t), seq))
+                continue
+            origin.append(row)
+            tokens.append(token)
+            survivors.append((seq, total))
+            if len(survivors) == num_beams:
+                break
+        finished.sort(key=lambda f: -f[0])
+        finished = finished[:num_beams]
+        alive = survivors
+        if not alive:
+            break
+        # Without a length bonus, extending a sequence only lowers its score: no unfinished beam can still win.
+        full = len(finished) == num_beams and length_penalty <= 0
+        if full and finished[-1][0] >= max(score(lp, t) for _, lp in alive):
+            alive = []
+            break
+        if t == max_new_tokens:
+            break
+        device = logprobs.device
+        logprobs = step(torch.tensor(origin, device=device), torch.tensor(tokens, device=device))
+    # Beams still unfinished at max_new_tokens compete as they are.
+    candidates = finished + [(score(lp, len(seq)), seq) for seq, lp in alive]
+    if not candidates:
+        raise ValueError("beam search found no continuation with a finite log-probability")
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+@torch.no_grad()
+def beam_generate(
+    model: nn.Module,
+    prompt: Sequence[int],
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    length_penalty: float = 0.0,
+) -> list[int]:
+    """Beam search continuing `prompt` with a GPT, through its key/value cache: the prompt is fed once, and
+    each step reorders the cached keys/values to the surviving beams before feeding their new tokens."""
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    max_len = int(model.config.max_seq_len)  # type: ignore[union-attr, arg-type]
+    if len(prompt) >= max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; model.max_seq_len={max_len} leaves no room")
+    device = next(model.parameters()).device
+    cache = model.new_cache()  # type: ignore[operator]
+    first = model(torch.tensor([list(prompt)], device=device), cache=cache)[0, -1]  # (V,)
+
+    def step(origin: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        for block in cache:
+            layer = block.self_attn
+            layer.k, layer.v = layer.k[origin], layer.v[origin]  # type: ignore[index]
+        logits = model(tokens[:, None], cache=cache)[:, -1]  # (K, V)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    return beam_search(
+        torch.log_softmax(first.float(), dim=-1),
+        step,
+        num_beams=num_beams,
+        max_new_tokens=min(max_new_tokens, max_len - len(prompt)),
+        eos_id=eos_id,
+        length_penalty=length_penalty,
+    )
