@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from pretrain.config import CONFIG_DIR, ConfigError, config_help
+from pretrain.config import CONFIG_DIR, Config, ConfigError, config_help
 
 
 def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
@@ -159,10 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample corpus -> tokenizer -> shards -> short training run",
         description="The whole chain on the built-in sample corpus with configs/runs/smoke-MODEL.yaml. "
         "Leaves the corpus, tokenizer and shards in OUT/data/ and the run in OUT/run/ (GPT) or "
-        "OUT/run-bert/, OUT/run-t5/.",
+        "OUT/run-bert/, OUT/run-t5/. --model may also name a preset (configs/models/NAME.yaml, e.g. "
+        "gpt3-tiny): it trains with configs/runs/smoke-NAME.yaml if that exists, else with its family's "
+        "smoke config whose model section is replaced by the preset; the run goes to OUT/run-NAME/.",
     )
     p.add_argument("--out", type=Path, default=Path("smoke"), help="output directory (default ./smoke)")
-    p.add_argument("--model", choices=["gpt", "bert", "t5"], default="gpt", help="model family (default gpt)")
+    p.add_argument(
+        "--model", default="gpt", help="gpt, bert, t5 or a preset name from configs/models/ (default gpt)"
+    )
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--docs", type=int, default=3000, help="sample corpus documents (default 3000)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="further config overrides")
@@ -320,7 +324,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     out: Path = args.out
     data = out / "data"
     corpus_dir, tok_prefix, shards = data / "corpus", data / "tokenizer" / "sp", data / "shards"
-    run_cfg = CONFIG_DIR / "runs" / f"smoke-{args.model}.yaml"
+    run_cfg, preset = _smoke_run_config(args.model)
     run_dir = out / "run" if args.model == "gpt" else out / f"run-{args.model}"
     overrides = [f"data.shards={shards}", f"train.out_dir={run_dir}", *args.overrides]
     if args.steps is not None:
@@ -329,7 +333,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
             # A shortened smoke run keeps warmup at most a tenth of its steps.
             base = load_config(run_cfg, validate=False).optimizer.warmup_steps
             overrides.append(f"optimizer.warmup_steps={min(base, args.steps // 10)}")
-    cfg = load_config(run_cfg, overrides)  # fail on a bad override before any work
+    cfg = _load_smoke_config(run_cfg, preset, overrides)  # fail on a bad override before any work
 
     if _is_rank0():
         if not corpus_dir.is_dir() or not any(corpus_dir.glob("*.json.gz")):
@@ -372,7 +376,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         if result.final_loss is None or result.first_loss is None:
             print("smoke FAILED: no loss was recorded", file=sys.stderr)
             return 1
-        if args.model == "gpt":
+        if cfg.model.objective_name == "gpt":
             # A next-token model that learned only token frequencies would score the unigram entropy.
             if result.final_loss >= entropy:
                 print("smoke FAILED: final loss is not below the unigram entropy", file=sys.stderr)
@@ -393,6 +397,43 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 SMOKE_VOCAB = 1024
 SMOKE_MIN_DROP = 0.75
+SMOKE_FAMILIES = ("gpt", "bert", "t5")
+
+
+def _smoke_run_config(model: str) -> tuple[Path, str | None]:
+    """`pretrain smoke --model X` -> (run config, preset replacing its model section or None).
+
+    gpt/bert/t5 and any X with its own configs/runs/smoke-X.yaml use that file as it is; another preset
+    name uses its family's smoke config with the model section replaced by the preset."""
+    from pretrain.config import available_presets, config_from_dict
+
+    own = CONFIG_DIR / "runs" / f"smoke-{model}.yaml"
+    if model in SMOKE_FAMILIES or own.is_file():
+        return own, None
+    if model not in available_presets():
+        raise ConfigError(
+            [
+                f"--model {model!r}: neither a family ({', '.join(SMOKE_FAMILIES)}) nor a preset in "
+                f"configs/models/; presets: {', '.join(available_presets())}"
+            ]
+        )
+    family = config_from_dict({"model": {"preset": model}}, validate=False).model.family
+    return CONFIG_DIR / "runs" / f"smoke-{family}.yaml", model
+
+
+def _load_smoke_config(run_cfg: Path, preset: str | None, overrides: list[str]) -> Config:
+    """The run config (with its model section replaced by `model.preset=PRESET`, so the family's smoke
+    shape does not override the preset's), then the dotted overrides."""
+    from pretrain.config import _merge, _read_yaml, config_from_dict, load_config, parse_overrides
+
+    if preset is None:
+        return load_config(run_cfg, overrides)
+    raw = _read_yaml(run_cfg)
+    raw["model"] = {"preset": preset}
+    over, problems = parse_overrides(overrides)
+    return config_from_dict(
+        _merge(raw, over), base_dir=run_cfg.parent, problems=problems, source=f"{run_cfg} with {preset}"
+    )
 
 
 def _is_rank0() -> bool:
