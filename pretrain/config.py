@@ -156,6 +156,11 @@ class TrainConfig:
     eval_interval: int = _f(0, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = _f(4, "micro-batches per validation-loss evaluation")
     resume: str = _f("auto", "'auto' (newest checkpoint in out_dir), 'never', or a checkpoint directory")
+    init_from: str = _f(
+        "",
+        "continued pretraining: start from this checkpoint's weights (any tp layout) with a fresh optimizer, "
+        "schedule and step 0; ignored when out_dir already has a checkpoint to resume",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "training precision (bf16/fp16 keep fp32 masters)"
     )
@@ -568,6 +573,10 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     nonneg("train.peak_tflops", t.peak_tflops)
     if not t.out_dir:
         p.append("train.out_dir='': must name the run directory")
+    if isinstance(t.init_from, str) and t.init_from and not (Path(t.init_from) / "manifest.json").is_file():
+        p.append(
+            f"train.init_from={t.init_from!r}: not a complete Tandem checkpoint directory (no manifest.json)"
+        )
     if isinstance(t.resume, str) and t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         p.append(f"train.resume={t.resume!r}: must be 'auto', 'never' or an existing checkpoint directory")
     batch_ints = _ints(t.global_batch_size, t.micro_batch_size) and t.micro_batch_size > 0

@@ -39,11 +39,13 @@ def checkpoint_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tenso
     checkpoint = Path(checkpoint)
     cfg = _checkpoint_config(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
-    if (meta.get("layout") or {}).get("tp", 1) > 1:
-        raise NotImplementedError(
-            f"{checkpoint}: saved with tensor parallelism (layout {meta['layout']}); consolidating tp shards "
-            "for loading or export is not available yet"
-        )
+    layout = meta.get("layout") or {}
+    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1:
+        # One module file per TP rank holding its shards: concatenate them along the plan's split dims.
+        from pretrain.consolidate import consolidate_tensor_parallel
+
+        state = consolidate_tensor_parallel(checkpoint, cfg.model)
+        return {k: v.float() for k, v in state.items()}, cfg
     if (cfg.parallel.zero_stage >= 1 and cfg.train.precision != "fp32") or cfg.parallel.zero_stage == 3:
         # The module file holds low-precision or partitioned weights: consolidate the fp32 masters.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -158,6 +158,20 @@ def train(cfg: Config) -> TrainResult:
         if plan != "same" and rank == 0:
             print(f"resuming {resume_from} at a new layout {layout} ({plan} load)", flush=True)
 
+    # --- continued pretraining: the source's full weights go into the model before parallelize() shards it
+    init_record: dict[str, Any] | None = None
+    if t_cfg.init_from and resume_from is not None:
+        if rank == 0:
+            print(f"train.init_from={t_cfg.init_from} ignored: resuming {resume_from}", flush=True)
+    elif t_cfg.init_from:
+        from pretrain.continued import load_init_from
+
+        init_state, init_record = load_init_from(t_cfg.init_from, cfg, tokenizer_sha256=tok.get("sha256"))
+        model.load_state_dict(init_state, strict=True)
+        del init_state
+        if rank == 0:
+            print(f"initialized from {t_cfg.init_from} (step {init_record['step']})", flush=True)
+
     engine, tp_rng = parallelize(
         model,
         topology=topo,
@@ -180,7 +194,8 @@ def train(cfg: Config) -> TrainResult:
     # --- resume
     step, consumed = 0, 0
     if resume_from is not None:
-        state, _ = checkpointer.load(resume_from, plan=plan)
+        state, resumed_meta = checkpointer.load(resume_from, plan=plan)
+        init_record = resumed_meta.get("init_from")  # a resumed continued-pretraining run keeps its source
         scheduler.load_state_dict(state["scheduler"])
         guard.load_state_dict(state.get("guard", {}))
         if tp_rng is not None and "tp_rng" in state:
@@ -250,6 +265,8 @@ def train(cfg: Config) -> TrainResult:
             "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp, "zero": cfg.parallel.zero_stage},
             "family": cfg.model.family,
         }
+        if init_record is not None:
+            meta["init_from"] = init_record
         return checkpointer.save(
             at_step, state=state, meta=meta, config_yaml=config_yaml, extra_files=extra_files
         )
@@ -263,6 +280,14 @@ def train(cfg: Config) -> TrainResult:
         own = time.time() + t_cfg.time_limit_s
         deadline = min(deadline, own) if deadline else own
     stop = StopFlag(deadline=deadline, grace_s=t_cfg.stop_grace_s).install()
+
+    if init_record is not None and resume_from is None:
+        # The source model's validation loss, before any update: step 0 of the new run.
+        result.eval_loss = evaluate(engine, cfg, objective, special["eos_id"], topo, shards=eval_shards)
+        if result.eval_loss is not None:
+            logger.log(
+                {"step": 0, "eval_loss": result.eval_loss, "eval_ppl": math.exp(min(result.eval_loss, 50.0))}
+            )
 
     # --- the loop
     engine.train()
