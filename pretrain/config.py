@@ -61,9 +61,10 @@ class ModelConfig:
     activation: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = _f(
         "gelu", "MLP activation; swiglu (Llama) and geglu (T5 v1.1, tanh GELU) are gated"
     )
-    position: Literal["learned", "rope", "relative"] = _f(
+    position: Literal["learned", "rope", "relative", "relative_xl"] = _f(
         "learned",
-        "learned absolute positions (GPT-2, BERT), rotary (RoPE), or T5's relative position buckets",
+        "learned absolute positions (GPT-2, BERT), rotary (RoPE), T5's relative position buckets, or "
+        "Transformer-XL's sinusoidal relative encoding with per-layer projection and u/v biases (Gopher)",
     )
     rope_theta: float = _f(10000.0, "RoPE base frequency")
     relative_buckets: int = _f(32, "T5 relative-position buckets")
@@ -72,6 +73,21 @@ class ModelConfig:
     bias: bool = _f(True, "biases in linear and norm layers")
     dropout: float = _f(0.0, "dropout on embeddings, attention probabilities and residual branches")
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
+    parallel_block: bool = _f(
+        False, "GPT: x + attn(norm(x)) + mlp(norm(x)) with one shared norm per block (GPT-J, PaLM)"
+    )
+    z_loss: float = _f(
+        0.0, "GPT: adds z_loss * mean(log(Z)^2) of the softmax normalizer to the loss (PaLM 1e-4)"
+    )
+    local_attention_window: int = _f(
+        0,
+        "GPT: on the locally banded layers each query sees itself and the window-1 tokens before it "
+        "(GPT-3's alternating dense / sparse layers); 0 = every layer dense",
+    )
+    local_attention_every: int = _f(
+        2,
+        "GPT: with local_attention_window > 0, layers i with (i + 1) % every == 0 are banded (2 = odd layers)",
+    )
     init_std: float = _f(0.02, "std of the normal weight init; residual projections get /sqrt(2*num_layers)")
 
     @property
@@ -477,6 +493,22 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p.append(f"model.position='relative' with model.family={m.family!r}: only T5 uses relative buckets")
     if m.family == "gpt" and m.norm_position == "post":
         p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
+    nonneg("model.z_loss", m.z_loss)
+    nonneg("model.local_attention_window", m.local_attention_window)
+    positive("model.local_attention_every", m.local_attention_every)
+    for name, value, default in (
+        ("parallel_block", m.parallel_block, False),
+        ("z_loss", m.z_loss, 0.0),
+        ("local_attention_window", m.local_attention_window, 0),
+    ):
+        if m.family != "gpt" and value != default:
+            p.append(f"model.{name}={value!r} with model.family={m.family!r}: only GPT implements it")
+    if m.position == "relative_xl" and m.family != "gpt":
+        p.append(f"model.position='relative_xl' with model.family={m.family!r}: only GPT implements it")
+    if _ints(par.tp) and par.tp > 1 and m.position == "relative_xl":
+        p.append(f"model.position='relative_xl' with parallel.tp={par.tp}: W_R and u/v have no TP split yet")
+    if _ints(par.tp) and par.tp > 1 and _nums(m.z_loss) and m.z_loss > 0:
+        p.append(f"model.z_loss={m.z_loss} with parallel.tp={par.tp}: needs the normalizer over vocab shards")
 
     if not d.shards and not d.sources:
         p.append(

@@ -26,10 +26,106 @@ class Published(NamedTuple):
     note: str  # what Tandem implements (and what it does not)
 
 
+_GPT3 = "Brown et al. 2020, table 2.1"
+_GPT3_NOTE = (
+    "GPT-2 blocks (pre-norm, GELU, learned positions, tied head); the band of the alternating locally "
+    "banded layers is not published: dense unless model.local_attention_window is set"
+)
+_PALM = "Chowdhery et al. 2022, table 1"
+_PALM_NOTE = (
+    "parallel block, SwiGLU (4 d), multi-query attention, RoPE, no biases, tied embeddings, z-loss 1e-4"
+)
+
 # preset name -> the published system it reproduces. Add one line per preset (keep the groups).
 PUBLISHED: dict[str, Published] = {
     # ---- decoder-only: GPT-3, OPT, MT-NLG, Gopher, Chinchilla, PaLM
+    "gpt3-125m": Published("GPT-3 Small", _GPT3, 125e6, _GPT3_NOTE),
+    "gpt3-350m": Published("GPT-3 Medium", _GPT3, 350e6, _GPT3_NOTE),
+    "gpt3-760m": Published("GPT-3 Large", _GPT3, 760e6, _GPT3_NOTE),
+    "gpt3-1.3b": Published(
+        "GPT-3 XL", _GPT3, 1.3e9, _GPT3_NOTE + "; 16 heads of 128 (the table's 24 x 128 != 2048)"
+    ),
+    "gpt3-2.7b": Published("GPT-3 2.7B", _GPT3, 2.7e9, _GPT3_NOTE),
+    "gpt3-6.7b": Published("GPT-3 6.7B", _GPT3, 6.7e9, _GPT3_NOTE),
+    "gpt3-13b": Published("GPT-3 13B", _GPT3, 13.0e9, _GPT3_NOTE + "; d_model 5120 = 40 x 128 (table: 5140)"),
+    "gpt3-175b": Published("GPT-3 175B", _GPT3, 175.0e9, _GPT3_NOTE),
+    "opt-175b": Published(
+        "OPT-175B",
+        "Zhang et al. 2022, table 1",
+        175e9,
+        "GPT-3 shape with ReLU MLPs, vocab 50272; export to transformers OPTForCausalLM (position offset 2)",
+    ),
+    "mt-nlg-530b": Published(
+        "MT-NLG 530B",
+        "Smith et al. 2022, sec. 3.1",
+        530e9,
+        "GPT-3 architecture at 105 layers x 20480, 128 heads; dense attention",
+    ),
+    "gopher-280b": Published(
+        "Gopher 280B",
+        "Rae et al. 2021, table 1",
+        280e9,
+        "RMSNorm, Transformer-XL relative positions (per-layer W_R, u/v biases); biases and tying not stated: "
+        "none, untied",
+    ),
+    "chinchilla-70b": Published(
+        "Chinchilla 70B",
+        "Hoffmann et al. 2022, table 4",
+        70e9,
+        "Gopher's architecture; AdamW and the tokenizer change are run/data settings",
+    ),
+    "palm-8b": Published("PaLM 8B", _PALM, 8.63e9, _PALM_NOTE),
+    "palm-62b": Published("PaLM 62B", _PALM, 62.50e9, _PALM_NOTE),
+    "palm-540b": Published("PaLM 540B", _PALM, 540.35e9, _PALM_NOTE),
     # ---- end of decoder-only
+    # ---- BERT line: RoBERTa, ALBERT
+    "roberta-base": Published(
+        "RoBERTa-base",
+        "Liu et al. 2019, table 9 + released model",
+        125e6,
+        "BERT without NSP, dynamic masking, FULL-SENTENCES packing, 50265 BPE vocab, 514 position rows",
+    ),
+    "roberta-large": Published(
+        "RoBERTa-large",
+        "Liu et al. 2019, table 9 + released model",
+        355e6,
+        "as roberta-base at BERT-large shape; recipe in configs/runs/roberta-large.yaml",
+    ),
+    "albert-base": Published(
+        "ALBERT-base",
+        "Lan et al. 2020, table 1",
+        12e6,
+        "factorized embedding E=128, all layers shared, SOP + plain (not n-gram) MLM",
+    ),
+    "albert-xxlarge": Published(
+        "ALBERT-xxlarge",
+        "Lan et al. 2020, table 1",
+        235e6,
+        "as albert-base at H=4096, 64 heads; the table's 235M is 5% above its shapes' 223.2M "
+        "(transformers' AlbertForPreTraining counts 223.2M too)",
+    ),
+    # ---- end of BERT line
+    # ---- ELECTRA, DistilBERT
+    "electra-small": Published(
+        "ELECTRA-Small",
+        "Clark et al. 2020, table 1 (shape: table 6)",
+        14e6,
+        "the discriminator (generator 1/4 wide, sharing the embeddings, not counted); the paper rounds "
+        "to whole millions: 13.55M, equal to transformers' ElectraForPreTraining",
+    ),
+    "electra-base": Published(
+        "ELECTRA-Base",
+        "Clark et al. 2020, table 8 (shape: table 6)",
+        110e6,
+        "the discriminator (generator 1/3 wide, sharing the embeddings, not counted)",
+    ),
+    "distilbert-base": Published(
+        "DistilBERT",
+        "Sanh et al. 2019, table 3",
+        66e6,
+        "6-layer BERT-Base student without token types or pooler, MLM head included (DistilBertForMaskedLM)",
+    ),
+    # ---- end of ELECTRA, DistilBERT
 }
 
 
@@ -78,7 +174,9 @@ def count_parameters(
         model = build_model(cfg)
     seen: set[int] = set()
     total = embedding = 0
-    for module in model.modules():
+    # A wrapper whose paper counts only some of its networks (ELECTRA: the discriminator) names them.
+    counted = model.published_modules() if hasattr(model, "published_modules") else [model]
+    for module in (m for root in counted for m in root.modules()):
         for param in module.parameters(recurse=False):
             if id(param) in seen:
                 continue

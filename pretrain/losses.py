@@ -56,4 +56,21 @@ class LanguageModelLoss(nn.Module):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = self.model(**inputs)  # (B, T, V), or (B, T, V/tp) under tensor parallelism
         self.metrics = {}
-        return token_cross_entropy(logits, batch["labels"], tp_group=self.tp_group, tp_size=self.tp_size)
+        loss = token_cross_entropy(logits, batch["labels"], tp_group=self.tp_group, tp_size=self.tp_size)
+        z_coef = float(getattr(getattr(self.model, "config", None), "z_loss", 0.0) or 0.0)
+        if z_coef > 0 and self.training:  # a training regularizer: validation loss stays the cross-entropy
+            z = z_loss(logits, batch["labels"], tp_size=self.tp_size)
+            self.metrics = {"z_loss": float(z.detach())}
+            loss = loss + z_coef * z
+        return loss
+
+
+def z_loss(logits: torch.Tensor, labels: torch.Tensor, *, tp_size: int = 1) -> torch.Tensor:
+    """mean(log(Z)^2) over the labelled tokens, Z = sum(exp(logits)) the softmax normalizer (PaLM,
+    Chowdhery et al. 2022, sec. 5: it keeps log Z near 0 for stability). The training loss adds
+    model.z_loss times this; the metric `z_loss` is this mean before the coefficient."""
+    if tp_size > 1:
+        raise NotImplementedError("model.z_loss with a vocabulary split over tensor-parallel ranks")
+    log_z = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
+    keep = labels != IGNORE_INDEX
+    return (log_z.square() * keep).sum() / keep.sum().clamp(min=1)

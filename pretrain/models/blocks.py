@@ -84,12 +84,36 @@ class BlockCache:
     cross_attn: LayerCache = field(default_factory=LayerCache)
 
 
-class Attention(nn.Module):
-    """Multi-head attention over the block's own input (self) or an encoder's output (cross)."""
+def sinusoid_table(length: int, dim: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(length, dim): [sin(p / 10000^(2i/dim)), cos(...)] of positions (here distances) p = 0..length-1,
+    the halves concatenated as in Transformer-XL's relative encoding."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv_freq)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :dim].to(dtype)
 
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory, *, causal: bool, scale: float | None = None):
+
+class Attention(nn.Module):
+    """Multi-head attention over the block's own input (self) or an encoder's output (cross).
+
+    `local_window` > 0 bands causal self-attention: query i sees keys i-window+1..i (GPT-3's locally banded
+    sparse layers). position=relative_xl adds Transformer-XL's relative terms (Dai et al. 2019, eq. 4):
+    score(i, j) = (q_i + u) k_j + (q_i + v) W_R r_{i-j}, with r the sinusoid of the distance, W_R this
+    layer's projection and u, v per-head biases; both are passed to the kernel as a dense additive bias."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: LayerFactory,
+        *,
+        causal: bool,
+        scale: float | None = None,
+        local_window: int = 0,
+    ):
         super().__init__()
         self.causal, self.scale = causal, scale
+        if local_window and not causal:
+            raise ValueError(f"local_window={local_window}: banded attention is defined for causal attention")
+        self.local_window = local_window
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         h, inner = cfg.hidden_size, cfg.num_heads * cfg.head_dim
         self.q_proj = layers.column_linear(h, inner, bias=cfg.bias)
@@ -98,6 +122,37 @@ class Attention(nn.Module):
         self.o_proj = layers.row_linear(inner, h, bias=cfg.bias)
         self.o_proj.is_residual_projection = True  # type: ignore[assignment]
         self.dropout = cfg.dropout
+        self.relative_xl, self.hidden_size = cfg.position == "relative_xl", h
+        if self.relative_xl:
+            self.r_proj = layers.column_linear(h, inner, bias=False)  # W_R
+            # u (content) and v (position) biases of the query; zero at init like the paper's code's default
+            self.r_content_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+            self.r_position_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+
+    def _extra_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """The banding mask and/or Transformer-XL terms as an additive bias (B or 1, H or 1, Tq, Tk), scaled
+        like q k^T; queries are the last Tq of the Tk positions (a KV cache holds the earlier ones)."""
+        if not (self.relative_xl or self.local_window):
+            return None
+        tq, tk = q.shape[-2], k.shape[-2]
+        q_pos = torch.arange(tk - tq, tk, device=q.device)
+        distance = q_pos[:, None] - torch.arange(tk, device=q.device)[None, :]  # (Tq, Tk), i - j
+        bias = torch.zeros(1, 1, tq, tk, device=q.device, dtype=q.dtype)
+        if self.relative_xl:
+            scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+            table = sinusoid_table(tk, self.hidden_size, device=q.device, dtype=q.dtype)  # (Tk, C)
+            r = self.r_proj(table).view(tk, self.num_heads, self.head_dim)  # (distances, H, D)
+            qv = q + self.r_position_bias[:, None, :].to(q.dtype)  # (B, H, Tq, D)
+            by_distance = torch.einsum("bhqd,rhd->bhqr", qv, r)  # (B, H, Tq, distances)
+            # Future keys (negative distance) are masked by causality; clamp keeps the gather in range.
+            index = distance.clamp(min=0).expand(q.shape[0], self.num_heads, tq, tk)
+            position_term = by_distance.gather(-1, index)
+            k_heads = k.repeat_interleave(self.num_heads // k.shape[1], dim=1)  # (B, H, Tk, D)
+            content_term = torch.einsum("hd,bhkd->bhk", self.r_content_bias.to(q.dtype), k_heads)[:, :, None]
+            bias = bias + scale * (position_term + content_term)
+        if self.local_window:
+            bias = bias.masked_fill(distance >= self.local_window, float("-inf"))
+        return bias
 
     def forward(
         self,
@@ -128,6 +183,11 @@ class Attention(nn.Module):
                     k = torch.cat([cache.k, k], dim=2)  # (B, Hkv, S_past + T, D)
                     v = torch.cat([cache.v, v], dim=2)  # type: ignore[list-item]
                 cache.k, cache.v = k, v
+        extra = self._extra_bias(q, k)
+        if extra is not None:
+            if isinstance(position_bias, T5Bias):
+                raise ValueError("relative_xl / banded attention cannot be combined with T5's bucketed bias")
+            position_bias = extra if position_bias is None else position_bias + extra
         y = attention(
             q,
             k,
@@ -172,7 +232,8 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention, MLP; each a residual branch.
 
-    Pre-norm (GPT-2, T5): x + f(norm(x)). Post-norm (BERT): norm(x + f(x))."""
+    Pre-norm (GPT-2, T5): x + f(norm(x)). Post-norm (BERT): norm(x + f(x)). With model.parallel_block
+    (GPT-J, PaLM): x + attn(norm(x)) + mlp(norm(x)), one norm shared by both branches."""
 
     def __init__(
         self,
@@ -182,15 +243,20 @@ class TransformerBlock(nn.Module):
         causal: bool,
         cross_attention: bool = False,
         attention_scale: float | None = None,
+        local_window: int = 0,
     ):
         super().__init__()
         self.post_norm = cfg.norm_position == "post"
+        self.parallel_block = cfg.parallel_block
+        if self.parallel_block and (self.post_norm or cross_attention):
+            raise ValueError("model.parallel_block: needs pre-norm blocks without cross-attention")
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layers, causal=causal, scale=attention_scale)
+        self.attn = Attention(cfg, layers, causal=causal, scale=attention_scale, local_window=local_window)
         if cross_attention:
             self.cross_norm = make_norm(cfg)
             self.cross_attn = Attention(cfg, layers, causal=False, scale=attention_scale)
-        self.mlp_norm = make_norm(cfg)
+        if not self.parallel_block:
+            self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg, layers)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -209,17 +275,19 @@ class TransformerBlock(nn.Module):
         context_padding_mask: torch.Tensor | None = None,
         cache: BlockCache | None = None,
     ) -> torch.Tensor:
-        x = self._residual(
-            x,
-            self.attn_norm,
-            lambda h: self.attn(
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            return self.attn(
                 h,
                 rope=rope,
                 key_padding_mask=key_padding_mask,
                 position_bias=position_bias,
                 cache=cache.self_attn if cache is not None else None,
-            ),
-        )
+            )
+
+        if self.parallel_block:
+            h = self.attn_norm(x)
+            return x + self.drop(self_attention(h)) + self.drop(self.mlp(h))
+        x = self._residual(x, self.attn_norm, self_attention)
         if context is not None:
             x = self._residual(
                 x,

@@ -1,5 +1,7 @@
 """GPT: decoder-only Transformer (Radford et al. 2019), pre-norm with a final norm; options for the
-Llama-style variant (RMSNorm, SwiGLU, RoPE, no biases, untied head, grouped-query attention)."""
+Llama-style variant (RMSNorm, SwiGLU, RoPE, no biases, untied head, grouped-query attention), GPT-3's
+alternating dense / locally banded layers, Gopher's Transformer-XL relative positions and PaLM's parallel
+block with multi-query attention (z-loss: pretrain/losses.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ from torch import nn
 from parallel.layers import LayerFactory
 from pretrain.config import ModelConfig
 from pretrain.models.blocks import BlockCache, RotaryEmbedding, TransformerBlock, init_weights, make_norm
+
+
+def local_window(cfg: ModelConfig, layer: int) -> int:
+    """Band width of layer `layer`'s self-attention (0 = dense): GPT-3 alternates dense and banded layers."""
+    every = cfg.local_attention_every
+    return cfg.local_attention_window if cfg.local_attention_window and (layer + 1) % every == 0 else 0
 
 
 class GPT(nn.Module):
@@ -29,7 +37,10 @@ class GPT(nn.Module):
             RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
         )
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg, layers, causal=True) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg, layers, causal=True, local_window=local_window(cfg, i))
+            for i in range(cfg.num_layers)
+        )
         self.final_norm = make_norm(cfg)
         self.lm_head = (
             None if cfg.tie_embeddings else layers.column_linear(cfg.hidden_size, cfg.vocab_size, bias=False)
