@@ -5,7 +5,8 @@
 2. activation checkpointing of each Transformer block (applied to the module tree `model.*.blocks`),
 3. the training wrapper (loss) and the optimizer, built on the final, sharded parameters,
 4. the DeepSpeed wrap (`deepspeed.initialize`): data parallelism, ZeRO, mixed precision, accumulation;
-   with tp > 1 the topology is passed as `mpu=` so gradients are averaged over dp only.
+   with tp > 1 the topology is passed as `mpu=` so gradients are averaged over dp only; with pp > 1 the
+   model becomes a DeepSpeed PipelineModule instead (`parallel.pipeline`: layers, tied embedding, loss).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parallelize(
     activation_checkpointing: bool = False,
     sequence_parallel: bool = False,
     seed: int = 0,
+    expert_parallel: int = 1,
+    pipeline_partition: str = "parameters",
 ) -> tuple[Any, Any]:
     """Returns (the DeepSpeed engine, the tensor-parallel RNG tracker or None)."""
     import deepspeed
@@ -62,8 +65,25 @@ def parallelize(
             sequence_parallel=sequence_parallel,
             rng_tracker=tracker,
         )
+    if expert_parallel > 1:  # Switch MoE layers keep this rank's slice of the experts (parallel/expert.py)
+        from parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, expert_parallel)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if topology.dims.pp > 1:
+        # Pipeline stages (parallel/pipeline.py) take the sharded, checkpoint-wrapped modules as layers;
+        # the loss is the pipeline's last layer, so `wrap` is not used.
+        from parallel.pipeline import pipeline_engine
+
+        engine = pipeline_engine(
+            model,
+            topology=topology,
+            ds_config=ds_config,
+            make_optimizer=make_optimizer,
+            partition_method=pipeline_partition,
+        )
+        return engine, tracker
     module = wrap(model) if wrap is not None else model
     optimizer = make_optimizer(module)
     engine, _, _, _ = deepspeed.initialize(
@@ -79,13 +99,22 @@ def parallelize(
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings; never biases or norm gains (1-D tensors).
 
-    `wd_mult` is read by megatron-core's OptimizerParamScheduler when it sets each group's weight decay."""
+    `wd_mult` is read by megatron-core's OptimizerParamScheduler when it sets each group's weight decay.
+    MoE expert weights (DeepSpeed's `allreduce=False` marker) go into groups of their own marked `moe`, as
+    DeepSpeed's engine and ZeRO optimizers require (`split_params_into_different_moe_groups_for_optimizer`)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "name": "no_decay"},
     ]
+    from parallel.expert import is_expert_param
+
+    if any(is_expert_param(p) for g in groups for p in g["params"]):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    return groups

@@ -222,6 +222,11 @@ class Checkpointer:
                 f"{path}: saved at tp={saved.get('tp')}, pp={saved.get('pp')}; this run has tp={layout['tp']}, "
                 f"pp={layout['pp']}: resharding tensor/pipeline splits is not available yet (only dp changes)"
             )
+        if max(saved.get("pp", 1), layout["pp"]) > 1:
+            raise CheckpointError(
+                f"{path}: saved at dp={saved.get('dp')}, this run has dp={layout['dp']}: a pipeline-parallel "
+                "checkpoint is loaded at its own layout only (the same tp, pp and dp)"
+            )
         if saved.get("zero", 0) == 0 and layout["zero"] == 0:
             return "plain"
         return "universal"

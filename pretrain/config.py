@@ -140,6 +140,11 @@ class ParallelConfig:
     sequence_parallel: bool = _f(
         False, "with tp > 1, shard norms and dropout along the sequence (Korthikanti 2022)"
     )
+    pp_partition: Literal["parameters", "uniform", "blocks"] = _f(
+        "parameters",
+        "with pp > 1, how layers are split into stages: balance parameters, equal layer counts, or equal "
+        "Transformer-block counts",
+    )
 
 
 @dataclass
@@ -540,10 +545,7 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             "supports ZeRO stage 0 or 1 only"
         )
     if _ints(par.pp) and par.pp > 1:
-        p.append(
-            f"parallel.pp={par.pp}: pipeline parallelism is not available in this version; use pp=1 "
-            "(tensor + data parallelism + ZeRO)"
-        )
+        p += [f"parallel.pp={par.pp}: {x}" for x in _pipeline_problems(m, par.pp)]
     if _ints(par.tp) and par.tp > 1:
         from parallel.tensor_plan import tensor_parallel_problems
 
@@ -634,6 +636,24 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     nonneg("checkpoint.interval", c.interval)
     nonneg("checkpoint.keep_last", c.keep_last)
+    return p
+
+
+def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
+    """What pipeline parallelism (parallel/pipeline.py) does not cover for this model."""
+    from pretrain.models import OBJECTIVE_MODELS
+
+    p = []
+    if m.family != "gpt":
+        p.append(f"pipeline parallelism is available for model.family=gpt only, not {m.family!r}")
+    if m.objective in OBJECTIVE_MODELS:
+        p.append(f"model.objective={m.objective!r} builds its own network, which has no pipeline layers")
+    if getattr(m, "num_experts", 0):
+        p.append("model.num_experts > 0: the experts' auxiliary losses are not carried through a pipeline")
+    if getattr(m, "z_loss", 0.0):
+        p.append("model.z_loss > 0: the pipeline's last stage computes the plain cross-entropy only")
+    if _ints(m.num_layers) and m.num_layers < pp:
+        p.append(f"model.num_layers={m.num_layers}: fewer Transformer blocks than pipeline stages")
     return p
 
 

@@ -181,9 +181,24 @@ def train(cfg: Config) -> TrainResult:
         activation_checkpointing=t_cfg.activation_checkpointing,
         sequence_parallel=cfg.parallel.sequence_parallel,
         seed=t_cfg.seed,
+        pipeline_partition=cfg.parallel.pp_partition,
     )
     module, gate = engine.module, gates[0]
     guard = StepGuard(spike_factor=t_cfg.loss_spike_factor, max_in_a_row=t_cfg.max_skipped_in_a_row)
+    pipe = None
+    if topo.dims.pp > 1:  # engine.train_batch runs the micro-batches; the guard decides inside it
+        from parallel.pipeline import PipelineStep
+
+        pipe = PipelineStep(
+            engine,
+            topology=topo,
+            family=cfg.model.family,
+            guard=guard,
+            gate=gate,
+            world_size=world,
+            own_clip=getattr(engine, "tandem_clip", 0.0),
+            measure_norm=cfg.parallel.zero_stage == 0 and t_cfg.precision == "fp32",
+        )
     if world == 1 and cfg.parallel.zero_stage == 0:
         # One rank has nothing to average, but DeepSpeed still flattens every gradient through a one-rank
         # all-reduce each step (~1% of a small model's step, measured by bench/train_throughput.py).
@@ -301,7 +316,7 @@ def train(cfg: Config) -> TrainResult:
         log_now = (step + 1) % t_cfg.log_interval == 0 or step + 1 == t_cfg.steps
         grad_norm = None
         fault = injected_fault(step + 1, rank)
-        for micro in range(loader.gas):
+        for micro in range(loader.gas if pipe is None else 0):
             loss = engine(next(loader))
             if fault:
                 loss = loss * (float("nan") if fault == "nan" else 100.0)
@@ -316,6 +331,8 @@ def train(cfg: Config) -> TrainResult:
                 skip_reason, step_loss = guard.verdict(losses, grad_norm, world_size=world)
                 gate.closed = skip_reason is not None
             engine.step()
+        if pipe is not None:
+            skip_reason, step_loss, grad_norm = pipe([next(loader) for _ in range(loader.gas)], fault)
         gate.closed = False
         step += 1
         guard.record(skip_reason, step_loss)
@@ -439,6 +456,10 @@ def evaluate(
         )
     except ValueError:
         return None  # no validation shards (or too few tokens for one sample)
+    if topo.dims.pp > 1:
+        from parallel.pipeline import evaluate_pipeline
+
+        return evaluate_pipeline(engine, cfg.model.family, batches)
     engine.eval()
     losses = [engine(b).item() for b in batches]
     engine.train()

@@ -19,7 +19,22 @@ BASE = [
 
 TABLE = {
     "zero2_with_pipeline": (1, ["parallel.zero_stage=2", "parallel.pp=2"], "supports ZeRO stage 0 or 1 only"),
-    "pipeline_not_available": (2, ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not available"),
+    "pipeline_for_gpt_only": (
+        2,
+        ["parallel.pp=2", "model.family=bert"],
+        "parallel.pp=2: pipeline parallelism is available for model.family=gpt only",
+    ),
+    "more_stages_than_blocks": (
+        4,
+        ["parallel.pp=4"],
+        "parallel.pp=4: model.num_layers=2: fewer Transformer blocks than pipeline stages",
+    ),
+    "world_not_divisible_by_pipeline": (3, ["parallel.pp=2"], "world size 3: not divisible by tp=1 x pp=2"),
+    "batch_not_divisible_under_pipeline": (
+        4,
+        ["parallel.pp=2", "train.global_batch_size=6"],
+        "must be a multiple of train.micro_batch_size=2 x dp=2",
+    ),
     "heads_not_divisible": (3, ["parallel.tp=3"], "model.num_heads=4 is not divisible by parallel.tp=3"),
     "vocab_not_divisible": (
         2,

@@ -1,0 +1,325 @@
+"""Pipeline parallelism through DeepSpeed's `PipelineModule`: a model becomes a list of layers, split
+into `parallel.pp` stages; `engine.train_batch` runs DeepSpeed's 1F1B schedule over the step's
+micro-batches (the gradient-accumulation steps) and one optimizer update.
+
+The layers are thin adapters around the modules of the already built (and, with tp > 1, already
+tensor-parallel) model, never copies of its code: the token embedding, the positions, each
+`TransformerBlock`, the final norm and the LM head of `pretrain.models.gpt.GPT` (BERT and T5 are not
+pipelined yet; configuration validation refuses them). Every rank builds the whole model once with the
+run's seed, so the pipelined model starts from exactly the one-process weights, and each stage trains
+and saves only its own layers (the full model's memory is still spent once per rank at start-up:
+building only the local stage is future work, as for tensor parallelism in `parallel.layers`).
+With tied input/output embeddings the embedding is a `TiedLayerSpec`
+held by the first and the last stage: DeepSpeed broadcasts it from the first stage at start and after
+loading, and sums its two gradients before each update (`ReduceTiedGrads`).
+
+What DeepSpeed's pipeline engine provides and what Tandem adds (read from deepspeed/runtime/pipe/):
+
+* Topology: `PipelineModule(topology=...)` takes the same `PipeModelDataParallelTopology` that
+  `parallel.topology.Topology` built (axes pipe, data, model; tp fastest), so DeepSpeed's pipeline grid
+  and Tandem's tp/dp/pp groups agree on every rank's coordinates. The engine refuses `mpu=` with a
+  PipelineModule; it uses the module's grid instead.
+* Activations and gradients travel between stages by point-to-point send/recv (gloo on CPU). DeepSpeed
+  "partitions" them over the tensor-parallel ranks by default, which assumes they are identical on
+  every TP rank; under sequence parallelism they are not, so Tandem turns partitioning off.
+* Data: only the first stage (inputs) and the last stage (labels) read batches, as `(inputs, labels)`
+  tuples; Tandem's loader still draws the step's micro-batches on every rank so the loader position in
+  every rank's checkpoint is the same.
+* Gradient norm: DeepSpeed's fp32 (ZeRO-0) clipping counts parameters without Megatron's attributes on
+  the first pipeline stage only, so with pp > 1 Tandem measures the norm itself (tensor-parallel shards
+  summed over tp, each stage's part summed over pp, the tied embedding's second copy skipped) and clips
+  with DeepSpeed's formula. Under ZeRO-1 DeepSpeed's own norm is correct (it skips the pipeline-replicated
+  copy and sums over the pipe and tp ranks).
+* Step guard: the verdict (non-finite or spiking loss) is taken inside the engine's optimizer-step
+  instruction, after the gradients are reduced and before the update, with the last stage's micro-batch
+  losses broadcast to the whole pipeline.
+* Activation checkpointing wraps the blocks of the full model (`apply_activation_checkpointing`) before
+  the layers are taken, so the pipeline's own checkpoint interval stays 0.
+* Checkpoints: the engine writes one `layer_XX-model_NN-model_states.pt` file per layer (tied copies on
+  later stages are not written; they are re-broadcast after loading) plus its optimizer and counter files.
+  Loading needs the same tp and pp; other layouts are refused by `pretrain.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PARTITION_METHODS = ("parameters", "uniform", "blocks")
+
+
+# ----------------------------------------------------------------------------- layer adapters
+class TokenEmbedding(nn.Module):
+    """The model's token embedding (plain or vocab-parallel): ids (B, T) -> (B, T, C). Tied with the LM
+    head under the key "embed"; `lm_logits` is the head's forward on the last stage."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+def lm_logits(tied: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
+    """The tied LM head, as `GPT.forward` computes it: (B, T, C) -> (B, T, V) (V/tp under TP)."""
+    weight: torch.Tensor = tied.embed.weight  # type: ignore[assignment]
+    return F.linear(x, weight)
+
+
+class GPTPositions(nn.Module):
+    """Learned positions added to the token embeddings, then embedding dropout (GPT.forward)."""
+
+    def __init__(self, pos_embed: nn.Module | None, drop: nn.Module):
+        super().__init__()
+        self.pos_embed, self.drop = pos_embed, drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(x.shape[1], device=x.device))
+        return self.drop(x)
+
+
+class GPTBlockPipe(nn.Module):
+    """One causal `TransformerBlock` (with the model's rotary table, if any): (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, block: nn.Module, rope: nn.Module | None):
+        super().__init__()
+        self.block = block
+        self.rope = rope  # the model's one table, shared by every block (buffers only, never saved)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, self.rope, None)
+
+
+class Apply(nn.Module):
+    """A module of the model applied as one pipeline layer (final norm, untied LM head)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class UntiedHead(nn.Module):
+    """An untied LM head (`lm_head`): logits = x W^T, as GPT.forward computes them."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight: torch.Tensor = self.head.weight  # type: ignore[assignment]
+        return F.linear(x, weight)
+
+
+# ----------------------------------------------------------------------------- layer lists
+def pipeline_layers(model: nn.Module) -> list[Any]:
+    """The model as a list of `LayerSpec`/`TiedLayerSpec` for `PipelineModule`, built from its own modules."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    from pretrain.models.gpt import GPT
+
+    if type(model) is GPT:
+        tied = model.lm_head is None
+        specs: list[Any] = [
+            TiedLayerSpec("embed", TokenEmbedding, model.embed, tied_weight_attr=["embed.weight"])
+            if tied
+            else LayerSpec(TokenEmbedding, model.embed),
+            LayerSpec(GPTPositions, model.pos_embed, model.drop),
+        ]
+        specs += [LayerSpec(GPTBlockPipe, block, model.rope) for block in model.blocks]
+        specs.append(LayerSpec(Apply, model.final_norm))
+        if tied:
+            specs.append(
+                TiedLayerSpec(
+                    "embed",
+                    TokenEmbedding,
+                    model.embed,
+                    forward_fn=lm_logits,
+                    tied_weight_attr=["embed.weight"],
+                )
+            )
+        else:
+            specs.append(LayerSpec(UntiedHead, model.lm_head))
+        return specs
+    raise NotImplementedError(
+        f"pipeline parallelism for {type(model).__name__}: available for GPT only (model.family=gpt)"
+    )
+
+
+def pipeline_inputs(family: str, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """An objective's batch dict -> the `(inputs, labels)` pair the pipeline engine reads."""
+    if family == "gpt":
+        extra = sorted(set(batch) - {"input_ids", "labels"})
+        if extra:
+            raise ValueError(f"pipelined GPT takes input_ids and labels only; the batch also has {extra}")
+        return batch["input_ids"], batch["labels"]
+    raise NotImplementedError(f"model.family={family!r}: no pipeline input mapping")
+
+
+# ----------------------------------------------------------------------------- engine
+def pipeline_engine(
+    model: nn.Module,
+    *,
+    topology: Any,
+    ds_config: dict[str, Any],
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    partition_method: str = "parameters",
+) -> Any:
+    """Builds the PipelineModule and DeepSpeed's PipelineEngine. `engine.tandem_clip` is the clipping
+    threshold Tandem applies itself (> 0 when DeepSpeed's own fp32 clipping is bypassed, see above)."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from pretrain.losses import token_cross_entropy
+
+    if partition_method not in PARTITION_METHODS:
+        raise ValueError(f"parallel.pp_partition={partition_method!r}: must be one of {PARTITION_METHODS}")
+    tp_group, tp_size = topology.tp_group, topology.dims.tp
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_cross_entropy(logits, labels, tp_group=tp_group, tp_size=tp_size)
+
+    method = "type:BlockPipe" if partition_method == "blocks" else partition_method
+    # no_grad: the module broadcasts the tied embedding from the first stage in place, which must not be
+    # recorded by autograd (torch warns at the first backward otherwise).
+    with torch.no_grad():
+        module = PipelineModule(
+            layers=pipeline_layers(model),
+            topology=topology.ds_topology,
+            loss_fn=loss_fn,
+            partition_method=method,
+            activation_checkpoint_interval=0,
+        )
+    ds_config = dict(ds_config)
+    # Activations differ across TP ranks under sequence parallelism: never split them over tp in transit.
+    ds_config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    own_clip = 0.0
+    plain_fp32 = not ds_config.get("bf16", {}).get("enabled") and not ds_config.get("fp16", {}).get("enabled")
+    if ds_config["zero_optimization"]["stage"] == 0 and plain_fp32:
+        own_clip = float(ds_config.get("gradient_clipping", 0.0))
+        ds_config["gradient_clipping"] = 0.0
+    optimizer = make_optimizer(module)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
+    engine.tandem_clip = own_clip
+    return engine
+
+
+@torch.no_grad()
+def pipeline_grad_norm(module: nn.Module, topology: Any) -> float:
+    """Global L2 gradient norm of a pipelined (and possibly tensor-parallel) model, after the engine has
+    reduced the gradients: TP shards summed over tp, stages summed over pp, replicated tied copies once."""
+    from parallel.tensor import is_tensor_parallel
+
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
+        if is_tensor_parallel(p):
+            sharded += sq
+        else:
+            replicated += sq
+    if topology.dims.tp > 1:
+        torch.distributed.all_reduce(sharded, group=topology.tp_group)
+    total = sharded + replicated
+    torch.distributed.all_reduce(total, group=topology.pp_group)
+    return total.sqrt().item()
+
+
+class PipelineStep:
+    """One training step of a pipeline engine with Tandem's step guard inside it.
+
+    `__call__(batches)` runs `engine.train_batch` over the step's micro-batches; at the engine's
+    optimizer-step instruction (gradients reduced, update not yet applied) it broadcasts the last stage's
+    micro-batch losses over the pipeline, measures the gradient norm (when Tandem clips), takes the guard's
+    collective verdict and closes the optimizer gate for a skipped step. Returns (skip reason or None,
+    mean loss, gradient norm or None)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        topology: Any,
+        family: str,
+        guard: Any,
+        gate: Any,
+        world_size: int,
+        own_clip: float,
+        measure_norm: bool,
+    ):
+        from deepspeed.runtime.pipe import schedule
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+
+        self.engine, self.topo, self.family = engine, topology, family
+        self.guard, self.gate, self.world_size = guard, gate, world_size
+        self.own_clip, self.measure_norm = own_clip, measure_norm
+        self.fault: str | None = None
+        self.outcome: tuple[str | None, float, float | None] | None = None
+        original = PipelineEngine._exec_optimizer_step
+
+        def guarded_optimizer_step(eng: Any, lr_kwargs: Any = None) -> None:
+            self._before_update()
+            original(eng, lr_kwargs)
+
+        # The engine dispatches instructions through self._INSTRUCTION_MAP: an instance attribute wins.
+        engine._INSTRUCTION_MAP = {
+            **PipelineEngine._INSTRUCTION_MAP,
+            schedule.OptimizerStep: guarded_optimizer_step,
+        }
+
+    def _micro_losses(self) -> list[float]:
+        eng = self.engine
+        n = eng.micro_batches
+        t = torch.zeros(n, dtype=torch.float64)
+        if eng.is_last_stage():
+            t.copy_(torch.stack([x.detach().double().reshape(()) for x in eng.fwd_outputs]))
+        torch.distributed.broadcast(t, src=eng._loss_stage_global_rank(), group=self.topo.pp_group)
+        return t.tolist()
+
+    def _before_update(self) -> None:
+        losses = self._micro_losses()
+        if self.fault:
+            losses = [x * (float("nan") if self.fault == "nan" else 100.0) for x in losses]
+        grad_norm = pipeline_grad_norm(self.engine.module, self.topo) if self.measure_norm else None
+        reason, mean = self.guard.verdict(losses, grad_norm, world_size=self.world_size)
+        if reason is None and self.own_clip > 0 and grad_norm is not None:
+            # DeepSpeed's clip_grad_norm_ formula, applied to every copy (tied copies hold the same sum).
+            coef = self.own_clip / (grad_norm + 1e-6)
+            if coef < 1.0:
+                for p in self.engine.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        self.gate.closed = reason is not None
+        self.outcome = (reason, mean, grad_norm)
+
+    def __call__(
+        self, batches: list[dict[str, torch.Tensor]], fault: str | None = None
+    ) -> tuple[str | None, float, float | None]:
+        self.fault, self.outcome = fault, None
+        pairs = [pipeline_inputs(self.family, b) for b in batches]
+        try:
+            self.engine.train_batch(iter(pairs))
+        finally:
+            self.gate.closed = False
+        assert self.outcome is not None, "the pipeline schedule ran no optimizer step"
+        return self.outcome
+
+
+@torch.no_grad()
+def evaluate_pipeline(engine: Any, family: str, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean loss over `batches` (each dp rank its own; averaged over dp by the engine and broadcast from
+    the last stage to the whole pipeline). Collective over the world."""
+    pairs = [pipeline_inputs(family, b) for b in batches]
+    loss = engine.eval_batch(iter(pairs), num_micro_batches=len(pairs))
+    return float(loss)
