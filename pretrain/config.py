@@ -89,6 +89,24 @@ class ModelConfig:
         "GPT: with local_attention_window > 0, layers i with (i + 1) % every == 0 are banded (2 = odd layers)",
     )
     init_std: float = _f(0.02, "std of the normal weight init; residual projections get /sqrt(2*num_layers)")
+    # Switch Transformer (Fedus et al. 2021): top-1 routed experts replace the MLP on some layers.
+    num_experts: int = _f(0, "experts per MoE layer (Switch top-1 routing); 0 = dense MLPs everywhere")
+    moe_every: int = _f(
+        2, "with num_experts > 0, layers 1, 1+k, 1+2k, ... (0-based) of each stack are MoE (Switch: k=2)"
+    )
+    capacity_factor: float = _f(
+        1.0, "training: each expert takes at most ceil(factor * tokens / experts) tokens, the rest drop"
+    )
+    eval_capacity_factor: float = _f(2.0, "capacity factor in evaluation (Switch paper: 2.0)")
+    moe_aux_loss_coef: float = _f(0.01, "alpha of the load-balancing loss alpha*N*sum_i f_i*P_i, per layer")
+    router_z_loss_coef: float = _f(
+        0.0, "weight of the router z-loss mean(logsumexp(router logits)^2) per layer (ST-MoE: 1e-3)"
+    )
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block `index` (0-based, within its stack) routes to experts: the Switch/HF convention
+        puts the first expert layer second (index 1), then one every `moe_every` layers."""
+        return self.num_experts > 0 and (self.moe_every == 1 or index % self.moe_every == 1)
 
     @property
     def objective_name(self) -> str:
@@ -140,6 +158,7 @@ class ParallelConfig:
     sequence_parallel: bool = _f(
         False, "with tp > 1, shard norms and dropout along the sequence (Korthikanti 2022)"
     )
+    ep: int = _f(1, "expert-parallel degree: each MoE layer's experts are split over ep data-parallel ranks")
     pp_partition: Literal["parameters", "uniform", "blocks"] = _f(
         "parameters",
         "with pp > 1, how layers are split into stages: balance parameters, equal layer counts, or equal "
@@ -564,6 +583,8 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     if par.sequence_parallel and _ints(par.tp) and par.tp == 1:
         p.append("parallel.sequence_parallel=true: needs parallel.tp > 1")
 
+    p += _moe_problems(cfg, world_size)
+
     positive("optimizer.lr", o.lr)
     nonneg("optimizer.min_lr", o.min_lr)
     if _nums(o.lr, o.min_lr) and o.min_lr > o.lr:
@@ -654,6 +675,49 @@ def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
         p.append("model.z_loss > 0: the pipeline's last stage computes the plain cross-entropy only")
     if _ints(m.num_layers) and m.num_layers < pp:
         p.append(f"model.num_layers={m.num_layers}: fewer Transformer blocks than pipeline stages")
+    return p
+
+
+def _moe_problems(cfg: Config, world_size: int | None) -> list[str]:
+    """Switch MoE options and expert parallelism (pretrain/models/moe.py, parallel/expert.py)."""
+    m, par = cfg.model, cfg.parallel
+    p: list[str] = []
+    if not _ints(m.num_experts, m.moe_every, par.ep):
+        return p
+    if m.num_experts < 0:
+        p.append(f"model.num_experts={m.num_experts}: must be >= 0 (0 = dense)")
+    if par.ep < 1:
+        p.append(f"parallel.ep={par.ep}: must be >= 1")
+    if m.num_experts <= 0:
+        if par.ep > 1:
+            p.append(f"parallel.ep={par.ep}: expert parallelism needs model.num_experts > 0")
+        return p
+    if m.moe_every < 1:
+        p.append(f"model.moe_every={m.moe_every}: must be >= 1")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        if _nums(getattr(m, name)) and getattr(m, name) <= 0:
+            p.append(f"model.{name}={getattr(m, name)}: must be > 0")
+    for name in ("moe_aux_loss_coef", "router_z_loss_coef"):
+        if _nums(getattr(m, name)) and getattr(m, name) < 0:
+            p.append(f"model.{name}={getattr(m, name)}: must be >= 0")
+    if m.family == "bert":
+        p.append(f"model.num_experts={m.num_experts} with model.family='bert': MoE layers exist for gpt and t5")
+    if par.ep >= 1 and m.num_experts % par.ep:
+        p.append(f"parallel.ep={par.ep}: must divide model.num_experts={m.num_experts}")
+    if _ints(par.tp) and par.tp > 1:
+        p.append(
+            f"parallel.tp={par.tp} with model.num_experts={m.num_experts}: MoE layers are not tensor-parallel "
+            "in this version; use tp=1 and expert parallelism (parallel.ep)"
+        )
+    if _ints(par.pp) and par.pp > 1:
+        p.append(f"parallel.pp={par.pp} with model.num_experts={m.num_experts}: MoE needs pp=1")
+    if world_size is not None and _ints(par.tp, par.pp) and par.tp * par.pp > 0 and par.ep >= 1:
+        dp = world_size // (par.tp * par.pp)
+        if dp % par.ep:
+            p.append(
+                f"parallel.ep={par.ep}: must divide the data-parallel degree dp={dp} (world {world_size} / "
+                f"tp {par.tp} / pp {par.pp}); experts are split over data-parallel ranks"
+            )
     return p
 
 

@@ -38,6 +38,17 @@ _PALM_NOTE = (
 
 # preset name -> the published system it reproduces. Add one line per preset (keep the groups).
 PUBLISHED: dict[str, Published] = {
+    # ---- Switch Transformer (MoE)
+    "switch-base-8": Published(
+        "Switch-Base 8 experts",
+        "Fedus et al. 2021 (Switch-Base, sec. 2; released checkpoint google/switch-base-8)",
+        620e6,
+        "T5-Base with top-1 routed experts (8) on every other FFN of encoder and decoder, capacity factor, "
+        "token dropping, load-balancing loss (alpha 0.01), optional router z-loss, router in fp32; expert "
+        "parallelism through DeepSpeed MoE. The paper tabulates Switch-Base at 128 experts (7B); 620M is "
+        "the 8-expert release's size",
+    ),
+    # ---- end of Switch Transformer
     # ---- decoder-only: GPT-3, OPT, MT-NLG, Gopher, Chinchilla, PaLM
     "gpt3-125m": Published("GPT-3 Small", _GPT3, 125e6, _GPT3_NOTE),
     "gpt3-350m": Published("GPT-3 Medium", _GPT3, 350e6, _GPT3_NOTE),

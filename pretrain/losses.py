@@ -34,6 +34,21 @@ def token_cross_entropy(
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def add_moe_losses(model: nn.Module, loss: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
+    """loss + the Switch MoE layers' auxiliary losses from the forward just run (load balancing, router
+    z-loss; pretrain/models/moe.py); their routing metrics are added to `metrics`."""
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "num_experts", 0):
+        return loss
+    from pretrain.models.moe import moe_layers, moe_loss_and_metrics
+
+    extra = moe_loss_and_metrics(moe_layers(model), cfg)  # type: ignore[arg-type]
+    if extra is None:
+        return loss
+    metrics.update(extra[1])
+    return loss + extra[0]
+
+
 class LanguageModelLoss(nn.Module):
     """Wraps a model so the engine's forward takes a batch dict and returns the scalar training loss.
 
@@ -62,6 +77,8 @@ class LanguageModelLoss(nn.Module):
             z = z_loss(logits, batch["labels"], tp_size=self.tp_size)
             self.metrics = {"z_loss": float(z.detach())}
             loss = loss + z_coef * z
+        if self.training:  # like the z-loss, a training regularizer: validation loss stays the CE
+            loss = add_moe_losses(self.model, loss, self.metrics)
         return loss
 
 

@@ -181,6 +181,7 @@ def train(cfg: Config) -> TrainResult:
         activation_checkpointing=t_cfg.activation_checkpointing,
         sequence_parallel=cfg.parallel.sequence_parallel,
         seed=t_cfg.seed,
+        expert_parallel=cfg.parallel.ep,
         pipeline_partition=cfg.parallel.pp_partition,
     )
     module, gate = engine.module, gates[0]

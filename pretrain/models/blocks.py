@@ -243,6 +243,7 @@ class TransformerBlock(nn.Module):
         causal: bool,
         cross_attention: bool = False,
         attention_scale: float | None = None,
+        moe: bool = False,
         local_window: int = 0,
     ):
         super().__init__()
@@ -257,7 +258,12 @@ class TransformerBlock(nn.Module):
             self.cross_attn = Attention(cfg, layers, causal=False, scale=attention_scale)
         if not self.parallel_block:
             self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg, layers)
+        if moe:  # Switch Transformer: top-1 routed expert MLPs (pretrain/models/moe.py)
+            from pretrain.models.moe import SwitchFFN
+
+            self.mlp: nn.Module = SwitchFFN(cfg, layers)
+        else:
+            self.mlp = MLP(cfg, layers)
         self.drop = nn.Dropout(cfg.dropout)
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:

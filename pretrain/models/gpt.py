@@ -38,7 +38,9 @@ class GPT(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg, layers, causal=True, local_window=local_window(cfg, i))
+            TransformerBlock(
+                cfg, layers, causal=True, local_window=local_window(cfg, i), moe=cfg.is_moe_layer(i)
+            )
             for i in range(cfg.num_layers)
         )
         self.final_norm = make_norm(cfg)

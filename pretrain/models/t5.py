@@ -30,13 +30,16 @@ class T5(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
         self.encoder_blocks = nn.ModuleList(
-            TransformerBlock(cfg, layers, causal=False, attention_scale=1.0) for _ in range(cfg.num_layers)
+            TransformerBlock(cfg, layers, causal=False, attention_scale=1.0, moe=cfg.is_moe_layer(i))
+            for i in range(cfg.num_layers)
         )
         self.encoder_norm = make_norm(cfg)
         self.decoder_bias = RelativePositionBias(cfg, bidirectional=False)
         self.decoder_blocks = nn.ModuleList(
-            TransformerBlock(cfg, layers, causal=True, cross_attention=True, attention_scale=1.0)
-            for _ in range(cfg.decoder_layers)
+            TransformerBlock(
+                cfg, layers, causal=True, cross_attention=True, attention_scale=1.0, moe=cfg.is_moe_layer(i)
+            )
+            for i in range(cfg.decoder_layers)
         )
         self.decoder_norm = make_norm(cfg)
         self.lm_head = (
