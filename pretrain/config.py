@@ -70,6 +70,15 @@ class ModelConfig:
     relative_buckets: int = _f(32, "T5 relative-position buckets")
     relative_max_distance: int = _f(128, "T5: distances beyond this share the last bucket")
     type_vocab_size: int = _f(2, "BERT token-type (segment) embeddings; 0 disables them")
+    embedding_size: int = _f(
+        0, "BERT: token embedding width E, projected to hidden_size (ALBERT's factorization); 0 = hidden"
+    )
+    share_layers: Literal["none", "all", "attention", "ffn"] = _f(
+        "none", "BERT: share every block's weights, or only attention or FFN ones, across layers (ALBERT)"
+    )
+    position_offset: int = _f(
+        0, "BERT: position table rows before position 0 (RoBERTa/fairseq reserve 2: padding_idx + 1)"
+    )
     bias: bool = _f(True, "biases in linear and norm layers")
     dropout: float = _f(0.0, "dropout on embeddings, attention probabilities and residual branches")
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
@@ -133,6 +142,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def embed_size(self) -> int:
+        """Width of BERT's token/position/type embeddings: embedding_size (ALBERT's E) or hidden_size."""
+        return self.embedding_size or self.hidden_size
 
     @property
     def head_dim(self) -> int:
@@ -515,6 +529,17 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p.append(f"model.position={m.position!r}: T5 uses position=relative (relative position buckets)")
     if m.family != "t5" and m.position == "relative":
         p.append(f"model.position='relative' with model.family={m.family!r}: only T5 uses relative buckets")
+    nonneg("model.embedding_size", m.embedding_size)
+    nonneg("model.position_offset", m.position_offset)
+    for name, value, default in (
+        ("embedding_size", m.embedding_size, 0),
+        ("share_layers", m.share_layers, "none"),
+        ("position_offset", m.position_offset, 0),
+    ):
+        if m.family != "bert" and value != default:
+            p.append(f"model.{name}={value!r} with model.family={m.family!r}: only BERT implements it")
+    if m.position_offset and m.position != "learned":
+        p.append(f"model.position_offset={m.position_offset}: needs model.position='learned'")
     if m.family == "gpt" and m.norm_position == "post":
         p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
     nonneg("model.z_loss", m.z_loss)

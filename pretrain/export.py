@@ -427,11 +427,188 @@ def _switch(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     return hf, out, target
 
 
+_BERT_LAYER_NAMES = {
+    "attn.q_proj": "attention.self.query",
+    "attn.k_proj": "attention.self.key",
+    "attn.v_proj": "attention.self.value",
+    "attn.o_proj": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "mlp.up_proj": "intermediate.dense",
+    "mlp.down_proj": "output.dense",
+    "mlp_norm": "output.LayerNorm",
+}
+
+
+def _roberta(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, pad_id: int = 0):
+    """BERT with `position_offset` -> RobertaForMaskedLM (no pooler). transformers numbers the positions of
+    non-padding tokens from pad_token_id + 1 (fairseq), Tandem's from `position_offset`: the table is
+    re-based so position i reads the same row in both, for any pad id (equal rows when they agree)."""
+    from transformers import RobertaConfig
+
+    _require(
+        cfg,
+        "RobertaForMaskedLM",
+        {
+            "norm": (cfg.norm, "layernorm"),
+            "norm_position": (cfg.norm_position, "post"),
+            "bias": (cfg.bias, True),
+            "activation": (cfg.activation, "gelu"),
+            "tie_embeddings": (cfg.tie_embeddings, True),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+            "embedding_size": (cfg.embed_size, cfg.hidden_size),
+            "share_layers": (cfg.share_layers, "none"),
+        },
+    )
+    types = sd.get("type_embed.weight")
+    if types is None:  # no segment embeddings: one all-zero type row reproduces that exactly
+        types = torch.zeros(1, cfg.hidden_size)
+    table, offset = sd["pos_embed.weight"], cfg.position_offset
+    # Rows before position 0: only padding tokens read them (their outputs are masked out everywhere).
+    before = table[:offset] if offset == pad_id + 1 else torch.zeros(pad_id + 1, table.shape[1])
+    positions = torch.cat([before, table[offset:]])  # (pad_id + 1 + max_seq_len, C)
+    hf = RobertaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ffn_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=positions.shape[0],
+        type_vocab_size=types.shape[0],
+        layer_norm_eps=cfg.norm_eps,
+        pad_token_id=pad_id,
+        tie_word_embeddings=True,
+    )
+    e = "roberta.embeddings."
+    out = {
+        e + "word_embeddings.weight": sd["embed.weight"],
+        e + "position_embeddings.weight": positions,
+        e + "token_type_embeddings.weight": types,
+        e + "LayerNorm.weight": sd["embed_norm.weight"],
+        e + "LayerNorm.bias": sd["embed_norm.bias"],
+        "lm_head.dense.weight": sd["mlm_dense.weight"],
+        "lm_head.dense.bias": sd["mlm_dense.bias"],
+        "lm_head.layer_norm.weight": sd["mlm_norm.weight"],
+        "lm_head.layer_norm.bias": sd["mlm_norm.bias"],
+        "lm_head.bias": sd["mlm_bias"],
+        "lm_head.decoder.weight": sd["embed.weight"],
+        "lm_head.decoder.bias": sd["mlm_bias"],
+    }
+    for i in range(cfg.num_layers):
+        for ours, theirs in _BERT_LAYER_NAMES.items():
+            for kind in ("weight", "bias"):
+                out[f"roberta.encoder.layer.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
+    return hf, out, "RobertaForMaskedLM"
+
+
+def _albert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    """BERT with ALBERT's options -> AlbertForPreTraining (with the sentence-order head of objective sop)
+    or AlbertForMaskedLM (without it). Unshared layers become one transformers layer group per layer."""
+    from transformers import AlbertConfig
+
+    _require(
+        cfg,
+        "AlbertForPreTraining",
+        {
+            "norm": (cfg.norm, "layernorm"),
+            "norm_position": (cfg.norm_position, "post"),
+            "position": (cfg.position, "learned"),
+            "bias": (cfg.bias, True),
+            "tie_embeddings": (cfg.tie_embeddings, True),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+            "position_offset": (cfg.position_offset, 0),
+        },
+    )
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}.get(cfg.activation)
+    if act is None:
+        raise ExportError(f"cannot export to AlbertForPreTraining: model.activation={cfg.activation!r}")
+    if cfg.share_layers not in ("none", "all"):
+        raise ExportError(
+            f"cannot export to AlbertForPreTraining: model.share_layers={cfg.share_layers!r} "
+            "(transformers shares whole layers: needs 'none' or 'all')"
+        )
+    types = sd.get("type_embed.weight")
+    if types is None:
+        types = torch.zeros(1, cfg.embed_size)
+    groups = 1 if cfg.share_layers == "all" else cfg.num_layers
+    hf = AlbertConfig(
+        vocab_size=cfg.vocab_size,
+        embedding_size=cfg.embed_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_hidden_groups=groups,
+        inner_group_num=1,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ffn_size,
+        hidden_act=act,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        classifier_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=types.shape[0],
+        layer_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=True,
+    )
+    if "embed_proj.weight" in sd:
+        proj_w, proj_b = sd["embed_proj.weight"], sd["embed_proj.bias"]
+    else:  # E == H: transformers always projects; the identity keeps the embeddings as they are
+        proj_w, proj_b = torch.eye(cfg.hidden_size), torch.zeros(cfg.hidden_size)
+    a, e = "albert.", "albert.embeddings."
+    out = {
+        e + "word_embeddings.weight": sd["embed.weight"],
+        e + "position_embeddings.weight": sd["pos_embed.weight"],
+        e + "token_type_embeddings.weight": types,
+        e + "LayerNorm.weight": sd["embed_norm.weight"],
+        e + "LayerNorm.bias": sd["embed_norm.bias"],
+        a + "encoder.embedding_hidden_mapping_in.weight": proj_w,
+        a + "encoder.embedding_hidden_mapping_in.bias": proj_b,
+        "predictions.dense.weight": sd["mlm_dense.weight"],
+        "predictions.dense.bias": sd["mlm_dense.bias"],
+        "predictions.LayerNorm.weight": sd["mlm_norm.weight"],
+        "predictions.LayerNorm.bias": sd["mlm_norm.bias"],
+        "predictions.bias": sd["mlm_bias"],
+        "predictions.decoder.weight": sd["embed.weight"],
+        "predictions.decoder.bias": sd["mlm_bias"],
+    }
+    names = {
+        "attn.q_proj": "attention.query",
+        "attn.k_proj": "attention.key",
+        "attn.v_proj": "attention.value",
+        "attn.o_proj": "attention.dense",
+        "attn_norm": "attention.LayerNorm",
+        "mlp.up_proj": "ffn",
+        "mlp.down_proj": "ffn_output",
+        "mlp_norm": "full_layer_layer_norm",
+    }
+    for g in range(groups):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                out[f"{a}encoder.albert_layer_groups.{g}.albert_layers.0.{theirs}.{kind}"] = sd[
+                    f"blocks.{g}.{ours}.{kind}"
+                ]
+    if "sop_head.weight" not in sd:
+        return hf, out, "AlbertForMaskedLM"
+    out |= {
+        a + "pooler.weight": sd["pooler.weight"],
+        a + "pooler.bias": sd["pooler.bias"],
+        "sop_classifier.classifier.weight": sd["sop_head.weight"],
+        "sop_classifier.classifier.bias": sd["sop_head.bias"],
+    }
+    return hf, out, "AlbertForPreTraining"
+
+
 def hf_mapping(cfg: ModelConfig) -> Callable:
     if cfg.num_experts:  # Switch Transformer (T5 with routed experts)
         return _switch
     if cfg.family == "bert":
-        return _bert
+        if cfg.position_offset:
+            return _roberta
+        albert = cfg.embed_size != cfg.hidden_size or cfg.share_layers != "none" or cfg.objective == "sop"
+        return _albert if albert else _bert
     if cfg.family == "t5":
         return _t5
     return _llama if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.gated else _gpt2
@@ -473,7 +650,12 @@ def export_hf(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    hf_config, weights, cls_name = hf_mapping(cfg)(cfg, sd)
+    mapping = hf_mapping(cfg)
+    if mapping is _roberta:  # its position table depends on the tokenizer's pad id
+        pad_id = int({"pad_id": 0, **(special_ids or {})}["pad_id"])
+        hf_config, weights, cls_name = _roberta(cfg, sd, pad_id=pad_id)
+    else:
+        hf_config, weights, cls_name = mapping(cfg, sd)
     # Tandem's tokenizer reserves fixed ids (data_pipeline/tokenizer.py); the manifest's record wins if given.
     for key, value in {"pad_id": 0, "bos_id": 2, "eos_id": 3, **(special_ids or {})}.items():
         if key in ("pad_id", "bos_id", "eos_id"):

@@ -14,9 +14,11 @@ from typing import Any
 
 from data_pipeline.objectives.causal_lm import CausalLM
 from data_pipeline.objectives.mlm import MaskedLM
+from data_pipeline.objectives.sentence_order import SentenceOrder
 from data_pipeline.objectives.span_corruption import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"gpt": CausalLM, "bert": MaskedLM, "t5": SpanCorruption}
+OBJECTIVES["sop"] = SentenceOrder  # ALBERT: sentence-order prediction + MLM
 
 
 def build_objective(

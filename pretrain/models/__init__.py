@@ -16,6 +16,7 @@ from pretrain.config import ModelConfig
 
 # objective name -> "module:function" building the model for it (imported lazily).
 OBJECTIVE_MODELS: dict[str, str] = {}
+OBJECTIVE_MODELS["sop"] = "pretrain.models.albert:build_sop_model"  # ALBERT: BERT + sentence-order head
 
 
 def build_family_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> nn.Module:
