@@ -29,12 +29,14 @@ VERBS = [
     ["ckpt", "verify"],
     ["ckpt", "inspect"],
     ["export"],
+    ["embed"],
     ["smoke"],
     ["scaling"],
     ["scaling", "fit"],
     ["scaling", "plan"],
     ["scaling", "sweep"],
     ["plan"],
+    ["info"],
 ]
 
 

@@ -128,6 +128,7 @@ def _eval_losses(run_dir) -> dict[int, float]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # a TP2 run under the deepspeed launcher and two TP1 runs: ~40 s on 2 idle cores
 def test_tp2_checkpoint_continues_in_a_tp1_run(shards_dir, tmp_path, run_pretrain):
     source = tmp_path / "source"
     run_pretrain(
