@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.cli_eval import register as register_eval
 
     register_eval(sub)
+    from pretrain.cli_info import register as register_info
+
+    register_info(sub)
     from pretrain.cli_embed import register as register_embed
 
     register_embed(sub)
