@@ -98,6 +98,18 @@ class ModelConfig:
         "GPT: with local_attention_window > 0, layers i with (i + 1) % every == 0 are banded (2 = odd layers)",
     )
     init_std: float = _f(0.02, "std of the normal weight init; residual projections get /sqrt(2*num_layers)")
+    # ELECTRA (objective electra) and DistilBERT (objective distill): pretrain/models/{electra,distill}.py
+    generator_hidden_fraction: float = _f(
+        0.25, "ELECTRA: generator width as a fraction of hidden_size (paper: 1/4 small, 1/3 base)"
+    )
+    discriminator_weight: float = _f(50.0, "ELECTRA: lambda, the replaced-token-detection loss weight")
+    teacher_checkpoint: str = _f(
+        "", "DistilBERT: Tandem BERT checkpoint directory of the teacher (objective distill)"
+    )
+    distill_temperature: float = _f(2.0, "DistilBERT: softmax temperature T of the soft-target loss")
+    distill_alpha_ce: float = _f(5.0, "DistilBERT: weight of the soft-target (T^2 * KL) loss")
+    distill_alpha_mlm: float = _f(2.0, "DistilBERT: weight of the student's masked-LM loss")
+    distill_alpha_cos: float = _f(1.0, "DistilBERT: weight of the hidden-state cosine loss")
     # Switch Transformer (Fedus et al. 2021): top-1 routed experts replace the MLP on some layers.
     num_experts: int = _f(0, "experts per MoE layer (Switch top-1 routing); 0 = dense MLPs everywhere")
     moe_every: int = _f(
@@ -542,6 +554,27 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p.append(f"model.position_offset={m.position_offset}: needs model.position='learned'")
     if m.family == "gpt" and m.norm_position == "post":
         p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
+    if m.objective in ("electra", "distill"):
+        if m.family != "bert":
+            p.append(f"model.objective={m.objective!r} with model.family={m.family!r}: needs family bert")
+        if _ints(par.tp) and par.tp > 1:
+            p.append(
+                f"parallel.tp={par.tp} with model.objective={m.objective!r}: the second network "
+                "(generator or teacher) is not tensor-parallel; use tp=1"
+            )
+    if _nums(m.generator_hidden_fraction) and not 0.0 < m.generator_hidden_fraction <= 1.0:
+        p.append(f"model.generator_hidden_fraction={m.generator_hidden_fraction}: must be in (0, 1]")
+    nonneg("model.discriminator_weight", m.discriminator_weight)
+    positive("model.distill_temperature", m.distill_temperature)
+    for name in ("distill_alpha_ce", "distill_alpha_mlm", "distill_alpha_cos"):
+        nonneg(f"model.{name}", getattr(m, name))
+    if m.objective == "distill" and not m.teacher_checkpoint:
+        p.append("model.teacher_checkpoint='': objective distill needs the teacher's checkpoint directory")
+    if m.teacher_checkpoint:
+        if m.objective != "distill":
+            p.append(f"model.teacher_checkpoint={m.teacher_checkpoint!r}: only objective distill uses it")
+        elif not Path(m.teacher_checkpoint).is_dir():
+            p.append(f"model.teacher_checkpoint={m.teacher_checkpoint!r}: no such checkpoint directory")
     nonneg("model.z_loss", m.z_loss)
     nonneg("model.local_attention_window", m.local_attention_window)
     positive("model.local_attention_every", m.local_attention_every)

@@ -10,6 +10,7 @@ options, rather than writing a model that would produce different logits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -68,7 +69,8 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
     `model(input_ids, attention_mask=None)` returns logits for GPT and BERT;
     `model(input_ids, decoder_input_ids=..., attention_mask=None)` for T5."""
     state, cfg = checkpoint_state_dict(checkpoint)
-    model = build_model(cfg.model)
+    # A distilled student loads on its own: its teacher is needed for training only.
+    model = build_model(dataclasses.replace(cfg.model, teacher_checkpoint=""))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(
@@ -601,7 +603,310 @@ def _albert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     return hf, out, "AlbertForPreTraining"
 
 
+def _electra(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    """ELECTRA's discriminator (pretrain/models/electra.py) -> ElectraForPreTraining; the generator stays."""
+    from transformers import ElectraConfig
+
+    _require(
+        cfg,
+        "ElectraForPreTraining",
+        {
+            "position_offset": (cfg.position_offset, 0),
+            "norm": (cfg.norm, "layernorm"),
+            "norm_position": (cfg.norm_position, "post"),
+            "position": (cfg.position, "learned"),
+            "bias": (cfg.bias, True),
+            "activation": (cfg.activation, "gelu"),
+            "share_layers": (cfg.share_layers, "none"),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+        },
+    )
+    d = "discriminator."
+    types = sd.get(d + "type_embed.weight")
+    if types is None:  # no segment embeddings: one all-zero type row reproduces that exactly
+        types = torch.zeros(1, cfg.embed_size)
+    hf = ElectraConfig(
+        vocab_size=cfg.vocab_size,
+        embedding_size=cfg.embed_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ffn_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=types.shape[0],
+        layer_norm_eps=cfg.norm_eps,
+    )
+    e = "electra.embeddings."
+    out = {
+        e + "word_embeddings.weight": sd[d + "embed.weight"],
+        e + "position_embeddings.weight": sd[d + "pos_embed.weight"],
+        e + "token_type_embeddings.weight": types,
+        e + "LayerNorm.weight": sd[d + "embed_norm.weight"],
+        e + "LayerNorm.bias": sd[d + "embed_norm.bias"],
+        "discriminator_predictions.dense.weight": sd["rtd_dense.weight"],
+        "discriminator_predictions.dense.bias": sd["rtd_dense.bias"],
+        "discriminator_predictions.dense_prediction.weight": sd["rtd_out.weight"],
+        "discriminator_predictions.dense_prediction.bias": sd["rtd_out.bias"],
+    }
+    if cfg.embed_size != cfg.hidden_size:
+        out["electra.embeddings_project.weight"] = sd[d + "embed_proj.weight"]
+        out["electra.embeddings_project.bias"] = sd[d + "embed_proj.bias"]
+    names = {
+        "attn.q_proj": "attention.self.query",
+        "attn.k_proj": "attention.self.key",
+        "attn.v_proj": "attention.self.value",
+        "attn.o_proj": "attention.output.dense",
+        "attn_norm": "attention.output.LayerNorm",
+        "mlp.up_proj": "intermediate.dense",
+        "mlp.down_proj": "output.dense",
+        "mlp_norm": "output.LayerNorm",
+    }
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                out[f"electra.encoder.layer.{i}.{theirs}.{kind}"] = sd[f"{d}blocks.{i}.{ours}.{kind}"]
+    return hf, out, "ElectraForPreTraining"
+
+
+def _distilbert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    """DistilBERT's student (pretrain/models/distill.py) -> DistilBertForMaskedLM."""
+    from transformers import DistilBertConfig
+
+    _require(
+        cfg,
+        "DistilBertForMaskedLM",
+        {
+            "position_offset": (cfg.position_offset, 0),
+            "norm": (cfg.norm, "layernorm"),
+            "norm_position": (cfg.norm_position, "post"),
+            "norm_eps": (cfg.norm_eps, 1e-12),  # DistilBERT's LayerNorms hard-code eps 1e-12
+            "position": (cfg.position, "learned"),
+            "bias": (cfg.bias, True),
+            "activation": (cfg.activation, "gelu"),
+            "tie_embeddings": (cfg.tie_embeddings, True),
+            "type_vocab_size": (cfg.type_vocab_size, 0),
+            "embedding_size": (cfg.embed_size, cfg.hidden_size),
+            "share_layers": (cfg.share_layers, "none"),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+        },
+    )
+    hf = DistilBertConfig(
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_seq_len,
+        sinusoidal_pos_embds=False,
+        n_layers=cfg.num_layers,
+        n_heads=cfg.num_heads,
+        dim=cfg.hidden_size,
+        hidden_dim=cfg.ffn_size,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.dropout,
+        activation="gelu",
+        tie_word_embeddings=True,
+    )
+    e = "distilbert.embeddings."
+    out = {
+        e + "word_embeddings.weight": sd["embed.weight"],
+        e + "position_embeddings.weight": sd["pos_embed.weight"],
+        e + "LayerNorm.weight": sd["embed_norm.weight"],
+        e + "LayerNorm.bias": sd["embed_norm.bias"],
+        "vocab_transform.weight": sd["mlm_dense.weight"],
+        "vocab_transform.bias": sd["mlm_dense.bias"],
+        "vocab_layer_norm.weight": sd["mlm_norm.weight"],
+        "vocab_layer_norm.bias": sd["mlm_norm.bias"],
+        "vocab_projector.weight": sd["embed.weight"],
+        "vocab_projector.bias": sd["mlm_bias"],
+    }
+    names = {
+        "attn.q_proj": "attention.q_lin",
+        "attn.k_proj": "attention.k_lin",
+        "attn.v_proj": "attention.v_lin",
+        "attn.o_proj": "attention.out_lin",
+        "attn_norm": "sa_layer_norm",
+        "mlp.up_proj": "ffn.lin1",
+        "mlp.down_proj": "ffn.lin2",
+        "mlp_norm": "output_layer_norm",
+    }
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                out[f"distilbert.transformer.layer.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
+    return hf, out, "DistilBertForMaskedLM"
+
+
+def _switch(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    """T5 with Switch MoE layers -> SwitchTransformersForConditionalGeneration: the T5 mapping for the
+    shared parts, then HF's names for the dense FFNs (`mlp.wi/wo`), routers and experts.
+
+    Tandem's capacity is a factor per micro batch (DeepSpeed); HF's router has a fixed `expert_capacity`
+    per sequence. The export sets it to model.max_seq_len, so the exported model never drops a token
+    (HF applies no capacity in inference otherwise), and turns HF's router jitter off (Tandem has none)."""
+    from transformers import SwitchTransformersConfig
+
+    target = "SwitchTransformersForConditionalGeneration"
+    if cfg.family != "t5":
+        raise ExportError(
+            f"cannot export model.family={cfg.family!r} with model.num_experts={cfg.num_experts}: transformers "
+            f"has an MoE class for the T5 variant only ({target})"
+        )
+    act = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}.get(cfg.activation)
+    if act is None:
+        raise ExportError(f"cannot export to {target}: model.activation={cfg.activation!r} (needs relu or gelu)")
+    for name, layers in (("num_layers", cfg.num_layers), ("num_decoder_layers", cfg.decoder_layers)):
+        if layers % cfg.moe_every:
+            raise ExportError(
+                f"cannot export to {target}: model.moe_every={cfg.moe_every} must divide model.{name}={layers} "
+                "(HF places one sparse layer every num_layers // num_sparse_layers)"
+            )
+    dense_sd = dict(sd)
+    moe: dict[str, str] = {}  # Tandem block prefix -> HF feed-forward layer prefix
+    for stack, n_layers, prefix in (
+        ("encoder", cfg.num_layers, "encoder_blocks"),
+        ("decoder", cfg.decoder_layers, "decoder_blocks"),
+    ):
+        for i in range(n_layers):
+            if cfg.is_moe_layer(i):
+                src = f"{prefix}.{i}."
+                experts = src + "mlp.moe.deepspeed_moe.experts.deepspeed_experts."
+                if f"{experts}{cfg.num_experts - 1}.up_proj.weight" not in sd:
+                    raise ExportError(
+                        f"export to {target}: {src}mlp holds fewer than model.num_experts={cfg.num_experts} "
+                        "experts (an expert-parallel shard); export a model with every expert"
+                    )
+                for name in ("up_proj", "down_proj"):  # placeholders so the dense T5 mapping runs
+                    dense_sd[f"{src}mlp.{name}.weight"] = sd[f"{experts}0.{name}.weight"]
+                moe[src] = f"{stack}.block.{i}.layer.{1 if stack == 'encoder' else 2}.mlp."
+    _, t5_out, _ = _t5(cfg, dense_sd)  # the T5 mapping reads the shared options only
+    out = {k.replace(".DenseReluDense.", ".mlp."): v for k, v in t5_out.items()}
+    for src, dst in moe.items():
+        del out[dst + "wi.weight"], out[dst + "wo.weight"]
+        out[dst + "router.classifier.weight"] = sd[src + "mlp.moe.deepspeed_moe.gate.wg.weight"]
+        for e in range(cfg.num_experts):
+            expert = f"{src}mlp.moe.deepspeed_moe.experts.deepspeed_experts.{e}."
+            out[f"{dst}experts.expert_{e}.wi.weight"] = sd[expert + "up_proj.weight"]
+            out[f"{dst}experts.expert_{e}.wo.weight"] = sd[expert + "down_proj.weight"]
+    hf = SwitchTransformersConfig(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.hidden_size,
+        d_kv=cfg.head_dim,
+        d_ff=cfg.ffn_size,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.decoder_layers,
+        num_sparse_encoder_layers=cfg.num_layers // cfg.moe_every,
+        num_sparse_decoder_layers=cfg.decoder_layers // cfg.moe_every,
+        num_heads=cfg.num_heads,
+        num_experts=cfg.num_experts,
+        expert_capacity=cfg.max_seq_len,
+        router_bias=False,
+        router_jitter_noise=0.0,
+        router_dtype="float32",
+        router_aux_loss_coef=cfg.moe_aux_loss_coef,
+        router_z_loss_coef=cfg.router_z_loss_coef,
+        relative_attention_num_buckets=cfg.relative_buckets,
+        relative_attention_max_distance=cfg.relative_max_distance,
+        dropout_rate=cfg.dropout,
+        layer_norm_epsilon=cfg.norm_eps,
+        dense_act_fn=act,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=0,
+        eos_token_id=3,
+        decoder_start_token_id=0,
+    )
+    return hf, out, target
+
+
+def _bart(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    from transformers import BartConfig
+
+    _require(
+        cfg,
+        "BartForConditionalGeneration",
+        {
+            "norm": (cfg.norm, "layernorm"),
+            "norm_position": (cfg.norm_position, "post"),
+            "position": (cfg.position, "learned"),
+            "bias": (cfg.bias, True),
+            "tie_embeddings": (cfg.tie_embeddings, True),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+            # transformers' BART LayerNorms use torch's default epsilon
+            "norm_eps": (cfg.norm_eps, 1e-5),
+        },
+    )
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}.get(cfg.activation)
+    if act is None:
+        raise ExportError(
+            f"cannot export to BartForConditionalGeneration: model.activation={cfg.activation!r}"
+        )
+    hf = BartConfig(
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_seq_len,
+        d_model=cfg.hidden_size,
+        encoder_layers=cfg.num_layers,
+        decoder_layers=cfg.decoder_layers,
+        encoder_attention_heads=cfg.num_heads,
+        decoder_attention_heads=cfg.num_heads,
+        encoder_ffn_dim=cfg.ffn_size,
+        decoder_ffn_dim=cfg.ffn_size,
+        activation_function=act,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.dropout,
+        activation_dropout=0.0,
+        scale_embedding=cfg.scale_embedding,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        decoder_start_token_id=3,  # the objective starts decoding from <eos>, as BART does
+        forced_eos_token_id=3,
+    )
+    # transformers keeps two unused rows in front of each position table (fairseq's padding offset).
+    offset = torch.zeros(2, cfg.hidden_size)
+    out = {
+        "model.shared.weight": sd["embed.weight"],
+        "model.encoder.embed_tokens.weight": sd["embed.weight"],
+        "model.decoder.embed_tokens.weight": sd["embed.weight"],
+        "lm_head.weight": sd["embed.weight"],
+        "final_logits_bias": sd["final_logits_bias"][None, :],
+    }
+    for stack in ("encoder", "decoder"):
+        out[f"model.{stack}.embed_positions.weight"] = torch.cat([offset, sd[f"{stack}_pos.weight"]])
+        for kind in ("weight", "bias"):
+            out[f"model.{stack}.layernorm_embedding.{kind}"] = sd[f"{stack}_embed_norm.{kind}"]
+    names = {
+        "attn.q_proj": "self_attn.q_proj",
+        "attn.k_proj": "self_attn.k_proj",
+        "attn.v_proj": "self_attn.v_proj",
+        "attn.o_proj": "self_attn.out_proj",
+        "attn_norm": "self_attn_layer_norm",
+        "cross_attn.q_proj": "encoder_attn.q_proj",
+        "cross_attn.k_proj": "encoder_attn.k_proj",
+        "cross_attn.v_proj": "encoder_attn.v_proj",
+        "cross_attn.o_proj": "encoder_attn.out_proj",
+        "cross_norm": "encoder_attn_layer_norm",
+        "mlp.up_proj": "fc1",
+        "mlp.down_proj": "fc2",
+        "mlp_norm": "final_layer_norm",
+    }
+    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
+        for i in range(n_layers):
+            for ours, theirs in names.items():
+                if stack == "encoder" and ours.startswith("cross"):
+                    continue
+                for kind in ("weight", "bias"):
+                    out[f"model.{stack}.layers.{i}.{theirs}.{kind}"] = sd[f"{stack}_blocks.{i}.{ours}.{kind}"]
+    return hf, out, "BartForConditionalGeneration"
+
+
 def hf_mapping(cfg: ModelConfig) -> Callable:
+    if cfg.objective == "electra":
+        return _electra
+    if cfg.objective == "distill":
+        return _distilbert
     if cfg.num_experts:  # Switch Transformer (T5 with routed experts)
         return _switch
     if cfg.family == "bert":

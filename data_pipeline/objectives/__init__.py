@@ -14,10 +14,13 @@ from typing import Any
 
 from data_pipeline.objectives.causal_lm import CausalLM
 from data_pipeline.objectives.mlm import MaskedLM
+from data_pipeline.objectives.replaced_token import ReplacedTokenDetection
 from data_pipeline.objectives.sentence_order import SentenceOrder
 from data_pipeline.objectives.span_corruption import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"gpt": CausalLM, "bert": MaskedLM, "t5": SpanCorruption}
+OBJECTIVES["electra"] = ReplacedTokenDetection  # ELECTRA: MLM input for the generator + sampling seeds
+OBJECTIVES["distill"] = MaskedLM  # DistilBERT: the teacher's masked LM
 OBJECTIVES["sop"] = SentenceOrder  # ALBERT: sentence-order prediction + MLM
 
 

@@ -16,6 +16,8 @@ from pretrain.config import ModelConfig
 
 # objective name -> "module:function" building the model for it (imported lazily).
 OBJECTIVE_MODELS: dict[str, str] = {}
+OBJECTIVE_MODELS["electra"] = "pretrain.models.electra:build_electra"  # generator + discriminator
+OBJECTIVE_MODELS["distill"] = "pretrain.models.distill:build_distilbert"  # student + frozen teacher
 OBJECTIVE_MODELS["sop"] = "pretrain.models.albert:build_sop_model"  # ALBERT: BERT + sentence-order head
 
 
