@@ -1,0 +1,67 @@
+"""The pipeline's layer list is the model: applied in order (as DeepSpeed's PipelineModule does on one
+stage) it gives GPT.forward's logits bit for bit, and it holds every parameter of the model exactly once.
+
+This is what keeps `parallel/pipeline.py` honest when GPT grows options (rotary, untied head, PaLM's
+parallel block, Transformer-XL positions, banded layers): a module the adapters forget fails here, in
+one process, before any pipeline run."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from parallel.pipeline import pipeline_inputs, pipeline_layers
+from pretrain.config import load_config
+from pretrain.models import build_model
+
+PRESETS = ["gpt-tiny", "llama-tiny", "palm-tiny", "gopher-tiny", "gpt3-tiny"]
+
+
+def compose(specs: list) -> tuple[list, list]:
+    """The layers as one stage holding all of them builds them: tied specs share one module."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    tied: dict = {}
+    funcs, modules = [], []
+    for spec in specs:
+        if isinstance(spec, TiedLayerSpec):
+            if spec.key not in tied:
+                tied[spec.key] = spec.build()
+                modules.append(tied[spec.key])
+            module = tied[spec.key]
+            funcs.append(partial(spec.forward_fn, module) if spec.forward_fn else module)
+        else:
+            module = spec.build()
+            modules.append(module)
+            funcs.append(module)
+    return funcs, modules
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_pipeline_layers_reproduce_the_model(preset):
+    cfg = load_config(None, [f"model.preset={preset}", "model.vocab_size=512"], validate=False).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    funcs, modules = compose(pipeline_layers(model))
+
+    pipeline_params = [id(p) for m in modules for p in m.parameters()]
+    assert len(pipeline_params) == len(set(pipeline_params)), "a parameter is held by two pipeline layers"
+    assert set(pipeline_params) == {id(p) for p in model.parameters()}, "a parameter is missing"
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    x, labels = pipeline_inputs("gpt", {"input_ids": ids, "labels": ids})
+    assert labels is ids
+    with torch.no_grad():
+        for f in funcs:
+            x = f(x)
+        want = model(ids)
+    # The same modules applied in the same order: identical floating-point operations.
+    assert torch.equal(x, want)
+
+
+def test_batches_with_more_than_ids_and_labels_are_refused():
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="attention_mask"):
+        pipeline_inputs("gpt", {"input_ids": ids, "labels": ids, "attention_mask": ids})
