@@ -552,6 +552,14 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             p.append(f"model.{name}={value!r} with model.family={m.family!r}: only BERT implements it")
     if m.position_offset and m.position != "learned":
         p.append(f"model.position_offset={m.position_offset}: needs model.position='learned'")
+    if m.objective == "sop" and m.family != "bert":
+        p.append(f"model.objective='sop' with model.family={m.family!r}: sentence-order prediction needs bert")
+    albert = m.objective == "sop" or m.embedding_size or m.share_layers != "none"
+    if albert and _ints(par.tp) and par.tp > 1:
+        p.append(
+            f"parallel.tp={par.tp}: ALBERT's options (model.objective=sop, embedding_size, share_layers) "
+            "are supported with tp=1 only"
+        )
     if m.family == "gpt" and m.norm_position == "post":
         p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
     if m.objective in ("electra", "distill"):
