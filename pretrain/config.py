@@ -543,13 +543,13 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p.append(f"model.position='relative' with model.family={m.family!r}: only T5 uses relative buckets")
     nonneg("model.embedding_size", m.embedding_size)
     nonneg("model.position_offset", m.position_offset)
-    for name, value, default in (
+    for bert_option, setting, off in (
         ("embedding_size", m.embedding_size, 0),
         ("share_layers", m.share_layers, "none"),
         ("position_offset", m.position_offset, 0),
     ):
-        if m.family != "bert" and value != default:
-            p.append(f"model.{name}={value!r} with model.family={m.family!r}: only BERT implements it")
+        if m.family != "bert" and setting != off:
+            p.append(f"model.{bert_option}={setting!r} with model.family={m.family!r}: only BERT implements it")
     if m.position_offset and m.position != "learned":
         p.append(f"model.position_offset={m.position_offset}: needs model.position='learned'")
     if m.objective == "sop" and m.family != "bert":
