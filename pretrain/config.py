@@ -549,11 +549,15 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         ("position_offset", m.position_offset, 0),
     ):
         if m.family != "bert" and setting != off:
-            p.append(f"model.{bert_option}={setting!r} with model.family={m.family!r}: only BERT implements it")
+            p.append(
+                f"model.{bert_option}={setting!r} with model.family={m.family!r}: only BERT implements it"
+            )
     if m.position_offset and m.position != "learned":
         p.append(f"model.position_offset={m.position_offset}: needs model.position='learned'")
     if m.objective == "sop" and m.family != "bert":
-        p.append(f"model.objective='sop' with model.family={m.family!r}: sentence-order prediction needs bert")
+        p.append(
+            f"model.objective='sop' with model.family={m.family!r}: sentence-order prediction needs bert"
+        )
     albert = m.objective == "sop" or m.embedding_size or m.share_layers != "none"
     if albert and _ints(par.tp) and par.tp > 1:
         p.append(
