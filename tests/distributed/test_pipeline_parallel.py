@@ -1,7 +1,7 @@
-"""Pipeline parallelism through `pretrain train` under the deepspeed launcher: GPT at PP2 and PP2 x TP2
-(sequence parallel) reproduces the one-process losses and gradient norms; a PP2 run resumed from its own
-checkpoint continues bit for bit; its checkpoint is sealed by the manifest (layer files included) and
-refuses to load at another layout.
+"""Pipeline parallelism through `pretrain train` under the deepspeed launcher: GPT at PP2, PP2 x TP2
+(sequence parallel) and PP2 x DP2 (ZeRO-1, activation checkpointing) reproduces the one-process losses
+and gradient norms; a PP2 run resumed from its own checkpoint continues bit for bit; its checkpoint is
+sealed by the manifest (layer files included) and refuses to load at another layout.
 
 fp32 on CPU. PP moves whole layers to another process: the forward arithmetic is the one-process
 arithmetic. What differs is the order of a few sums: the tied embedding's two gradient contributions
@@ -9,7 +9,8 @@ arithmetic. What differs is the order of a few sums: the tied embedding's two gr
 the clipping norm is a sum of per-stage float64 partial sums (DeepSpeed's one-process norm: float32
 per-parameter norms). Seen: 4e-8 relative on losses and grad norms over 4 steps, with clipping active
 (grad norms 1.7-3.3 > grad_clip 1.0). Under TP the row-parallel and vocab-parallel sums add ~1e-7
-(tests/distributed/test_tensor_parallel_train.py). 1e-5 is the project's parity bound (DESIGN.md)."""
+(tests/distributed/test_tensor_parallel_train.py); PP2 x TP2 and PP2 x DP2 seen: 1.5e-7. 1e-5 is the
+project's parity bound (DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -90,9 +91,26 @@ def test_pp2_resume_continues_exactly(pp2_run, shards_dir, tmp_path, run_pretrai
         assert (got[step]["loss"], got[step]["grad_norm"]) == (full[step]["loss"], full[step]["grad_norm"])
 
 
+FOUR_PROCESS_LAYOUTS = {
+    "pp2_tp2_sequence_parallel": {
+        "parallel.pp": 2,
+        "parallel.tp": 2,
+        "parallel.sequence_parallel": "true",
+    },
+    # ZeRO-1 computes and clips the norm in DeepSpeed's optimizer (not Tandem's), with recomputation on.
+    "pp2_dp2_zero1_checkpointing": {
+        "parallel.pp": 2,
+        "parallel.zero_stage": 1,
+        "train.activation_checkpointing": "true",
+    },
+}
+
+
 @pytest.mark.slow
-def test_pp2_tp2_sequence_parallel_matches_one_process(shards_dir, tmp_path, run_pretrain, reference):
+@pytest.mark.parametrize("name", list(FOUR_PROCESS_LAYOUTS))
+def test_four_process_pipelines_match_one_process(name, shards_dir, tmp_path, run_pretrain, reference):
     out = tmp_path / "run"
-    layout = {"parallel.pp": 2, "parallel.tp": 2, "parallel.sequence_parallel": "true"}
-    run_pretrain(args(shards_dir, out, **layout), launcher="deepspeed", nprocs=4, timeout=TIMEOUT)
-    assert_parity(read_metrics(out), reference, "pp2 x tp2 (sp)")
+    run_pretrain(
+        args(shards_dir, out, **FOUR_PROCESS_LAYOUTS[name]), launcher="deepspeed", nprocs=4, timeout=TIMEOUT
+    )
+    assert_parity(read_metrics(out), reference, name)
