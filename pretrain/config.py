@@ -34,8 +34,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     preset: str | None = _f(None, "name of a file in configs/models/ whose values this section starts from")
-    family: Literal["gpt", "bert", "t5"] = _f(
-        "gpt", "model family: decoder-only, encoder-only or encoder-decoder"
+    family: Literal["gpt", "bert", "t5", "bart"] = _f(
+        "gpt", "model family: decoder-only, encoder-only, or encoder-decoder (t5, bart)"
     )
     objective: str = _f(
         "",
@@ -82,6 +82,7 @@ class ModelConfig:
     bias: bool = _f(True, "biases in linear and norm layers")
     dropout: float = _f(0.0, "dropout on embeddings, attention probabilities and residual branches")
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
+    scale_embedding: bool = _f(False, "multiply token embeddings by sqrt(hidden_size) (bart family only)")
     parallel_block: bool = _f(
         False, "GPT: x + attn(norm(x)) + mlp(norm(x)) with one shared norm per block (GPT-J, PaLM)"
     )
@@ -564,6 +565,10 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             f"parallel.tp={par.tp}: ALBERT's options (model.objective=sop, embedding_size, share_layers) "
             "are supported with tp=1 only"
         )
+    if m.family == "bart" and m.position != "learned":
+        p.append(f"model.position={m.position!r}: BART uses position=learned (absolute position tables)")
+    if m.scale_embedding and m.family != "bart":
+        p.append(f"model.scale_embedding=true with model.family={m.family!r}: only the bart family scales")
     if m.family == "gpt" and m.norm_position == "post":
         p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
     if m.objective in ("electra", "distill"):

@@ -44,7 +44,7 @@ def flops_per_sample(
     """Training FLOPs of one sample. GPT/BERT: seq_len tokens through every block and the LM head.
     T5: seq_len encoder tokens through the encoder; target_len decoder tokens through the decoder (self and
     cross attention) and the LM head; attention terms per PaLM's 12·L·H·d·(keys attended) per query token."""
-    if cfg.family != "t5":
+    if cfg.family not in ("t5", "bart"):
         return seq_len * flops_per_token(model, cfg, seq_len)
     t = target_len or seq_len
     enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder_"))

@@ -164,6 +164,28 @@ PUBLISHED: dict[str, Published] = {
         "6-layer BERT-Base student without token types or pooler, MLM head included (DistilBertForMaskedLM)",
     ),
     # ---- end of ELECTRA, DistilBERT
+    # ---- SpanBERT and BART
+    "spanbert-base": Published(
+        "SpanBERT-base",
+        "Joshi et al. 2020, sec. 4.1 (BERT-base's shape; Devlin et al. 2019 give 110M)",
+        110e6,
+        "span masking (geometric whole-word spans, 15%, 80/10/10 per span), span-boundary head, no NSP, "
+        "cased 28,996 vocab; the paper gives no count: Tandem's includes the SBO head (2.4M) and the pooler",
+    ),
+    "bart-base": Published(
+        "BART-base",
+        "Lewis et al. 2020, sec. 2.1 (sizes: fairseq BART release, 140M)",
+        140e6,
+        "post-norm encoder-decoder with learned positions, GELU, biases, tied head + output bias; text "
+        "infilling (Poisson 3 spans, one <mask> each, 30%) + sentence permutation",
+    ),
+    "bart-large": Published(
+        "BART-large",
+        "Lewis et al. 2020, sec. 3.1 (sizes: fairseq BART release, 400M)",
+        400e6,
+        "as bart-base at 12+12 layers, hidden 1024, 16 heads (transformers counts 406.3M too)",
+    ),
+    # ---- end of SpanBERT and BART
 }
 
 

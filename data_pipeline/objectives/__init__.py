@@ -13,12 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from data_pipeline.objectives.causal_lm import CausalLM
+from data_pipeline.objectives.denoising import Denoising
 from data_pipeline.objectives.mlm import MaskedLM
 from data_pipeline.objectives.replaced_token import ReplacedTokenDetection
 from data_pipeline.objectives.sentence_order import SentenceOrder
 from data_pipeline.objectives.span_corruption import SpanCorruption
+from data_pipeline.objectives.span_masking import SpanMasking
 
 OBJECTIVES: dict[str, type] = {"gpt": CausalLM, "bert": MaskedLM, "t5": SpanCorruption}
+OBJECTIVES["span_mlm"] = SpanMasking  # SpanBERT: geometric whole-word spans + span-boundary targets
+OBJECTIVES["bart"] = Denoising  # BART: sentence permutation + text infilling (the bart family's default)
 OBJECTIVES["electra"] = ReplacedTokenDetection  # ELECTRA: MLM input for the generator + sampling seeds
 OBJECTIVES["distill"] = MaskedLM  # DistilBERT: the teacher's masked LM
 OBJECTIVES["sop"] = SentenceOrder  # ALBERT: sentence-order prediction + MLM

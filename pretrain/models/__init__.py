@@ -16,6 +16,7 @@ from pretrain.config import ModelConfig
 
 # objective name -> "module:function" building the model for it (imported lazily).
 OBJECTIVE_MODELS: dict[str, str] = {}
+OBJECTIVE_MODELS["span_mlm"] = "pretrain.models.spanbert:build_spanbert"  # SpanBERT: BERT + SBO head
 OBJECTIVE_MODELS["electra"] = "pretrain.models.electra:build_electra"  # generator + discriminator
 OBJECTIVE_MODELS["distill"] = "pretrain.models.distill:build_distilbert"  # student + frozen teacher
 OBJECTIVE_MODELS["sop"] = "pretrain.models.albert:build_sop_model"  # ALBERT: BERT + sentence-order head
@@ -31,11 +32,12 @@ def build_family_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> 
         from pretrain.models.bert import BERT
 
         return BERT(cfg, layers)
-    if cfg.family == "t5":
+    if cfg.family in ("t5", "bart"):
+        # BART is the same encoder-decoder with other options (learned positions, post-norm, GELU, biases).
         from pretrain.models.t5 import T5
 
         return T5(cfg, layers)
-    raise ValueError(f"model.family={cfg.family!r}: not implemented (available: gpt, bert, t5)")
+    raise ValueError(f"model.family={cfg.family!r}: not implemented (available: gpt, bert, t5, bart)")
 
 
 def build_model(cfg: ModelConfig, layers: LayerFactory | None = None) -> nn.Module:

@@ -27,6 +27,17 @@ class ALBERTForPretraining(BERT):
         nn.init.zeros_(self.sop_head.bias)
         self.head_drop = nn.Dropout(cfg.dropout)
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        sop_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """-> MLM logits (B, T, V). `sop_labels` is accepted and unused, so a batch of objective sop can be
+        passed as it is (`pretrain eval` then reports the masked-token perplexity)."""
+        return self.mlm_logits(self.encode(input_ids, attention_mask, token_type_ids))
+
     def heads(
         self,
         input_ids: torch.Tensor,

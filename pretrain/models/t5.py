@@ -4,9 +4,18 @@ As in the paper: pre-norm blocks with RMSNorm and no biases, no absolute positio
 relative-position buckets (one table per stack, shared by its layers, added to the attention logits),
 attention logits not scaled by 1/sqrt(d) (the initialization absorbs it), ReLU MLP or T5 v1.1's
 gated-GELU, decoder cross-attention to the encoder output, and an LM head tied to the embeddings (with
-the decoder output scaled by d_model^-0.5) or untied (v1.1)."""
+the decoder output scaled by d_model^-0.5) or untied (v1.1).
+
+The same class is BART (Lewis et al. 2020; family `bart`), chosen by config options rather than a copy:
+learned absolute position tables per stack (`position: learned`; transformers keeps 2 unused rows in front,
+which export adds), post-norm blocks (`norm_position: post`, as BERT) with a LayerNorm on the embedding sum
+and no final norm, GELU, biases, attention scaled by 1/sqrt(d), optional sqrt(d) embedding scale
+(`scale_embedding`, off in bart-base/large), and a tied head with a learned output bias (transformers'
+`final_logits_bias`) and no d_model^-0.5 rescale."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,34 +35,63 @@ class T5(nn.Module):
             )
         layers = layers or LayerFactory()
         self.config = cfg
+        relative, post = cfg.position == "relative", cfg.norm_position == "post"
+        # T5 leaves attention logits unscaled and rescales the tied head (its init absorbs both); BART does not.
+        scale = 1.0 if cfg.family == "t5" else None
+        self.rescale_tied_head = cfg.family == "t5"
         self.embed = layers.vocab_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embedding else 1.0
         self.drop = nn.Dropout(cfg.dropout)
-        self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
+        # Positions: T5's relative bucket tables, or BART's learned absolute tables (one per stack).
+        self.encoder_bias = RelativePositionBias(cfg, bidirectional=True) if relative else None
+        self.encoder_pos = None if relative else layers.embedding(cfg.max_seq_len, cfg.hidden_size)
+        # Post-norm stacks normalize the embedding sum and end normalized; pre-norm ones need a final norm.
+        self.encoder_embed_norm = make_norm(cfg) if post else None
         self.encoder_blocks = nn.ModuleList(
-            TransformerBlock(cfg, layers, causal=False, attention_scale=1.0, moe=cfg.is_moe_layer(i))
+            TransformerBlock(cfg, layers, causal=False, attention_scale=scale, moe=cfg.is_moe_layer(i))
             for i in range(cfg.num_layers)
         )
-        self.encoder_norm = make_norm(cfg)
-        self.decoder_bias = RelativePositionBias(cfg, bidirectional=False)
+        self.encoder_norm = None if post else make_norm(cfg)
+        self.decoder_bias = RelativePositionBias(cfg, bidirectional=False) if relative else None
+        self.decoder_pos = None if relative else layers.embedding(cfg.max_seq_len, cfg.hidden_size)
+        self.decoder_embed_norm = make_norm(cfg) if post else None
         self.decoder_blocks = nn.ModuleList(
             TransformerBlock(
-                cfg, layers, causal=True, cross_attention=True, attention_scale=1.0, moe=cfg.is_moe_layer(i)
+                cfg, layers, causal=True, cross_attention=True, attention_scale=scale, moe=cfg.is_moe_layer(i)
             )
             for i in range(cfg.decoder_layers)
         )
-        self.decoder_norm = make_norm(cfg)
+        self.decoder_norm = None if post else make_norm(cfg)
         self.lm_head = (
             None if cfg.tie_embeddings else layers.column_linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+        # BART's output bias over the vocabulary (zero at init; transformers' final_logits_bias).
+        self.final_logits_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.family == "bart" else None
         init_weights(self, cfg, num_residual_layers=cfg.num_layers + cfg.decoder_layers)
+
+    def _embed(self, ids: torch.Tensor, positions: nn.Module | None, norm: nn.Module | None) -> torch.Tensor:
+        """ids: (B, T) -> token (+ absolute position) embeddings, normalized for post-norm stacks: (B, T, C)."""
+        x = self.embed(ids)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if positions is not None:
+            t = ids.shape[1]
+            if t > self.config.max_seq_len:
+                raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}")
+            x = x + positions(torch.arange(t, device=ids.device))
+        if norm is not None:
+            x = norm(x)
+        return self.drop(x)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, S) -> encoder output (B, S, C)."""
-        x = self.drop(self.embed(input_ids))
-        bias = self.encoder_bias()
+        x = self._embed(input_ids, self.encoder_pos, self.encoder_embed_norm)
+        bias = self.encoder_bias() if self.encoder_bias is not None else None
         padding = attention_mask.bool() if attention_mask is not None else None
         for block in self.encoder_blocks:
             x = block(x, None, padding, bias)
+        if self.encoder_norm is None:
+            return x  # post-norm: the last block's output is normalized already
         return self.drop(self.encoder_norm(x))
 
     def decode(
@@ -65,17 +103,23 @@ class T5(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decoder_input_ids: (B, T), encoder_output: (B, S, C) -> logits (B, T, V)."""
-        y = self.drop(self.embed(decoder_input_ids))
-        bias = self.decoder_bias()
+        y = self._embed(decoder_input_ids, self.decoder_pos, self.decoder_embed_norm)
+        bias = self.decoder_bias() if self.decoder_bias is not None else None
         self_padding = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
         context_padding = attention_mask.bool() if attention_mask is not None else None
         for block in self.decoder_blocks:
             y = block(y, None, self_padding, bias, encoder_output, context_padding)
-        y = self.drop(self.decoder_norm(y))
+        if self.decoder_norm is not None:
+            y = self.drop(self.decoder_norm(y))
         if self.lm_head is None:
-            # Tied head: rescale so the logits keep the scale of the (unit-RMS) decoder output.
-            return F.linear(y * self.config.hidden_size**-0.5, self.embed.weight)
-        return self.lm_head(y)
+            # T5's tied head: rescale so the logits keep the scale of the (unit-RMS) decoder output.
+            scale = self.config.hidden_size**-0.5 if self.rescale_tied_head else 1.0
+            logits = F.linear(y * scale if scale != 1.0 else y, self.embed.weight)
+        else:
+            logits = self.lm_head(y)
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        return logits
 
     def forward(
         self,

@@ -257,6 +257,8 @@ def test_albert_pretraining_loss_is_mlm_plus_sop():
     batch = {k: torch.from_numpy(v) for k, v in obj(counter_stream(6, obj.sample_len), np.arange(6)).items()}
     loss, metrics = model.pretraining_loss(batch)
     mlm, sop = model.heads(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # as `pretrain eval` passes them
+    torch.testing.assert_close(model(**inputs), mlm, rtol=0, atol=0)
     keep = batch["labels"] != IGNORE_INDEX
     ref_mlm = torch.nn.functional.cross_entropy(mlm[keep].double(), batch["labels"][keep])
     ref_sop = torch.nn.functional.cross_entropy(sop.double(), batch["sop_labels"])
