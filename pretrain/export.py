@@ -93,6 +93,14 @@ def _require(cfg: ModelConfig, target: str, rules: dict[str, tuple[object, objec
         raise ExportError(f"cannot export to {target}: " + ", ".join(bad))
 
 
+def _plain_decoder(cfg: ModelConfig) -> dict[str, tuple[object, object]]:
+    """Rules every Hugging Face decoder target shares: sequential blocks, dense attention everywhere."""
+    return {
+        "parallel_block": (cfg.parallel_block, False),
+        "local_attention_window": (cfg.local_attention_window, 0),
+    }
+
+
 def _gpt2(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     from transformers import GPT2Config
 
@@ -100,6 +108,7 @@ def _gpt2(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         cfg,
         "GPT2LMHeadModel",
         {
+            **_plain_decoder(cfg),
             "norm": (cfg.norm, "layernorm"),
             "position": (cfg.position, "learned"),
             "bias": (cfg.bias, True),
@@ -152,6 +161,68 @@ def _gpt2(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     return hf, out, "GPT2LMHeadModel"
 
 
+def _opt(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
+    """OPT (Zhang et al. 2022): GPT-2's block with ReLU, separate q/k/v, and a position table whose first
+    two rows are never used (fairseq's padding offset: position p reads row p + 2)."""
+    from transformers import OPTConfig
+
+    _require(
+        cfg,
+        "OPTForCausalLM",
+        {
+            **_plain_decoder(cfg),
+            "norm": (cfg.norm, "layernorm"),
+            "position": (cfg.position, "learned"),
+            "activation": (cfg.activation, "relu"),
+            "bias": (cfg.bias, True),
+            "tie_embeddings": (cfg.tie_embeddings, True),
+            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+        },
+    )
+    hf = OPTConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        ffn_dim=cfg.ffn_size,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        do_layer_norm_before=True,
+        word_embed_proj_dim=cfg.hidden_size,
+        activation_function="relu",
+        enable_bias=True,
+        layer_norm_elementwise_affine=True,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    pos = sd["pos_embed.weight"]
+    out = {
+        "model.decoder.embed_tokens.weight": sd["embed.weight"],
+        "model.decoder.embed_positions.weight": torch.cat([torch.zeros_like(pos[:2]), pos]),
+        "model.decoder.final_layer_norm.weight": sd["final_norm.weight"],
+        "model.decoder.final_layer_norm.bias": sd["final_norm.bias"],
+    }
+    names = {
+        "attn.q_proj": "self_attn.q_proj",
+        "attn.k_proj": "self_attn.k_proj",
+        "attn.v_proj": "self_attn.v_proj",
+        "attn.o_proj": "self_attn.out_proj",
+        "attn_norm": "self_attn_layer_norm",
+        "mlp.up_proj": "fc1",
+        "mlp.down_proj": "fc2",
+        "mlp_norm": "final_layer_norm",
+    }
+    for i in range(cfg.num_layers):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                out[f"model.decoder.layers.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
+    return hf, out, "OPTForCausalLM"
+
+
 def _llama(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     from transformers import LlamaConfig
 
@@ -159,6 +230,7 @@ def _llama(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         cfg,
         "LlamaForCausalLM",
         {
+            **_plain_decoder(cfg),
             "norm": (cfg.norm, "rmsnorm"),
             "position": (cfg.position, "rope"),
             "activation": (cfg.activation, "swiglu"),
@@ -1001,6 +1073,8 @@ def hf_mapping(cfg: ModelConfig) -> Callable:
         return _albert if albert else _bert
     if cfg.family == "t5":
         return _t5
+    if cfg.activation == "relu" and cfg.norm == "layernorm" and cfg.position == "learned":
+        return _opt  # OPT is GPT-2's block with ReLU
     return _llama if cfg.norm == "rmsnorm" or cfg.position == "rope" or cfg.gated else _gpt2
 
 

@@ -64,7 +64,7 @@ PUBLISHED: dict[str, Published] = {
         "OPT-175B",
         "Zhang et al. 2022, table 1",
         175e9,
-        "GPT-3 shape with ReLU MLPs, learned positions, vocab 50272",
+        "GPT-3 shape with ReLU MLPs, learned positions, vocab 50272; exports to transformers' OPTForCausalLM",
     ),
     "mt-nlg-530b": Published(
         "MT-NLG 530B",
