@@ -107,7 +107,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "name": "no_decay"},
     ]

@@ -420,87 +420,6 @@ def _t5(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     return hf, out, "T5ForConditionalGeneration"
 
 
-def _switch(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
-    """T5 with Switch MoE layers -> SwitchTransformersForConditionalGeneration: the T5 mapping for the
-    shared parts, then HF's names for the dense FFNs (`mlp.wi/wo`), routers and experts.
-
-    Tandem's capacity is a factor per micro batch (DeepSpeed); HF's router has a fixed `expert_capacity`
-    per sequence. The export sets it to model.max_seq_len, so the exported model never drops a token
-    (HF applies no capacity in inference otherwise), and turns HF's router jitter off (Tandem has none)."""
-    from transformers import SwitchTransformersConfig
-
-    target = "SwitchTransformersForConditionalGeneration"
-    if cfg.family != "t5":
-        raise ExportError(
-            f"cannot export model.family={cfg.family!r} with model.num_experts={cfg.num_experts}: transformers "
-            f"has an MoE class for the T5 variant only ({target})"
-        )
-    act = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}.get(cfg.activation)
-    if act is None:
-        raise ExportError(f"cannot export to {target}: model.activation={cfg.activation!r} (needs relu or gelu)")
-    for name, layers in (("num_layers", cfg.num_layers), ("num_decoder_layers", cfg.decoder_layers)):
-        if layers % cfg.moe_every:
-            raise ExportError(
-                f"cannot export to {target}: model.moe_every={cfg.moe_every} must divide model.{name}={layers} "
-                "(HF places one sparse layer every num_layers // num_sparse_layers)"
-            )
-    dense_sd = dict(sd)
-    moe: dict[str, str] = {}  # Tandem block prefix -> HF feed-forward layer prefix
-    for stack, n_layers, prefix in (
-        ("encoder", cfg.num_layers, "encoder_blocks"),
-        ("decoder", cfg.decoder_layers, "decoder_blocks"),
-    ):
-        for i in range(n_layers):
-            if cfg.is_moe_layer(i):
-                src = f"{prefix}.{i}."
-                experts = src + "mlp.moe.deepspeed_moe.experts.deepspeed_experts."
-                if f"{experts}{cfg.num_experts - 1}.up_proj.weight" not in sd:
-                    raise ExportError(
-                        f"export to {target}: {src}mlp holds fewer than model.num_experts={cfg.num_experts} "
-                        "experts (an expert-parallel shard); export a model with every expert"
-                    )
-                for name in ("up_proj", "down_proj"):  # placeholders so the dense T5 mapping runs
-                    dense_sd[f"{src}mlp.{name}.weight"] = sd[f"{experts}0.{name}.weight"]
-                moe[src] = f"{stack}.block.{i}.layer.{1 if stack == 'encoder' else 2}.mlp."
-    _, t5_out, _ = _t5(cfg, dense_sd)  # the T5 mapping reads the shared options only
-    out = {k.replace(".DenseReluDense.", ".mlp."): v for k, v in t5_out.items()}
-    for src, dst in moe.items():
-        del out[dst + "wi.weight"], out[dst + "wo.weight"]
-        out[dst + "router.classifier.weight"] = sd[src + "mlp.moe.deepspeed_moe.gate.wg.weight"]
-        for e in range(cfg.num_experts):
-            expert = f"{src}mlp.moe.deepspeed_moe.experts.deepspeed_experts.{e}."
-            out[f"{dst}experts.expert_{e}.wi.weight"] = sd[expert + "up_proj.weight"]
-            out[f"{dst}experts.expert_{e}.wo.weight"] = sd[expert + "down_proj.weight"]
-    hf = SwitchTransformersConfig(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.hidden_size,
-        d_kv=cfg.head_dim,
-        d_ff=cfg.ffn_size,
-        num_layers=cfg.num_layers,
-        num_decoder_layers=cfg.decoder_layers,
-        num_sparse_encoder_layers=cfg.num_layers // cfg.moe_every,
-        num_sparse_decoder_layers=cfg.decoder_layers // cfg.moe_every,
-        num_heads=cfg.num_heads,
-        num_experts=cfg.num_experts,
-        expert_capacity=cfg.max_seq_len,
-        router_bias=False,
-        router_jitter_noise=0.0,
-        router_dtype="float32",
-        router_aux_loss_coef=cfg.moe_aux_loss_coef,
-        router_z_loss_coef=cfg.router_z_loss_coef,
-        relative_attention_num_buckets=cfg.relative_buckets,
-        relative_attention_max_distance=cfg.relative_max_distance,
-        dropout_rate=cfg.dropout,
-        layer_norm_epsilon=cfg.norm_eps,
-        dense_act_fn=act,
-        tie_word_embeddings=cfg.tie_embeddings,
-        pad_token_id=0,
-        eos_token_id=3,
-        decoder_start_token_id=0,
-    )
-    return hf, out, target
-
-
 _BERT_LAYER_NAMES = {
     "attn.q_proj": "attention.self.query",
     "attn.k_proj": "attention.self.key",
@@ -861,7 +780,7 @@ def _switch(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
             expert = f"{src}mlp.moe.deepspeed_moe.experts.deepspeed_experts.{e}."
             out[f"{dst}experts.expert_{e}.wi.weight"] = sd[expert + "up_proj.weight"]
             out[f"{dst}experts.expert_{e}.wo.weight"] = sd[expert + "down_proj.weight"]
-    hf = SwitchTransformersConfig(
+    hf = SwitchTransformersConfig(  # type: ignore[call-arg]
         vocab_size=cfg.vocab_size,
         d_model=cfg.hidden_size,
         d_kv=cfg.head_dim,

@@ -129,3 +129,117 @@ def test_layer_placement_and_validation():
         load_config(None, ["data.shards=x", "model.preset=switch-tiny", "parallel.ep=4"], world_size=2)
     with pytest.raises(ConfigError, match=r"parallel.ep=2: expert parallelism needs model.num_experts > 0"):
         load_config(None, ["data.shards=x", "model.preset=t5-tiny", "parallel.ep=2"])
+
+
+# ----------------------------------------------------------------------------- published size, export
+
+
+def test_switch_base_8_parameter_count():
+    """Tandem's switch-base-8 has exactly the parameters of transformers' SwitchTransformers built with
+    google/switch-base-8's published config, and is within 2% of the release's ~620M."""
+    import transformers
+
+    from pretrain.lineage import PUBLISHED, count_parameters
+
+    total = count_parameters("switch-base-8")["total"]
+    hf_cfg = transformers.SwitchTransformersConfig(
+        vocab_size=32128,
+        d_model=768,
+        d_kv=64,
+        d_ff=3072,
+        num_layers=12,
+        num_decoder_layers=12,
+        num_sparse_encoder_layers=6,
+        num_sparse_decoder_layers=6,
+        num_heads=12,
+        num_experts=8,
+    )
+    with torch.device("meta"):
+        hf = transformers.SwitchTransformersForConditionalGeneration(hf_cfg)
+    assert total == sum(p.numel() for p in hf.parameters())  # parameters() counts tied tensors once
+    assert abs(total / PUBLISHED["switch-base-8"].params - 1) < 0.02, total
+
+
+def test_export_to_switch_transformers_reproduces_logits(tmp_path):
+    import transformers
+
+    from pretrain.export import export_hf
+    from pretrain.models import build_model
+    from pretrain.models.moe import moe_layers
+
+    vocab = 300
+    # eval_capacity_factor = num_experts: every expert may take every token, so neither side drops any
+    # (HF's per-sequence capacity is set to max_seq_len by the export); asserted below.
+    cfg = load_config(
+        None,
+        [
+            "data.shards=unused",
+            "model.preset=switch-tiny",
+            f"model.vocab_size={vocab}",
+            "model.eval_capacity_factor=4",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():  # move norms off their init values so their mapping is exercised
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert export_hf(model, cfg.model, tmp_path) == "SwitchTransformersForConditionalGeneration"
+    hf = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, vocab, (2, 19))
+    dec = torch.randint(0, vocab, (2, 7))
+    mask = torch.ones(2, 19, dtype=torch.long)
+    mask[1, 13:] = 0
+    with torch.no_grad():
+        ours = model(ids, decoder_input_ids=dec, attention_mask=mask)
+        theirs = hf(input_ids=ids, decoder_input_ids=dec, attention_mask=mask).logits
+    layers = moe_layers(model)
+    assert len(layers) == 2 and all(m.stats is not None and m.stats.dropped == 0 for m in layers)
+    # Same tolerance and reasoning as tests/unit/test_export.py: fp32 on both sides, only the order of
+    # operations differs (~1e-7); a wrong expert, router or scale moves logits by O(0.1).
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_moe_without_a_transformers_class(tmp_path):
+    from pretrain.export import ExportError, export_hf
+    from pretrain.models import build_model
+
+    cfg = load_config(None, ["data.shards=unused", "model.preset=gpt-moe-tiny", "model.vocab_size=300"])
+    with pytest.raises(ExportError, match=r"model.family='gpt' with model.num_experts=4"):
+        export_hf(build_model(cfg.model), cfg.model, tmp_path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_switch_tiny_trains_with_falling_loss(shards_dir, tmp_path):
+    import numpy as np
+
+    from pretrain.train import train
+    from tests.conftest import read_metrics, tiny_overrides
+
+    steps = 30
+    overrides = tiny_overrides(
+        shards_dir,
+        tmp_path / "run",
+        **{
+            "model.preset": "switch-tiny",
+            "train.steps": steps,
+            "data.seq_len": 32,
+            "checkpoint.save_final": "false",
+            "optimizer.warmup_steps": 3,
+            "optimizer.lr": "3e-3",  # span corruption on 4 experts learns slowly at 1e-3 (seen: -4% in 30 steps)
+        },
+    )
+    train(load_config(None, overrides))
+    metrics = read_metrics(tmp_path / "run")
+    first = np.mean([metrics[s]["loss"] for s in range(1, 4)])
+    last = np.mean([metrics[s]["loss"] for s in range(steps - 2, steps + 1)])
+    # From ~ln(512) = 6.2 at init, 30 steps at lr 3e-3 bring span corruption's loss down; a 10% drop
+    # leaves room for the noise of 8-sequence batches (a few % per step).
+    assert last < 0.9 * first, (first, last)
+    rec = metrics[steps]
+    for key in ("moe_aux_loss", "expert_utilization", "expert_load_max", "capacity_overflow"):
+        assert math.isfinite(rec[key]), key
+    assert rec["moe_aux_loss"] > 0.0
+    assert 0.0 < rec["expert_utilization"] <= 1.0 and 0.0 <= rec["capacity_overflow"] < 1.0
