@@ -292,9 +292,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             return _fail("; ".join(problems))
         train_rows, eval_rows = read_jsonl(args.train, required=keys), read_jsonl(args.eval, required=keys)
         model, cfg, checkpoint = _load(args)
-        if cfg.model.family != TASKS[args.task]:
+        if cfg.model.family not in TASKS[args.task]:
             return _fail(
-                f"--task {args.task} needs a {TASKS[args.task].upper()} checkpoint; {checkpoint} is "
+                f"--task {args.task} needs a {' or '.join(TASKS[args.task]).upper()} checkpoint; {checkpoint} is "
                 f"{cfg.model.family!r}"
             )
         tok = _tokenizer(args, cfg, checkpoint)

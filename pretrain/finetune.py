@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -324,12 +324,15 @@ def greedy_decode_t5(
     max_len: int,
     eos_id: int,
     pad_id: int,
+    start_id: int | None = None,
 ) -> list[list[int]]:
-    """Batched greedy decoding from the pad start token (as in pretraining), each row up to and excluding its
+    """Batched greedy decoding from the start token of pretraining (`start_id`; T5's is the pad id, the
+    default; BART's is <eos>), each row up to and excluding its
     first <eos>. The encoder runs once; the decoder re-reads its prefix every step (T5 has no cached decode
     path here; targets are short)."""
     encoded = model.encode(input_ids, attention_mask)  # type: ignore[operator]  # (B, S, C)
-    out = torch.full((input_ids.shape[0], 1), pad_id, dtype=torch.long, device=input_ids.device)
+    start = pad_id if start_id is None else start_id
+    out = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_len):
         logits = model.decode(out, encoded, attention_mask=attention_mask)  # type: ignore[operator]
@@ -355,6 +358,7 @@ def beam_decode_t5(
     max_len: int,
     eos_id: int,
     pad_id: int,
+    start_id: int | None = None,
 ) -> list[list[int]]:
     """Beam search (`pretrain.generate.beam_search`) per row from the pad start token, each result up to and
     excluding its <eos>. The encoder runs once per row; every beam re-reads its decoder prefix each step."""
@@ -368,7 +372,7 @@ def beam_decode_t5(
             num_beams=num_beams,
             max_len=max_len,
             eos_id=eos_id,
-            pad_id=pad_id,
+            pad_id=pad_id if start_id is None else start_id,
         )
         rows.append(ids[: ids.index(eos_id)] if eos_id in ids else ids)
     return rows
@@ -415,14 +419,15 @@ def finetune_text2text(
     log: Callable[[str], None] = print,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tunes a T5 (all parameters, no new layers) on input -> target pairs; returns it and the metrics."""
-    if cfg.model.family != "t5":
+    if cfg.model.family not in TASKS["text2text"]:
         raise ValueError(
-            f"--task text2text needs a T5 checkpoint; this one is model.family={cfg.model.family!r}"
+            f"--task text2text needs a T5 or BART checkpoint; this one is model.family={cfg.model.family!r}"
         )
     problems = opts.problems()
     if problems:
         raise ValueError("fine-tuning options: " + "; ".join(problems))
     eos, pad = int(tokenizer.eos_id), int(tokenizer.pad_id)
+    start = eos if cfg.model.family == "bart" else pad  # the decoder start token of pretraining
     max_len = min(opts.max_len, int(cfg.model.max_seq_len))
 
     def encode(rows: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
@@ -439,8 +444,8 @@ def finetune_text2text(
         x = _pad(src, pad)
         mask = _pad([[1] * len(r) for r in src], 0)
         labels = _pad(tgt, IGNORE_INDEX)  # (B, U)
-        # Teacher forcing: the decoder reads the target shifted right behind the pad start token.
-        dec_in = _pad([[pad, *t[:-1]] for t in tgt], pad)
+        # Teacher forcing: the decoder reads the target shifted right behind the start token.
+        dec_in = _pad([[start, *t[:-1]] for t in tgt], pad)
         logits = model(x, dec_in, attention_mask=mask)  # (B, U, V)
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -468,10 +473,11 @@ def finetune_text2text(
                     max_len=opts.max_target_len,
                     eos_id=eos,
                     pad_id=pad,
+                    start_id=start,
                 )
             else:
                 decoded = greedy_decode_t5(
-                    model, x, mask, max_len=opts.max_target_len, eos_id=eos, pad_id=pad
+                    model, x, mask, max_len=opts.max_target_len, eos_id=eos, pad_id=pad, start_id=start
                 )
             for i, ids in zip(idx, decoded):
                 text, ref = tokenizer.decode(ids).strip(), str(eval_rows[i]["target"]).strip()
@@ -494,4 +500,5 @@ def finetune_text2text(
     return model, info
 
 
-TASKS: dict[str, Literal["bert", "t5"]] = {"classify": "bert", "text2text": "t5"}
+# task -> the model families it fine-tunes
+TASKS: dict[str, tuple[str, ...]] = {"classify": ("bert",), "text2text": ("t5", "bart")}

@@ -481,3 +481,38 @@ def test_tiny_preset_trains_with_falling_loss(preset, shards_dir, tmp_path):
     if preset == "spanbert-tiny":
         assert {"mlm_loss", "sbo_loss"} <= set(metrics[steps])
         assert all(math.isfinite(metrics[steps][k]) for k in ("mlm_loss", "sbo_loss"))
+
+
+def test_bart_fine_tunes_text_to_text_from_its_eos_start_token(tok):
+    from pretrain.finetune import FinetuneOptions, finetune_text2text, greedy_decode_t5
+
+    tokenizer = Tokenizer(tok["path"])
+    eos, pad = int(tokenizer.eos_id), int(tokenizer.pad_id)
+    cfg = load_config(
+        None, ["data.shards=unused", "model.preset=bart-tiny", f"model.vocab_size={tok['vocab_size']}"]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    src = torch.randint(7, 300, (2, 9))
+    mask = torch.ones_like(src)
+    decoded = greedy_decode_t5(model, src, mask, max_len=4, eos_id=eos, pad_id=pad, start_id=eos)
+    with torch.no_grad():  # the same argmax loop written out, from BART's <eos> start token
+        prefix = torch.full((2, 1), eos)
+        for _ in range(4):
+            prefix = torch.cat([prefix, model(src, prefix, attention_mask=mask)[:, -1:].argmax(-1)], dim=1)
+    for row, ids in zip(prefix[:, 1:].tolist(), decoded):
+        assert ids == (row[: row.index(eos)] if eos in row else row)
+
+    rows = [{"input": f"copy the word number {i}", "target": f"number {i}"} for i in range(8)]
+    opts = FinetuneOptions(epochs=2, lr=1e-3, batch_size=4, max_len=16, max_target_len=6)
+    _, info = finetune_text2text(model, cfg, tokenizer, rows[:6], rows[6:], opts, log=lambda _: None)
+    assert info["task"] == "text2text" and math.isfinite(info["eval_loss"])
+    with pytest.raises(ValueError, match="T5 or BART"):
+        finetune_text2text(
+            build_model(tiny_cfg("bert-tiny")),
+            load_config(None, ["data.shards=unused", "model.preset=bert-tiny"]),
+            tokenizer,
+            rows,
+            rows,
+            opts,
+        )
