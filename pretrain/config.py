@@ -105,7 +105,7 @@ class ModelConfig:
     )
     discriminator_weight: float = _f(50.0, "ELECTRA: lambda, the replaced-token-detection loss weight")
     teacher_checkpoint: str = _f(
-        "", "DistilBERT: Tandem BERT checkpoint directory of the teacher (objective distill)"
+        "", "DistilBERT: the teacher's Tandem BERT checkpoint, or its run directory (newest checkpoint)"
     )
     distill_temperature: float = _f(2.0, "DistilBERT: softmax temperature T of the soft-target loss")
     distill_alpha_ce: float = _f(5.0, "DistilBERT: weight of the soft-target (T^2 * KL) loss")

@@ -235,7 +235,8 @@ def count_parameters(
     seen: set[int] = set()
     total = embedding = 0
     # A wrapper whose paper counts only some of its networks (ELECTRA: the discriminator) names them.
-    counted = model.published_modules() if hasattr(model, "published_modules") else [model]
+    published = getattr(model, "published_modules", None)
+    counted: list[nn.Module] = published() if callable(published) else [model]
     for module in (m for root in counted for m in root.modules()):
         for param in module.parameters(recurse=False):
             if id(param) in seen:

@@ -164,6 +164,23 @@ def _check_teacher(student: ModelConfig, teacher: ModelConfig, path: str) -> Non
         )
 
 
+def teacher_checkpoint_dir(path: str) -> Path:
+    """`model.teacher_checkpoint` -> a checkpoint directory: itself, or a run directory's newest complete
+    checkpoint (so `model.teacher_checkpoint=RUN_DIR` follows the teacher run)."""
+    from pretrain.checkpoint import MANIFEST, Checkpointer
+
+    p = Path(path)
+    if (p / MANIFEST).is_file():  # a checkpoint (a run directory has a config.yaml too, but no manifest)
+        return p
+    latest = Checkpointer(p, None, rank=0, world_size=1).latest() if p.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(
+            f"model.teacher_checkpoint={path!r}: neither a Tandem checkpoint directory nor a run directory "
+            "with a complete checkpoint"
+        )
+    return latest
+
+
 def build_distilbert(cfg: ModelConfig, layers: LayerFactory | None = None) -> DistilBERT:
     """`OBJECTIVE_MODELS["distill"]`: the student, with its teacher when `model.teacher_checkpoint` is set."""
     if not cfg.teacher_checkpoint:
@@ -171,9 +188,7 @@ def build_distilbert(cfg: ModelConfig, layers: LayerFactory | None = None) -> Di
     from pretrain.export import load_model
 
     path = cfg.teacher_checkpoint
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model.teacher_checkpoint={path!r}: no such checkpoint directory")
-    teacher, teacher_cfg = load_model(path)
+    teacher, teacher_cfg = load_model(teacher_checkpoint_dir(path))
     if not isinstance(teacher, BERT):
         raise ValueError(f"model.teacher_checkpoint={path!r}: holds a {type(teacher).__name__}, not a BERT")
     _check_teacher(cfg, teacher_cfg.model, path)

@@ -16,8 +16,9 @@ import transformers
 from data_pipeline.objectives import OBJECTIVES, build_objective
 from data_pipeline.objectives.mlm import IGNORE_INDEX
 from parallel.parallelize import param_groups
+from pretrain.checkpoint import Checkpointer
 from pretrain.config import ConfigError, load_config
-from pretrain.export import export_hf
+from pretrain.export import checkpoint_state_dict, export_hf, load_model
 from pretrain.lineage import PUBLISHED, count_parameters
 from pretrain.models import build_model
 from pretrain.models.bert import BERT
@@ -405,7 +406,8 @@ def test_distilbert_tiny_trains_from_a_tandem_teacher_with_falling_loss(shards_d
         tmp_path / "student",
         "distilbert-tiny",
         steps,
-        **{"model.teacher_checkpoint": teacher.checkpoint, "checkpoint.save_final": "false"},
+        # The teacher's run directory: its newest complete checkpoint is the teacher.
+        **{"model.teacher_checkpoint": tmp_path / "teacher"},
     )
     first = np.mean([metrics[s]["loss"] for s in range(1, 6)])
     last = np.mean([metrics[s]["loss"] for s in range(steps - 4, steps + 1)])
@@ -418,3 +420,9 @@ def test_distilbert_tiny_trains_from_a_tandem_teacher_with_falling_loss(shards_d
     gap = [metrics[s]["mlm_loss"] - metrics[s]["teacher_mlm_loss"] for s in range(1, steps + 1)]
     assert np.mean(gap[-3:]) < np.mean(gap[:3]) - 0.2, gap
     assert {"soft_target_loss", "mlm_loss", "cosine_loss"} <= set(metrics[steps])
+    # The student's checkpoint holds the student alone and loads (for export, evaluation) without a teacher.
+    student = Checkpointer(tmp_path / "student", None, rank=0, world_size=1).latest()
+    state, _ = checkpoint_state_dict(student)
+    model, _ = load_model(student)
+    assert isinstance(model, DistilBERT) and model.teacher is None
+    assert set(state) == set(model.state_dict()) and not any("teacher" in k for k in state)
