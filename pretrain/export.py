@@ -59,6 +59,10 @@ def checkpoint_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tenso
                 f"{checkpoint}: no mp_rank_*_model_states.pt (layout {meta.get('layout')})"
             )
         state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        # Switch MoE layers (DeepSpeed): every expert's weights sit in a file of their own, under the
+        # expert's global index, whichever expert-parallel rank held it.
+        for expert_file in sorted(checkpoint.glob("layer_*_expert_*_model_states.pt")):
+            state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
     prefix = "model."
     return {k[len(prefix) :] if k.startswith(prefix) else k: v.float() for k, v in state.items()}, cfg
 
