@@ -17,9 +17,12 @@ module-name rules, and checked against the full model's shapes (built on the met
 checkpoint's config): a shard that does not fit is an error naming the parameter, never a silently
 wrong model.
 
-Pipeline-parallel checkpoints (`pp > 1`) are refused with a clear message: DeepSpeed's pipeline engine
-writes per-layer files whose mapping to module names is the pipeline stage builder's, which would pass it
-here as `pp_files` -> names; `merge_shards` is independent of where the shards came from.
+Pipeline-parallel checkpoints (`pp > 1`, `parallel.pipeline`): DeepSpeed's pipeline engine writes one
+`layer_XX-model_NN-model_states.pt` per pipeline layer XX and TP rank NN, holding that layer adapter's
+own state dict (`block.attn.q_proj.weight`, `module.weight`, ...); the second copy of a tied embedding
+is not written. The adapters wrap the model's own modules, so building the model and its layer list on
+the meta device and matching tensors by identity maps each layer key back to the model's name; each TP
+rank's layers are then one per-rank state dict for `merge_shards`.
 """
 
 from __future__ import annotations
@@ -111,13 +114,53 @@ def consolidate_tensor_parallel(checkpoint: str | Path, model_cfg: Any) -> dict[
     layout = meta.get("layout") or {}
     tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
     if pp > 1:
-        raise NotImplementedError(
-            f"{checkpoint}: saved with pipeline parallelism (layout {layout}); consolidating pipeline "
-            "stages for loading, export or train.init_from is not available yet"
-        )
+        shards = [_pipeline_rank_state(checkpoint, model_cfg, r) for r in range(tp)]
+        return merge_shards(shards, model_cfg, source=str(checkpoint))
     files = [checkpoint / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{checkpoint}: saved at tp={tp} but {', '.join(missing)} missing")
     shards = [_strip(torch.load(f, map_location="cpu", weights_only=True)["module"]) for f in files]
     return merge_shards(shards, model_cfg, source=str(checkpoint))
+
+
+def pipeline_layer_names(model_cfg: Any) -> list[dict[str, str] | None]:
+    """Per pipeline layer: its state-dict keys -> the model's names (None: a layer that writes no file,
+    the tied embedding's second use)."""
+    try:
+        from parallel.pipeline import pipeline_layers
+    except ImportError:
+        raise NotImplementedError(
+            "consolidating a pipeline-parallel checkpoint needs parallel.pipeline, absent here"
+        ) from None
+    from pretrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+        specs = pipeline_layers(model)
+        names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+        out: list[dict[str, str] | None] = []
+        for spec in specs:
+            if getattr(spec, "forward_fn", None) is not None:
+                out.append(None)
+                continue
+            layer = spec.build()
+            out.append({k: names[id(t)] for k, t in layer.state_dict(keep_vars=True).items()})
+    return out
+
+
+def _pipeline_rank_state(checkpoint: Path, model_cfg: Any, tp_rank: int) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for idx, names in enumerate(pipeline_layer_names(model_cfg)):
+        if names is None:
+            continue
+        f = checkpoint / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"{checkpoint}: pipeline layer {idx} of tp rank {tp_rank}: {f.name} missing"
+            )
+        for key, value in torch.load(f, map_location="cpu", weights_only=True).items():
+            if key not in names:
+                raise ValueError(f"{f}: {key!r} is not a parameter of pipeline layer {idx}")
+            state[names[key]] = value
+    return state

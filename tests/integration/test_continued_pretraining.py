@@ -2,10 +2,13 @@
 
 * Consolidation is exact: shards produced by the real tensor plan (2 gloo processes) merge back into the
   full model's state dict bit for bit, for every family and for an untied LM head.
-* A TP2 run's checkpoint initializes a TP1 run whose step-0 validation loss is the TP2 model's own
-  validation loss at that checkpoint. The two computations differ only in fp32 summation order (row-parallel
-  partial sums and the vocab-parallel cross-entropy are added across 2 ranks): ~1e-7 relative, as in
-  tests/distributed/test_tensor_parallel_train.py; 1e-5 is the project's parity bound (DESIGN.md).
+* A TP2 (and a TP2xPP2) run's checkpoint initializes a TP1 run whose step-0 validation loss is the
+  source model's own validation loss at that checkpoint. The two computations differ only in fp32
+  summation order (row-parallel partial sums and the vocab-parallel cross-entropy are added across 2
+  ranks): ~1e-7 relative (seen: 4e-8 from TP2xPP2), as in tests/distributed/test_tensor_parallel_train.py;
+  1e-5 is the project's parity bound (DESIGN.md).
+* Pipeline checkpoints hold one file per layer under the layer adapter's names; every name maps back to
+  exactly one model parameter.
 * The new run has a fresh schedule (its step-1 learning rate is the source run's step-1 rate), records its
   source in config.yaml and every checkpoint's meta.json, and a rerun in the same directory resumes instead
   of initializing again.
@@ -93,6 +96,26 @@ def test_shards_that_do_not_fit_the_config_are_refused_naming_the_parameter():
         merge_shards([dict(full), dict(full)], cfg, source="ckpt")
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_pipeline_layer_files_map_back_to_every_model_parameter(tied):
+    from pretrain.config import load_config
+    from pretrain.consolidate import full_shapes, pipeline_layer_names
+
+    overrides = [
+        "data.shards=x",
+        "model.vocab_size=256",
+        "model.preset=gpt-tiny",
+        f"model.tie_embeddings={tied}",
+    ]
+    cfg = load_config(None, overrides).model
+    layers = pipeline_layer_names(cfg)
+    names = [n for layer in layers if layer is not None for n in layer.values()]
+    assert sorted(names) == sorted(full_shapes(cfg)), "each parameter saved exactly once"
+    assert layers[0] == {"embed.weight": "embed.weight"}
+    assert layers[2] is not None and layers[2]["block.attn.q_proj.weight"] == "blocks.0.attn.q_proj.weight"
+    assert (layers[-1] is None) == tied  # the tied head's second use of the embedding writes no file
+
+
 def test_model_mismatch_lists_every_differing_field():
     from pretrain.config import load_config
     from pretrain.continued import model_mismatch
@@ -128,13 +151,18 @@ def _eval_losses(run_dir) -> dict[int, float]:
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # a TP2 run under the deepspeed launcher and two TP1 runs: ~40 s on 2 idle cores
-def test_tp2_checkpoint_continues_in_a_tp1_run(shards_dir, tmp_path, run_pretrain):
+@pytest.mark.slow  # a TP2 (or TP2xPP2) run under the deepspeed launcher and two TP1 runs: ~40 s and more
+@pytest.mark.parametrize(
+    ("layout", "nprocs"),
+    [({"parallel.tp": 2}, 2), ({"parallel.tp": 2, "parallel.pp": 2}, 4)],
+    ids=["tp2", "tp2xpp2"],
+)
+def test_parallel_checkpoint_continues_in_a_tp1_run(layout, nprocs, shards_dir, tmp_path, run_pretrain):
     source = tmp_path / "source"
     run_pretrain(
-        _args(shards_dir, source, **{"parallel.tp": 2, "train.eval_interval": 2}),
+        _args(shards_dir, source, **{**layout, "train.eval_interval": 2}),
         launcher="deepspeed",
-        nprocs=2,
+        nprocs=nprocs,
         timeout=600,
     )
     src_ckpt = source / "checkpoints" / "step-2"
@@ -145,6 +173,7 @@ def test_tp2_checkpoint_continues_in_a_tp1_run(shards_dir, tmp_path, run_pretrai
 
     state, cfg = checkpoint_state_dict(src_ckpt)
     assert cfg.parallel.tp == 2 and state["embed.weight"].shape[0] == cfg.model.vocab_size
+    assert cfg.parallel.pp == layout.get("parallel.pp", 1)
 
     run = tmp_path / "continued"
     extra = {"train.init_from": src_ckpt, "train.seed": 99, "checkpoint.interval": 1}
@@ -160,6 +189,7 @@ def test_tp2_checkpoint_continues_in_a_tp1_run(shards_dir, tmp_path, run_pretrai
     meta = json.loads((run / "checkpoints" / "step-1" / "meta.json").read_text())
     assert meta["init_from"]["path"] == str(src_ckpt.resolve())
     assert meta["init_from"]["step"] == 2 and meta["init_from"]["layout"]["tp"] == 2
+    assert meta["init_from"]["layout"]["pp"] == layout.get("parallel.pp", 1)
     import hashlib
 
     want_sha = hashlib.sha256((src_ckpt / "manifest.json").read_bytes()).hexdigest()
