@@ -585,8 +585,6 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     positive("model.distill_temperature", m.distill_temperature)
     for name in ("distill_alpha_ce", "distill_alpha_mlm", "distill_alpha_cos"):
         nonneg(f"model.{name}", getattr(m, name))
-    if m.objective == "distill" and not m.teacher_checkpoint:
-        p.append("model.teacher_checkpoint='': objective distill needs the teacher's checkpoint directory")
     if m.teacher_checkpoint:
         if m.objective != "distill":
             p.append(f"model.teacher_checkpoint={m.teacher_checkpoint!r}: only objective distill uses it")

@@ -116,7 +116,12 @@ class DistilBERT(BERT):
         logits, hidden = logits_and_hidden(self, batch)  # (B, T, V), (B, T, C)
         mlm = token_cross_entropy(logits, labels)
         if self.teacher is None:
-            # A loaded checkpoint (evaluation, fine-tuning) has no teacher: the masked-LM loss alone.
+            if self.training:
+                raise ValueError(
+                    "model.teacher_checkpoint='': objective distill trains against a teacher; set it to the "
+                    "teacher's checkpoint or run directory"
+                )
+            # A loaded checkpoint (evaluation) has no teacher: the masked-LM loss alone.
             return mlm, {"mlm_loss": mlm.detach()}
         with torch.no_grad():
             self.teacher.eval()

@@ -316,8 +316,12 @@ def test_distilbert_exports_to_distilbert_for_masked_lm(tmp_path):
 
 def test_distill_config_errors_name_the_field(tmp_path):
     base = ["data.shards=unused", "model.preset=distilbert-tiny"]
-    with pytest.raises(ConfigError, match=r"model.teacher_checkpoint='': objective distill needs"):
-        load_config(None, base)
+    # Without a teacher the student still loads (export, evaluation: MLM loss) but refuses to train.
+    student = build_model(load_config(None, [*base, f"model.vocab_size={VOCAB}"]).model)
+    with pytest.raises(ValueError, match=r"model.teacher_checkpoint='': objective distill trains against"):
+        student.train().pretraining_loss(mlm_batch(2, 8))
+    loss, metrics = student.eval().pretraining_loss(mlm_batch(2, 8))
+    assert set(metrics) == {"mlm_loss"} and loss.item() == metrics["mlm_loss"].item()
     with pytest.raises(ConfigError, match=r"model.teacher_checkpoint='.*nowhere': no such checkpoint"):
         load_config(None, [*base, f"model.teacher_checkpoint={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match=r"parallel.tp=2 with model.objective='electra'"):
