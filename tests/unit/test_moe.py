@@ -218,7 +218,7 @@ def test_switch_tiny_trains_with_falling_loss(shards_dir, tmp_path):
     from pretrain.train import train
     from tests.conftest import read_metrics, tiny_overrides
 
-    steps = 30
+    steps = 50
     overrides = tiny_overrides(
         shards_dir,
         tmp_path / "run",
@@ -226,20 +226,27 @@ def test_switch_tiny_trains_with_falling_loss(shards_dir, tmp_path):
             "model.preset": "switch-tiny",
             "train.steps": steps,
             "data.seq_len": 32,
-            "checkpoint.save_final": "false",
             "optimizer.warmup_steps": 3,
-            "optimizer.lr": "3e-3",  # span corruption on 4 experts learns slowly at 1e-3 (seen: -4% in 30 steps)
+            "optimizer.lr": "3e-3",  # span corruption learns slowly at 1e-3 (seen: -4% in 30 steps)
         },
     )
-    train(load_config(None, overrides))
+    result = train(load_config(None, overrides))
     metrics = read_metrics(tmp_path / "run")
     first = np.mean([metrics[s]["loss"] for s in range(1, 4)])
     last = np.mean([metrics[s]["loss"] for s in range(steps - 2, steps + 1)])
-    # From ~ln(512) = 6.2 at init, 30 steps at lr 3e-3 bring span corruption's loss down; a 10% drop
-    # leaves room for the noise of 8-sequence batches (a few % per step).
-    assert last < 0.9 * first, (first, last)
+    # From ~ln(512) = 6.2 at init, lr 3e-3 takes span corruption's loss down ~10% in 30 steps (seen:
+    # 6.22 -> 5.63); after 50 steps a 10% drop leaves room for the noise of 8-sequence batches.
+    assert last < 0.9 * first, (first, last, [round(metrics[s]["loss"], 2) for s in sorted(metrics)])
     rec = metrics[steps]
     for key in ("moe_aux_loss", "expert_utilization", "expert_load_max", "capacity_overflow"):
         assert math.isfinite(rec[key]), key
     assert rec["moe_aux_loss"] > 0.0
     assert 0.0 < rec["expert_utilization"] <= 1.0 and 0.0 <= rec["capacity_overflow"] < 1.0
+    # DeepSpeed writes each expert to a file of its own; load_model gathers them (it raises on any
+    # missing weight) and the reloaded model computes what training ended with: finite logits.
+    from pretrain.export import load_model
+
+    model, _ = load_model(result.checkpoint)
+    ids = torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, decoder_input_ids=ids[:, :8])).all()
