@@ -45,6 +45,7 @@ def parallelize(
     seed: int = 0,
     expert_parallel: int = 1,
     pipeline_partition: str = "parameters",
+    pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Any, Any]:
     """Returns (the DeepSpeed engine, the tensor-parallel RNG tracker or None)."""
     import deepspeed
@@ -73,14 +74,17 @@ def parallelize(
         apply_activation_checkpointing(model)
     if topology.dims.pp > 1:
         # Pipeline stages (parallel/pipeline.py) take the sharded, checkpoint-wrapped modules as layers;
-        # the loss is the pipeline's last layer, so `wrap` is not used.
+        # `pipeline_loss(logits, labels)` runs on the last stage, so `wrap` is not used.
         from parallel.pipeline import pipeline_engine
 
+        if pipeline_loss is None:
+            raise ValueError("pipeline parallelism (pp > 1) needs pipeline_loss(logits, labels)")
         engine = pipeline_engine(
             model,
             topology=topology,
             ds_config=ds_config,
             make_optimizer=make_optimizer,
+            loss_fn=pipeline_loss,
             partition_method=pipeline_partition,
         )
         return engine, tracker

@@ -124,9 +124,11 @@ def pipeline_layers(model: nn.Module) -> list[Any]:
     """The model as a list of `LayerSpec`/`TiedLayerSpec` for `PipelineModule`, built from its own modules."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    from pretrain.models.gpt import GPT
-
-    if type(model) is GPT:
+    # `parallel` never imports `pretrain` (DESIGN.md): GPT is recognized by its config and modules. What an
+    # adapter would miss is caught by tests/unit/test_pipeline_layers.py (layers == GPT.forward, bitwise).
+    if getattr(getattr(model, "config", None), "family", None) == "gpt" and all(
+        hasattr(model, a) for a in ("embed", "pos_embed", "rope", "drop", "blocks", "final_norm", "lm_head")
+    ):
         tied = model.lm_head is None
         specs: list[Any] = [
             TiedLayerSpec("embed", TokenEmbedding, model.embed, tied_weight_attr=["embed.weight"])
@@ -134,7 +136,8 @@ def pipeline_layers(model: nn.Module) -> list[Any]:
             else LayerSpec(TokenEmbedding, model.embed),
             LayerSpec(GPTPositions, model.pos_embed, model.drop),
         ]
-        specs += [LayerSpec(GPTBlockPipe, block, model.rope) for block in model.blocks]
+        blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
+        specs += [LayerSpec(GPTBlockPipe, block, model.rope) for block in blocks]
         specs.append(LayerSpec(Apply, model.final_norm))
         if tied:
             specs.append(
@@ -171,22 +174,18 @@ def pipeline_engine(
     topology: Any,
     ds_config: dict[str, Any],
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     partition_method: str = "parameters",
 ) -> Any:
-    """Builds the PipelineModule and DeepSpeed's PipelineEngine. `engine.tandem_clip` is the clipping
-    threshold Tandem applies itself (> 0 when DeepSpeed's own fp32 clipping is bypassed, see above)."""
+    """Builds the PipelineModule and DeepSpeed's PipelineEngine. `loss_fn(logits, labels)` is the last
+    stage's loss (the training loop passes the token cross-entropy, vocab-parallel under tp).
+    `engine.tandem_clip` is the clipping threshold Tandem applies itself (> 0 when DeepSpeed's own fp32
+    clipping is bypassed, see above)."""
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    from pretrain.losses import token_cross_entropy
-
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"parallel.pp_partition={partition_method!r}: must be one of {PARTITION_METHODS}")
-    tp_group, tp_size = topology.tp_group, topology.dims.tp
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return token_cross_entropy(logits, labels, tp_group=tp_group, tp_size=tp_size)
-
     method = "type:BlockPipe" if partition_method == "blocks" else partition_method
     # no_grad: the module broadcasts the tied embedding from the first stage in place, which must not be
     # recorded by autograd (torch warns at the first backward otherwise).

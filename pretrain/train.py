@@ -30,7 +30,7 @@ from pretrain.config import (
 )
 from pretrain.distributed import init_distributed, launched_world_size
 from pretrain.flops import device_peak_tflops, flops_per_sample
-from pretrain.losses import LanguageModelLoss
+from pretrain.losses import LanguageModelLoss, token_cross_entropy
 from pretrain.metrics import MetricsLogger, memory_gb
 from pretrain.models import build_model
 from pretrain.preemption import StopFlag, slurm_deadline
@@ -183,6 +183,9 @@ def train(cfg: Config) -> TrainResult:
         seed=t_cfg.seed,
         expert_parallel=cfg.parallel.ep,
         pipeline_partition=cfg.parallel.pp_partition,
+        pipeline_loss=lambda logits, labels: token_cross_entropy(
+            logits, labels, tp_group=topo.tp_group, tp_size=topo.dims.tp
+        ),
     )
     module, gate = engine.module, gates[0]
     guard = StepGuard(spike_factor=t_cfg.loss_spike_factor, max_in_a_row=t_cfg.max_skipped_in_a_row)
