@@ -217,3 +217,15 @@ def test_init_from_with_another_model_shape_stops_naming_the_fields(shards_dir, 
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.num_layers=3 (the checkpoint has 2)" in proc.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # a TP1 run, then a TP2 run under the deepspeed launcher
+def test_tp1_checkpoint_continues_in_a_tp2_run(shards_dir, tmp_path, run_pretrain):
+    source = tmp_path / "source"
+    run_pretrain(_args(shards_dir, source, **{"train.eval_interval": 2}))
+    run = tmp_path / "continued"
+    keys = {"train.init_from": source / "checkpoints" / "step-2", "train.steps": 1, "parallel.tp": 2}
+    run_pretrain(_args(shards_dir, run, **keys), launcher="deepspeed", nprocs=2, timeout=600)
+    got, want = _eval_losses(run)[0], _eval_losses(source)[2]
+    assert abs(got - want) <= RTOL * abs(want), (got, want)
