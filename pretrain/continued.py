@@ -86,3 +86,21 @@ def load_init_from(
         "layout": manifest.get("layout"),
     }
     return state, record
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Loads the source weights into the freshly built (not yet parallelized) model: every parameter of
+    the model must come from the source and every source tensor must have a place (a different
+    `model.objective` may add or drop heads; that is an error naming them, not a partial warm start)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    problems = []
+    if missing:
+        problems.append(
+            f"train.init_from={str(path)!r}: the model has weights the checkpoint lacks: {missing}"
+        )
+    if unexpected:
+        problems.append(
+            f"train.init_from={str(path)!r}: the checkpoint has weights the model lacks: {unexpected}"
+        )
+    if problems:
+        raise ConfigError(problems)

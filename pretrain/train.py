@@ -164,10 +164,10 @@ def train(cfg: Config) -> TrainResult:
         if rank == 0:
             print(f"train.init_from={t_cfg.init_from} ignored: resuming {resume_from}", flush=True)
     elif t_cfg.init_from:
-        from pretrain.continued import load_init_from
+        from pretrain.continued import load_init_from, load_into
 
         init_state, init_record = load_init_from(t_cfg.init_from, cfg, tokenizer_sha256=tok.get("sha256"))
-        model.load_state_dict(init_state, strict=True)
+        load_into(model, init_state, t_cfg.init_from)
         del init_state
         if rank == 0:
             print(f"initialized from {t_cfg.init_from} (step {init_record['step']})", flush=True)

@@ -132,6 +132,20 @@ def test_model_mismatch_lists_every_differing_field():
     assert any(p.startswith("model.hidden_size=96 (the checkpoint has") for p in problems)
 
 
+def test_weights_without_a_place_are_an_error_not_a_partial_warm_start():
+    from pretrain.config import ConfigError, load_config
+    from pretrain.continued import load_into
+    from pretrain.models import build_model
+
+    base = ["data.shards=x", "model.vocab_size=256", "model.preset=gpt-tiny"]
+    tied = build_model(load_config(None, base).model).state_dict()
+    untied = build_model(load_config(None, [*base, "model.tie_embeddings=false"]).model)
+    with pytest.raises(
+        ConfigError, match=r"the model has weights the checkpoint lacks: \['lm_head.weight'\]"
+    ):
+        load_into(untied, tied, "src")
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: TP2 source run -> TP1 continued run.
 
