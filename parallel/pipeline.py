@@ -4,8 +4,9 @@ micro-batches (the gradient-accumulation steps) and one optimizer update.
 
 The layers are thin adapters around the modules of the already built (and, with tp > 1, already
 tensor-parallel) model, never copies of its code: the token embedding, the positions, each
-`TransformerBlock`, the final norm and the LM head of `pretrain.models.gpt.GPT` (BERT and T5 are not
-pipelined yet; configuration validation refuses them). Every rank builds the whole model once with the
+`TransformerBlock`, the final norm and the LM head of `pretrain.models.gpt.GPT`; for BERT its
+embeddings, blocks (the padding mask travels with the activations), MLM transform and output bias (T5
+is not pipelined yet; configuration validation refuses it). Every rank builds the whole model once with the
 run's seed, so the pipelined model starts from exactly the one-process weights, and each stage trains
 and saves only its own layers (the full model's memory is still spent once per rank at start-up:
 building only the local stage is future work, as for tensor parallelism in `parallel.layers`).
@@ -119,6 +120,88 @@ class UntiedHead(nn.Module):
         return F.linear(x, weight)
 
 
+class BERTTokens(nn.Module):
+    """BERT's token embedding (tied with the MLM output projection under the key "embed"), passing the
+    padding mask and token types on: (ids, mask, types) -> (token embeddings, mask, types)."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, mask, types = inputs
+        return self.embed(input_ids), mask, types
+
+
+class BERTEmbeddings(nn.Module):
+    """The rest of BERT.encode before the blocks (positions, token types, norm, dropout, ALBERT's E -> H
+    projection): (token embeddings, mask, types) -> (x, mask)."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.pos_embed, self.type_embed = model.pos_embed, model.type_embed
+        self.embed_norm, self.drop = model.embed_norm, model.drop
+        self.embed_proj = getattr(model, "embed_proj", None)
+        self.position_offset = int(getattr(model.config, "position_offset", 0))
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask, types = inputs
+        positions = torch.arange(x.shape[1], device=x.device) + self.position_offset
+        x = x + self.pos_embed(positions)
+        if self.type_embed is not None:
+            x = x + self.type_embed(types)
+        x = self.drop(self.embed_norm(x))
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        return x, mask
+
+
+class BERTBlockPipe(nn.Module):
+    """One bidirectional block with the padding mask carried along: (x, mask) -> (x, mask)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = inputs
+        return self.block(x, None, mask.bool()), mask
+
+
+class BERTHead(nn.Module):
+    """Final norm (pre-norm stacks) and the MLM transform: (x, mask) -> the output projection's input.
+    Also holds the pooler, which MLM never uses, so that it is saved with the last stage."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.final_norm, self.mlm_dense, self.mlm_norm = model.final_norm, model.mlm_dense, model.mlm_norm
+        self.approximate = str(getattr(model, "mlm_act", "none"))
+        self.pooler = model.pooler
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = inputs[0]
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.mlm_norm(F.gelu(self.mlm_dense(x), approximate=self.approximate))
+
+
+class OutputBias(nn.Module):
+    """BERT's MLM output bias, added to the logits of the (tied or untied) output projection."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.mlm_bias = model.mlm_bias
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.mlm_bias
+
+
+def bert_logits(tied: BERTTokens, h: torch.Tensor) -> torch.Tensor:
+    """The tied MLM output projection on the last stage (bias added by the next layer)."""
+    weight: torch.Tensor = tied.embed.weight  # type: ignore[assignment]
+    return F.linear(h, weight)
+
+
 # ----------------------------------------------------------------------------- layer lists
 def pipeline_layers(model: nn.Module) -> list[Any]:
     """The model as a list of `LayerSpec`/`TiedLayerSpec` for `PipelineModule`, built from its own modules."""
@@ -152,8 +235,36 @@ def pipeline_layers(model: nn.Module) -> list[Any]:
         else:
             specs.append(LayerSpec(UntiedHead, model.lm_head))
         return specs
+    if getattr(getattr(model, "config", None), "family", None) == "bert" and all(
+        hasattr(model, a)
+        for a in ("embed", "blocks", "mlm_dense", "mlm_norm", "mlm_bias", "lm_head", "pooler")
+    ):
+        tied = model.lm_head is None
+        specs = [
+            TiedLayerSpec("embed", BERTTokens, model.embed, tied_weight_attr=["embed.weight"])
+            if tied
+            else LayerSpec(BERTTokens, model.embed),
+            LayerSpec(BERTEmbeddings, model),
+        ]
+        bert_blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
+        specs += [LayerSpec(BERTBlockPipe, block) for block in bert_blocks]
+        specs.append(LayerSpec(BERTHead, model))
+        if tied:
+            specs.append(
+                TiedLayerSpec(
+                    "embed",
+                    BERTTokens,
+                    model.embed,
+                    forward_fn=bert_logits,
+                    tied_weight_attr=["embed.weight"],
+                )
+            )
+        else:
+            specs.append(LayerSpec(UntiedHead, model.lm_head))
+        specs.append(LayerSpec(OutputBias, model))
+        return specs
     raise NotImplementedError(
-        f"pipeline parallelism for {type(model).__name__}: available for GPT only (model.family=gpt)"
+        f"pipeline parallelism for {type(model).__name__}: available for GPT and BERT (model.family gpt, bert)"
     )
 
 
@@ -164,6 +275,16 @@ def pipeline_inputs(family: str, batch: dict[str, torch.Tensor]) -> tuple[Any, t
         if extra:
             raise ValueError(f"pipelined GPT takes input_ids and labels only; the batch also has {extra}")
         return batch["input_ids"], batch["labels"]
+    if family == "bert":
+        extra = sorted(set(batch) - {"input_ids", "attention_mask", "token_type_ids", "labels"})
+        if extra:
+            raise ValueError(
+                f"pipelined BERT takes ids, mask, token types and labels; the batch also has {extra}"
+            )
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask", torch.ones_like(ids))
+        types = batch.get("token_type_ids", torch.zeros_like(ids))
+        return (ids, mask.long(), types.long()), batch["labels"]
     raise NotImplementedError(f"model.family={family!r}: no pipeline input mapping")
 
 

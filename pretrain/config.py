@@ -738,8 +738,10 @@ def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
     from pretrain.models import OBJECTIVE_MODELS
 
     p = []
-    if m.family != "gpt":
-        p.append(f"pipeline parallelism is available for model.family=gpt only, not {m.family!r}")
+    if m.family not in ("gpt", "bert"):
+        p.append(f"pipeline parallelism is available for model.family gpt and bert, not {m.family!r}")
+    if getattr(m, "share_layers", "none") != "none":
+        p.append(f"model.share_layers={m.share_layers!r}: a module shared by layers cannot sit on two stages")
     if m.objective in OBJECTIVE_MODELS:
         p.append(f"model.objective={m.objective!r} builds its own network, which has no pipeline layers")
     if getattr(m, "num_experts", 0):

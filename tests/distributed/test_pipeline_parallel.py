@@ -1,7 +1,8 @@
 """Pipeline parallelism through `pretrain train` under the deepspeed launcher: GPT at PP2, PP2 x TP2
 (sequence parallel) and PP2 x DP2 (ZeRO-1, activation checkpointing) reproduces the one-process losses
-and gradient norms; a PP2 run resumed from its own checkpoint continues bit for bit; its checkpoint is
-sealed by the manifest (layer files included) and refuses to load at another layout.
+and gradient norms, as does BERT at PP2; a PP2 run resumed from its own checkpoint continues bit for
+bit; its checkpoint is sealed by the manifest (layer files included) and refuses to load at another
+layout.
 
 fp32 on CPU. PP moves whole layers to another process: the forward arithmetic is the one-process
 arithmetic. What differs is the order of a few sums: the tied embedding's two gradient contributions
@@ -137,3 +138,18 @@ def test_four_process_pipelines_match_one_process(name, shards_dir, tmp_path, ru
         assert_parity(got, ref, name)
     else:
         assert_parity(got, ref, name, eval_losses(out), eval_losses(reference))
+
+
+@pytest.mark.slow
+def test_bert_pp2_matches_one_process(shards_dir, tmp_path, run_pretrain):
+    """MLM with the padding mask carried between stages and the tied output projection plus its bias on
+    the last stage."""
+    ref_out, out = tmp_path / "ref", tmp_path / "pp2"
+    bert = {"model.preset": "bert-tiny"}
+    run_pretrain(args(shards_dir, ref_out, **bert), timeout=TIMEOUT)
+    run_pretrain(
+        args(shards_dir, out, **bert, **{"parallel.pp": 2}), launcher="deepspeed", nprocs=2, timeout=TIMEOUT
+    )
+    assert_parity(
+        read_metrics(out), read_metrics(ref_out), "bert pp2", eval_losses(out), eval_losses(ref_out)
+    )

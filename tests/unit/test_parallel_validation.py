@@ -19,10 +19,15 @@ BASE = [
 
 TABLE = {
     "zero2_with_pipeline": (1, ["parallel.zero_stage=2", "parallel.pp=2"], "supports ZeRO stage 0 or 1 only"),
-    "pipeline_for_gpt_only": (
+    "pipeline_not_for_t5": (
         2,
-        ["parallel.pp=2", "model.family=bert"],
-        "parallel.pp=2: pipeline parallelism is available for model.family=gpt only",
+        ["parallel.pp=2", "model.family=t5"],
+        "parallel.pp=2: pipeline parallelism is available for model.family gpt and bert, not 't5'",
+    ),
+    "pipeline_with_shared_layers": (
+        2,
+        ["parallel.pp=2", "model.family=bert", "model.share_layers=all"],
+        "model.share_layers='all': a module shared by layers cannot sit on two stages",
     ),
     "more_stages_than_blocks": (
         4,
