@@ -786,6 +786,11 @@ def _moe_problems(cfg: Config, world_size: int | None) -> list[str]:
         )
     if _ints(par.pp) and par.pp > 1:
         p.append(f"parallel.pp={par.pp} with model.num_experts={m.num_experts}: MoE needs pp=1")
+    if par.zero_stage == 3:
+        p.append(
+            f"parallel.zero_stage=3 with model.num_experts={m.num_experts}: DeepSpeed's MoE layer supports "
+            "ZeRO stage 0, 1 or 2"
+        )
     if world_size is not None and _ints(par.tp, par.pp) and par.tp * par.pp > 0 and par.ep >= 1:
         dp = world_size // (par.tp * par.pp)
         if dp % par.ep:

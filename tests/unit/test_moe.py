@@ -127,6 +127,8 @@ def test_layer_placement_and_validation():
     assert "parallel.tp=2 with model.num_experts=6: MoE layers are not tensor-parallel" in msg
     with pytest.raises(ConfigError, match=r"parallel.ep=4: must divide the data-parallel degree dp=2"):
         load_config(None, ["data.shards=x", "model.preset=switch-tiny", "parallel.ep=4"], world_size=2)
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=3 with model.num_experts=4: DeepSpeed's MoE"):
+        load_config(None, ["data.shards=x", "model.preset=switch-tiny", "parallel.zero_stage=3"])
     with pytest.raises(ConfigError, match=r"parallel.ep=2: expert parallelism needs model.num_experts > 0"):
         load_config(None, ["data.shards=x", "model.preset=t5-tiny", "parallel.ep=2"])
 
