@@ -100,9 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune BERT (classify) or T5 (text2text), all parameters, and evaluate",
+        help="fine-tune BERT (classify) or T5/BART (text2text), all parameters, and evaluate",
         description="--task classify (BERT): dropout + linear on the pooled <cls>; JSONL {text, label} or "
-        "{text, text_pair, label}; accuracy and macro-F1. --task text2text (T5): JSONL {input, target}, "
+        "{text, text_pair, label}; accuracy and macro-F1. --task text2text (T5, BART): JSONL {input, target}, "
         "teacher-forced training, greedy decoding; exact match and ROUGE-L. Writes OUT/model.safetensors, "
         "OUT/config.yaml and OUT/metrics.json. One process, plain PyTorch (not the DeepSpeed engine).",
     )
