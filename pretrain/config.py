@@ -99,18 +99,6 @@ class ModelConfig:
         "GPT: with local_attention_window > 0, layers i with (i + 1) % every == 0 are banded (2 = odd layers)",
     )
     init_std: float = _f(0.02, "std of the normal weight init; residual projections get /sqrt(2*num_layers)")
-    # ELECTRA (objective electra) and DistilBERT (objective distill): pretrain/models/{electra,distill}.py
-    generator_hidden_fraction: float = _f(
-        0.25, "ELECTRA: generator width as a fraction of hidden_size (paper: 1/4 small, 1/3 base)"
-    )
-    discriminator_weight: float = _f(50.0, "ELECTRA: lambda, the replaced-token-detection loss weight")
-    teacher_checkpoint: str = _f(
-        "", "DistilBERT: the teacher's Tandem BERT checkpoint, or its run directory (newest checkpoint)"
-    )
-    distill_temperature: float = _f(2.0, "DistilBERT: softmax temperature T of the soft-target loss")
-    distill_alpha_ce: float = _f(5.0, "DistilBERT: weight of the soft-target (T^2 * KL) loss")
-    distill_alpha_mlm: float = _f(2.0, "DistilBERT: weight of the student's masked-LM loss")
-    distill_alpha_cos: float = _f(1.0, "DistilBERT: weight of the hidden-state cosine loss")
     # Switch Transformer (Fedus et al. 2021): top-1 routed experts replace the MLP on some layers.
     num_experts: int = _f(0, "experts per MoE layer (Switch top-1 routing); 0 = dense MLPs everywhere")
     moe_every: int = _f(
@@ -124,6 +112,18 @@ class ModelConfig:
     router_z_loss_coef: float = _f(
         0.0, "weight of the router z-loss mean(logsumexp(router logits)^2) per layer (ST-MoE: 1e-3)"
     )
+    # ELECTRA (objective electra) and DistilBERT (objective distill): pretrain/models/{electra,distill}.py
+    generator_hidden_fraction: float = _f(
+        0.25, "ELECTRA: generator width as a fraction of hidden_size (paper: 1/4 small, 1/3 base)"
+    )
+    discriminator_weight: float = _f(50.0, "ELECTRA: lambda, the replaced-token-detection loss weight")
+    teacher_checkpoint: str = _f(
+        "", "DistilBERT: the teacher's Tandem BERT checkpoint, or its run directory (newest checkpoint)"
+    )
+    distill_temperature: float = _f(2.0, "DistilBERT: softmax temperature T of the soft-target loss")
+    distill_alpha_ce: float = _f(5.0, "DistilBERT: weight of the soft-target (T^2 * KL) loss")
+    distill_alpha_mlm: float = _f(2.0, "DistilBERT: weight of the student's masked-LM loss")
+    distill_alpha_cos: float = _f(1.0, "DistilBERT: weight of the hidden-state cosine loss")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block `index` (0-based, within its stack) routes to experts: the Switch/HF convention
@@ -185,12 +185,12 @@ class ParallelConfig:
     sequence_parallel: bool = _f(
         False, "with tp > 1, shard norms and dropout along the sequence (Korthikanti 2022)"
     )
-    ep: int = _f(1, "expert-parallel degree: each MoE layer's experts are split over ep data-parallel ranks")
     pp_partition: Literal["parameters", "uniform", "blocks"] = _f(
         "parameters",
         "with pp > 1, how layers are split into stages: balance parameters, equal layer counts, or equal "
         "Transformer-block counts",
     )
+    ep: int = _f(1, "expert-parallel degree: each MoE layer's experts are split over ep data-parallel ranks")
 
 
 @dataclass
@@ -569,6 +569,15 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p.append(f"model.position={m.position!r}: BART uses position=learned (absolute position tables)")
     if m.scale_embedding and m.family != "bart":
         p.append(f"model.scale_embedding=true with model.family={m.family!r}: only the bart family scales")
+    if m.objective == "span_mlm" and m.family != "bert":
+        p.append(
+            f"model.objective='span_mlm' with model.family={m.family!r}: SpanBERT is a BERT (family bert)"
+        )
+    if m.objective == "bart" and m.family not in ("t5", "bart"):
+        p.append(
+            f"model.objective='bart' with model.family={m.family!r}: denoising needs an encoder-decoder "
+            "(family bart or t5)"
+        )
     if m.family == "gpt" and m.norm_position == "post":
         p.append("model.norm_position='post' with model.family='gpt': GPT blocks are pre-norm")
     if m.objective in ("electra", "distill"):
@@ -733,26 +742,6 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     return p
 
 
-def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
-    """What pipeline parallelism (parallel/pipeline.py) does not cover for this model."""
-    from pretrain.models import OBJECTIVE_MODELS
-
-    p = []
-    if m.family not in ("gpt", "bert"):
-        p.append(f"pipeline parallelism is available for model.family gpt and bert, not {m.family!r}")
-    if getattr(m, "share_layers", "none") != "none":
-        p.append(f"model.share_layers={m.share_layers!r}: a module shared by layers cannot sit on two stages")
-    if m.objective in OBJECTIVE_MODELS:
-        p.append(f"model.objective={m.objective!r} builds its own network, which has no pipeline layers")
-    if getattr(m, "num_experts", 0):
-        p.append("model.num_experts > 0: the experts' auxiliary losses are not carried through a pipeline")
-    if getattr(m, "z_loss", 0.0):
-        p.append("model.z_loss > 0: the pipeline's last stage computes the plain cross-entropy only")
-    if _ints(m.num_layers) and m.num_layers < pp:
-        p.append(f"model.num_layers={m.num_layers}: fewer Transformer blocks than pipeline stages")
-    return p
-
-
 def _moe_problems(cfg: Config, world_size: int | None) -> list[str]:
     """Switch MoE options and expert parallelism (pretrain/models/moe.py, parallel/expert.py)."""
     m, par = cfg.model, cfg.parallel
@@ -798,6 +787,26 @@ def _moe_problems(cfg: Config, world_size: int | None) -> list[str]:
                 f"parallel.ep={par.ep}: must divide the data-parallel degree dp={dp} (world {world_size} / "
                 f"tp {par.tp} / pp {par.pp}); experts are split over data-parallel ranks"
             )
+    return p
+
+
+def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
+    """What pipeline parallelism (parallel/pipeline.py) does not cover for this model."""
+    from pretrain.models import OBJECTIVE_MODELS
+
+    p = []
+    if m.family not in ("gpt", "bert"):
+        p.append(f"pipeline parallelism is available for model.family gpt and bert, not {m.family!r}")
+    if getattr(m, "share_layers", "none") != "none":
+        p.append(f"model.share_layers={m.share_layers!r}: a module shared by layers cannot sit on two stages")
+    if m.objective in OBJECTIVE_MODELS:
+        p.append(f"model.objective={m.objective!r} builds its own network, which has no pipeline layers")
+    if getattr(m, "num_experts", 0):
+        p.append("model.num_experts > 0: the experts' auxiliary losses are not carried through a pipeline")
+    if getattr(m, "z_loss", 0.0):
+        p.append("model.z_loss > 0: the pipeline's last stage computes the plain cross-entropy only")
+    if _ints(m.num_layers) and m.num_layers < pp:
+        p.append(f"model.num_layers={m.num_layers}: fewer Transformer blocks than pipeline stages")
     return p
 
 

@@ -412,6 +412,13 @@ def test_bart_exports_to_bartforconditionalgeneration(tmp_path):
 def test_bart_config_rules():
     with pytest.raises(ConfigError, match="BART uses position=learned"):
         load_config(None, ["data.shards=unused", "model.preset=bart-tiny", "model.position=rope"])
+    with pytest.raises(ConfigError, match="SpanBERT is a BERT"):
+        load_config(None, ["data.shards=unused", "model.preset=gpt-tiny", "model.objective=span_mlm"])
+    with pytest.raises(ConfigError, match="denoising needs an encoder-decoder"):
+        load_config(None, ["data.shards=unused", "model.preset=bert-tiny", "model.objective=bart"])
+    load_config(
+        None, ["data.shards=unused", "model.preset=t5-tiny", "model.objective=bart"]
+    )  # T5 on BART's task
     with pytest.raises(ConfigError, match="only the bart family"):
         load_config(None, ["data.shards=unused", "model.preset=t5-tiny", "model.scale_embedding=true"])
 
