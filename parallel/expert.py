@@ -22,6 +22,8 @@ same code runs on CPU and GPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -40,9 +42,13 @@ def expert_parallel_rank(ep: int) -> int:
 @torch.no_grad()
 def apply_expert_parallel(model: nn.Module, ep: int) -> int:
     """Keeps this rank's 1/ep of every MoE layer's experts. Returns the number of layers converted."""
-    from pretrain.models.moe import SwitchFFN
+    from deepspeed.moe.layer import MoE
 
-    layers = [m for m in model.modules() if isinstance(m, SwitchFFN)]
+    # The model's MoE layers (pretrain.models.moe.SwitchFFN), recognized by shape so that parallel/ does
+    # not import pretrain: a DeepSpeed MoE held as `.moe` and a `make_moe` to build its replacement.
+    layers: list[Any] = [
+        m for m in model.modules() if isinstance(getattr(m, "moe", None), MoE) and hasattr(m, "make_moe")
+    ]
     if ep == 1 or not layers:
         return 0
     rank = expert_parallel_rank(ep)
