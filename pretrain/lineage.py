@@ -116,33 +116,6 @@ PUBLISHED: dict[str, Published] = {
         "(transformers' AlbertForPreTraining counts 223.2M too)",
     ),
     # ---- end of BERT line
-    # ---- BERT line: RoBERTa, ALBERT
-    "roberta-base": Published(
-        "RoBERTa-base",
-        "Liu et al. 2019, table 9 + released model",
-        125e6,
-        "BERT without NSP, dynamic masking, FULL-SENTENCES packing, 50265 BPE vocab, 514 position rows",
-    ),
-    "roberta-large": Published(
-        "RoBERTa-large",
-        "Liu et al. 2019, table 9 + released model",
-        355e6,
-        "as roberta-base at BERT-large shape; recipe in configs/runs/roberta-large.yaml",
-    ),
-    "albert-base": Published(
-        "ALBERT-base",
-        "Lan et al. 2020, table 1",
-        12e6,
-        "factorized embedding E=128, all layers shared, SOP + plain (not n-gram) MLM",
-    ),
-    "albert-xxlarge": Published(
-        "ALBERT-xxlarge",
-        "Lan et al. 2020, table 1",
-        235e6,
-        "as albert-base at H=4096, 64 heads; the table's 235M is 5% above its shapes' 223.2M "
-        "(transformers' AlbertForPreTraining counts 223.2M too)",
-    ),
-    # ---- end of BERT line
     # ---- ELECTRA, DistilBERT
     "electra-small": Published(
         "ELECTRA-Small",
