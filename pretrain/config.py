@@ -765,7 +765,9 @@ def _moe_problems(cfg: Config, world_size: int | None) -> list[str]:
         if _nums(getattr(m, name)) and getattr(m, name) < 0:
             p.append(f"model.{name}={getattr(m, name)}: must be >= 0")
     if m.family == "bert":
-        p.append(f"model.num_experts={m.num_experts} with model.family='bert': MoE layers exist for gpt and t5")
+        p.append(
+            f"model.num_experts={m.num_experts} with model.family='bert': MoE layers exist for gpt and t5"
+        )
     if par.ep >= 1 and m.num_experts % par.ep:
         p.append(f"parallel.ep={par.ep}: must divide model.num_experts={m.num_experts}")
     if _ints(par.tp) and par.tp > 1:

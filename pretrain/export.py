@@ -750,7 +750,9 @@ def _switch(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         )
     act = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}.get(cfg.activation)
     if act is None:
-        raise ExportError(f"cannot export to {target}: model.activation={cfg.activation!r} (needs relu or gelu)")
+        raise ExportError(
+            f"cannot export to {target}: model.activation={cfg.activation!r} (needs relu or gelu)"
+        )
     for name, layers in (("num_layers", cfg.num_layers), ("num_decoder_layers", cfg.decoder_layers)):
         if layers % cfg.moe_every:
             raise ExportError(
@@ -897,98 +899,15 @@ def _bart(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     return hf, out, "BartForConditionalGeneration"
 
 
-def _bart(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
-    from transformers import BartConfig
-
-    _require(
-        cfg,
-        "BartForConditionalGeneration",
-        {
-            "norm": (cfg.norm, "layernorm"),
-            "norm_position": (cfg.norm_position, "post"),
-            "position": (cfg.position, "learned"),
-            "bias": (cfg.bias, True),
-            "tie_embeddings": (cfg.tie_embeddings, True),
-            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
-            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
-            # transformers' BART LayerNorms use torch's default epsilon
-            "norm_eps": (cfg.norm_eps, 1e-5),
-        },
-    )
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}.get(cfg.activation)
-    if act is None:
-        raise ExportError(
-            f"cannot export to BartForConditionalGeneration: model.activation={cfg.activation!r}"
-        )
-    hf = BartConfig(
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_seq_len,
-        d_model=cfg.hidden_size,
-        encoder_layers=cfg.num_layers,
-        decoder_layers=cfg.decoder_layers,
-        encoder_attention_heads=cfg.num_heads,
-        decoder_attention_heads=cfg.num_heads,
-        encoder_ffn_dim=cfg.ffn_size,
-        decoder_ffn_dim=cfg.ffn_size,
-        activation_function=act,
-        dropout=cfg.dropout,
-        attention_dropout=cfg.dropout,
-        activation_dropout=0.0,
-        scale_embedding=cfg.scale_embedding,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        decoder_start_token_id=3,  # the objective starts decoding from <eos>, as BART does
-        forced_eos_token_id=3,
-    )
-    # transformers keeps two unused rows in front of each position table (fairseq's padding offset).
-    offset = torch.zeros(2, cfg.hidden_size)
-    out = {
-        "model.shared.weight": sd["embed.weight"],
-        "model.encoder.embed_tokens.weight": sd["embed.weight"],
-        "model.decoder.embed_tokens.weight": sd["embed.weight"],
-        "lm_head.weight": sd["embed.weight"],
-        "final_logits_bias": sd["final_logits_bias"][None, :],
-    }
-    for stack in ("encoder", "decoder"):
-        out[f"model.{stack}.embed_positions.weight"] = torch.cat([offset, sd[f"{stack}_pos.weight"]])
-        for kind in ("weight", "bias"):
-            out[f"model.{stack}.layernorm_embedding.{kind}"] = sd[f"{stack}_embed_norm.{kind}"]
-    names = {
-        "attn.q_proj": "self_attn.q_proj",
-        "attn.k_proj": "self_attn.k_proj",
-        "attn.v_proj": "self_attn.v_proj",
-        "attn.o_proj": "self_attn.out_proj",
-        "attn_norm": "self_attn_layer_norm",
-        "cross_attn.q_proj": "encoder_attn.q_proj",
-        "cross_attn.k_proj": "encoder_attn.k_proj",
-        "cross_attn.v_proj": "encoder_attn.v_proj",
-        "cross_attn.o_proj": "encoder_attn.out_proj",
-        "cross_norm": "encoder_attn_layer_norm",
-        "mlp.up_proj": "fc1",
-        "mlp.down_proj": "fc2",
-        "mlp_norm": "final_layer_norm",
-    }
-    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
-        for i in range(n_layers):
-            for ours, theirs in names.items():
-                if stack == "encoder" and ours.startswith("cross"):
-                    continue
-                for kind in ("weight", "bias"):
-                    out[f"model.{stack}.layers.{i}.{theirs}.{kind}"] = sd[f"{stack}_blocks.{i}.{ours}.{kind}"]
-    return hf, out, "BartForConditionalGeneration"
-
-
 def hf_mapping(cfg: ModelConfig) -> Callable:
     if cfg.family == "bart":
         return _bart
+    if cfg.num_experts:  # Switch Transformer (T5 with routed experts)
+        return _switch
     if cfg.objective == "electra":
         return _electra
     if cfg.objective == "distill":
         return _distilbert
-    if cfg.num_experts:  # Switch Transformer (T5 with routed experts)
-        return _switch
     if cfg.family == "bert":
         if cfg.position_offset:
             return _roberta
