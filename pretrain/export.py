@@ -280,6 +280,29 @@ def _llama(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     return hf, out, "LlamaForCausalLM"
 
 
+_BERT_LAYER_NAMES = {
+    "attn.q_proj": "attention.self.query",
+    "attn.k_proj": "attention.self.key",
+    "attn.v_proj": "attention.self.value",
+    "attn.o_proj": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "mlp.up_proj": "intermediate.dense",
+    "mlp.down_proj": "output.dense",
+    "mlp_norm": "output.LayerNorm",
+}
+
+
+def _bert_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], theirs: str, *, ours: str = "") -> dict:
+    """The encoder blocks of a BERT-shaped Tandem model under transformers' BertLayer names
+    (`theirs` + "{i}.attention.self.query.weight", ...); `ours` prefixes Tandem's keys."""
+    out = {}
+    for i in range(cfg.num_layers):
+        for our_name, their_name in _BERT_LAYER_NAMES.items():
+            for kind in ("weight", "bias"):
+                out[f"{theirs}{i}.{their_name}.{kind}"] = sd[f"{ours}blocks.{i}.{our_name}.{kind}"]
+    return out
+
+
 def _bert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     from transformers import BertConfig
 
@@ -329,20 +352,7 @@ def _bert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         "cls.predictions.decoder.weight": sd["embed.weight"],
         "cls.predictions.decoder.bias": sd["mlm_bias"],
     }
-    names = {
-        "attn.q_proj": "attention.self.query",
-        "attn.k_proj": "attention.self.key",
-        "attn.v_proj": "attention.self.value",
-        "attn.o_proj": "attention.output.dense",
-        "attn_norm": "attention.output.LayerNorm",
-        "mlp.up_proj": "intermediate.dense",
-        "mlp.down_proj": "output.dense",
-        "mlp_norm": "output.LayerNorm",
-    }
-    for i in range(cfg.num_layers):
-        for ours, theirs in names.items():
-            for kind in ("weight", "bias"):
-                out[f"bert.encoder.layer.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
+    out.update(_bert_layers(cfg, sd, "bert.encoder.layer."))
     return hf, out, "BertForMaskedLM"
 
 
@@ -424,18 +434,6 @@ def _t5(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     return hf, out, "T5ForConditionalGeneration"
 
 
-_BERT_LAYER_NAMES = {
-    "attn.q_proj": "attention.self.query",
-    "attn.k_proj": "attention.self.key",
-    "attn.v_proj": "attention.self.value",
-    "attn.o_proj": "attention.output.dense",
-    "attn_norm": "attention.output.LayerNorm",
-    "mlp.up_proj": "intermediate.dense",
-    "mlp.down_proj": "output.dense",
-    "mlp_norm": "output.LayerNorm",
-}
-
-
 def _roberta(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, pad_id: int = 0):
     """BERT with `position_offset` -> RobertaForMaskedLM (no pooler). transformers numbers the positions of
     non-padding tokens from pad_token_id + 1 (fairseq), Tandem's from `position_offset`: the table is
@@ -494,10 +492,7 @@ def _roberta(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, pad_id: int = 0):
         "lm_head.decoder.weight": sd["embed.weight"],
         "lm_head.decoder.bias": sd["mlm_bias"],
     }
-    for i in range(cfg.num_layers):
-        for ours, theirs in _BERT_LAYER_NAMES.items():
-            for kind in ("weight", "bias"):
-                out[f"roberta.encoder.layer.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
+    out.update(_bert_layers(cfg, sd, "roberta.encoder.layer."))
     return hf, out, "RobertaForMaskedLM"
 
 
@@ -650,20 +645,7 @@ def _electra(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     if cfg.embed_size != cfg.hidden_size:
         out["electra.embeddings_project.weight"] = sd[d + "embed_proj.weight"]
         out["electra.embeddings_project.bias"] = sd[d + "embed_proj.bias"]
-    names = {
-        "attn.q_proj": "attention.self.query",
-        "attn.k_proj": "attention.self.key",
-        "attn.v_proj": "attention.self.value",
-        "attn.o_proj": "attention.output.dense",
-        "attn_norm": "attention.output.LayerNorm",
-        "mlp.up_proj": "intermediate.dense",
-        "mlp.down_proj": "output.dense",
-        "mlp_norm": "output.LayerNorm",
-    }
-    for i in range(cfg.num_layers):
-        for ours, theirs in names.items():
-            for kind in ("weight", "bias"):
-                out[f"electra.encoder.layer.{i}.{theirs}.{kind}"] = sd[f"{d}blocks.{i}.{ours}.{kind}"]
+    out.update(_bert_layers(cfg, sd, "electra.encoder.layer.", ours=d))
     return hf, out, "ElectraForPreTraining"
 
 
