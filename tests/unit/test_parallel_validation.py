@@ -4,8 +4,8 @@ is created (so a bad job fails in seconds, not after the launcher has started ev
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
+import pretrain.train
 from pretrain.config import ConfigError, load_config
 from pretrain.train import train
 
@@ -71,8 +71,15 @@ TABLE = {
 def test_impossible_layout_is_refused_before_any_process_group(case, monkeypatch):
     world, overrides, message = TABLE[case]
     monkeypatch.setenv("WORLD_SIZE", str(world))
+
+    def no_process_group(**_: object) -> None:
+        raise AssertionError(f"{case}: train() reached process-group creation before refusing the layout")
+
+    # train() creates its process group only through init_distributed: refusing first means never calling it.
+    # (Checking torch.distributed.is_initialized() afterwards would depend on whether an earlier in-process
+    # training test of the same pytest process left its one-rank group behind.)
+    monkeypatch.setattr(pretrain.train, "init_distributed", no_process_group)
     cfg = load_config(None, [*BASE, *overrides], validate=False)
     with pytest.raises(ConfigError) as exc:
         train(cfg)
     assert message in str(exc.value)
-    assert not dist.is_initialized()

@@ -232,7 +232,8 @@ def test_cli_fit_plan_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     plan = json.loads(out.strip().splitlines()[-1])
     assert set(plan) == {"N", "D", "tokens_per_param"} and plan["N"] == pytest.approx(70e9, rel=0.05)
-    assert "nearest model preset: gpt-175b" in out
+    # Chinchilla's own budget: its 70B preset is the nearest (the planner compares parameter counts).
+    assert "nearest model preset: chinchilla-70b" in out
     assert _cli(["scaling", "plan", "--flops", "5.76e23", "--preset", "chinchilla-approach3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["N"] == pytest.approx(40e9, rel=0.05)
     assert _cli(["scaling", "plan", "--flops", "1e21", "--fit", str(tmp_path / "fit" / "fit.json")]) == 0
