@@ -303,6 +303,44 @@ def _bert_layers(cfg: ModelConfig, sd: dict[str, torch.Tensor], theirs: str, *, 
     return out
 
 
+def _bert_encoder_rules(cfg: ModelConfig) -> dict[str, tuple[object, object]]:
+    """Rules every transformers BERT-shaped encoder target shares: post-norm LayerNorm blocks with biases
+    and plain multi-head attention."""
+    return {
+        "norm": (cfg.norm, "layernorm"),
+        "norm_position": (cfg.norm_position, "post"),
+        "bias": (cfg.bias, True),
+        "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+        "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
+    }
+
+
+def _bert_embeddings(
+    sd: dict[str, torch.Tensor],
+    theirs: str,
+    *,
+    width: int,
+    ours: str = "",
+    positions: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """transformers' `*.embeddings.` entries (word, position, token type, LayerNorm) under prefix `theirs`,
+    and the number of token types. A model without segment embeddings gets one all-zero type row of
+    `width`, which reproduces it exactly; `positions` replaces Tandem's position table when given."""
+    types = sd.get(ours + "type_embed.weight")
+    if types is None:
+        types = torch.zeros(1, width)
+    out = {
+        theirs + "word_embeddings.weight": sd[ours + "embed.weight"],
+        theirs + "position_embeddings.weight": sd[ours + "pos_embed.weight"]
+        if positions is None
+        else positions,
+        theirs + "token_type_embeddings.weight": types,
+        theirs + "LayerNorm.weight": sd[ours + "embed_norm.weight"],
+        theirs + "LayerNorm.bias": sd[ours + "embed_norm.bias"],
+    }
+    return out, types.shape[0]
+
+
 def _bert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
     from transformers import BertConfig
 
@@ -310,19 +348,13 @@ def _bert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         cfg,
         "BertForMaskedLM",
         {
-            "norm": (cfg.norm, "layernorm"),
-            "norm_position": (cfg.norm_position, "post"),
+            **_bert_encoder_rules(cfg),
             "position": (cfg.position, "learned"),
-            "bias": (cfg.bias, True),
             "activation": (cfg.activation, "gelu"),
             "tie_embeddings": (cfg.tie_embeddings, True),
-            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
-            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
         },
     )
-    types = sd.get("type_embed.weight")
-    if types is None:  # no segment embeddings: one all-zero type row reproduces that exactly
-        types = torch.zeros(1, cfg.hidden_size)
+    out, num_types = _bert_embeddings(sd, "bert.embeddings.", width=cfg.hidden_size)
     hf = BertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -333,17 +365,11 @@ def _bert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
         max_position_embeddings=cfg.max_seq_len,
-        type_vocab_size=types.shape[0],
+        type_vocab_size=num_types,
         layer_norm_eps=cfg.norm_eps,
         tie_word_embeddings=True,
     )
-    e = "bert.embeddings."
-    out = {
-        e + "word_embeddings.weight": sd["embed.weight"],
-        e + "position_embeddings.weight": sd["pos_embed.weight"],
-        e + "token_type_embeddings.weight": types,
-        e + "LayerNorm.weight": sd["embed_norm.weight"],
-        e + "LayerNorm.bias": sd["embed_norm.bias"],
+    out |= {
         "cls.predictions.transform.dense.weight": sd["mlm_dense.weight"],
         "cls.predictions.transform.dense.bias": sd["mlm_dense.bias"],
         "cls.predictions.transform.LayerNorm.weight": sd["mlm_norm.weight"],
@@ -444,24 +470,18 @@ def _roberta(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, pad_id: int = 0):
         cfg,
         "RobertaForMaskedLM",
         {
-            "norm": (cfg.norm, "layernorm"),
-            "norm_position": (cfg.norm_position, "post"),
-            "bias": (cfg.bias, True),
+            **_bert_encoder_rules(cfg),
             "activation": (cfg.activation, "gelu"),
             "tie_embeddings": (cfg.tie_embeddings, True),
-            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
-            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
             "embedding_size": (cfg.embed_size, cfg.hidden_size),
             "share_layers": (cfg.share_layers, "none"),
         },
     )
-    types = sd.get("type_embed.weight")
-    if types is None:  # no segment embeddings: one all-zero type row reproduces that exactly
-        types = torch.zeros(1, cfg.hidden_size)
     table, offset = sd["pos_embed.weight"], cfg.position_offset
     # Rows before position 0: only padding tokens read them (their outputs are masked out everywhere).
     before = table[:offset] if offset == pad_id + 1 else torch.zeros(pad_id + 1, table.shape[1])
     positions = torch.cat([before, table[offset:]])  # (pad_id + 1 + max_seq_len, C)
+    out, num_types = _bert_embeddings(sd, "roberta.embeddings.", width=cfg.hidden_size, positions=positions)
     hf = RobertaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -472,18 +492,12 @@ def _roberta(cfg: ModelConfig, sd: dict[str, torch.Tensor], *, pad_id: int = 0):
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
         max_position_embeddings=positions.shape[0],
-        type_vocab_size=types.shape[0],
+        type_vocab_size=num_types,
         layer_norm_eps=cfg.norm_eps,
         pad_token_id=pad_id,
         tie_word_embeddings=True,
     )
-    e = "roberta.embeddings."
-    out = {
-        e + "word_embeddings.weight": sd["embed.weight"],
-        e + "position_embeddings.weight": positions,
-        e + "token_type_embeddings.weight": types,
-        e + "LayerNorm.weight": sd["embed_norm.weight"],
-        e + "LayerNorm.bias": sd["embed_norm.bias"],
+    out |= {
         "lm_head.dense.weight": sd["mlm_dense.weight"],
         "lm_head.dense.bias": sd["mlm_dense.bias"],
         "lm_head.layer_norm.weight": sd["mlm_norm.weight"],
@@ -505,13 +519,9 @@ def _albert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         cfg,
         "AlbertForPreTraining",
         {
-            "norm": (cfg.norm, "layernorm"),
-            "norm_position": (cfg.norm_position, "post"),
+            **_bert_encoder_rules(cfg),
             "position": (cfg.position, "learned"),
-            "bias": (cfg.bias, True),
             "tie_embeddings": (cfg.tie_embeddings, True),
-            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
-            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
             "position_offset": (cfg.position_offset, 0),
         },
     )
@@ -523,9 +533,8 @@ def _albert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
             f"cannot export to AlbertForPreTraining: model.share_layers={cfg.share_layers!r} "
             "(transformers shares whole layers: needs 'none' or 'all')"
         )
-    types = sd.get("type_embed.weight")
-    if types is None:
-        types = torch.zeros(1, cfg.embed_size)
+    a = "albert."
+    out, num_types = _bert_embeddings(sd, a + "embeddings.", width=cfg.embed_size)
     groups = 1 if cfg.share_layers == "all" else cfg.num_layers
     hf = AlbertConfig(
         vocab_size=cfg.vocab_size,
@@ -541,7 +550,7 @@ def _albert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         attention_probs_dropout_prob=cfg.dropout,
         classifier_dropout_prob=cfg.dropout,
         max_position_embeddings=cfg.max_seq_len,
-        type_vocab_size=types.shape[0],
+        type_vocab_size=num_types,
         layer_norm_eps=cfg.norm_eps,
         tie_word_embeddings=True,
     )
@@ -549,13 +558,7 @@ def _albert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         proj_w, proj_b = sd["embed_proj.weight"], sd["embed_proj.bias"]
     else:  # E == H: transformers always projects; the identity keeps the embeddings as they are
         proj_w, proj_b = torch.eye(cfg.hidden_size), torch.zeros(cfg.hidden_size)
-    a, e = "albert.", "albert.embeddings."
-    out = {
-        e + "word_embeddings.weight": sd["embed.weight"],
-        e + "position_embeddings.weight": sd["pos_embed.weight"],
-        e + "token_type_embeddings.weight": types,
-        e + "LayerNorm.weight": sd["embed_norm.weight"],
-        e + "LayerNorm.bias": sd["embed_norm.bias"],
+    out |= {
         a + "encoder.embedding_hidden_mapping_in.weight": proj_w,
         a + "encoder.embedding_hidden_mapping_in.bias": proj_b,
         "predictions.dense.weight": sd["mlm_dense.weight"],
@@ -601,21 +604,15 @@ def _electra(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         cfg,
         "ElectraForPreTraining",
         {
+            **_bert_encoder_rules(cfg),
             "position_offset": (cfg.position_offset, 0),
-            "norm": (cfg.norm, "layernorm"),
-            "norm_position": (cfg.norm_position, "post"),
             "position": (cfg.position, "learned"),
-            "bias": (cfg.bias, True),
             "activation": (cfg.activation, "gelu"),
             "share_layers": (cfg.share_layers, "none"),
-            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
-            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
         },
     )
     d = "discriminator."
-    types = sd.get(d + "type_embed.weight")
-    if types is None:  # no segment embeddings: one all-zero type row reproduces that exactly
-        types = torch.zeros(1, cfg.embed_size)
+    out, num_types = _bert_embeddings(sd, "electra.embeddings.", width=cfg.embed_size, ours=d)
     hf = ElectraConfig(
         vocab_size=cfg.vocab_size,
         embedding_size=cfg.embed_size,
@@ -627,16 +624,10 @@ def _electra(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
         max_position_embeddings=cfg.max_seq_len,
-        type_vocab_size=types.shape[0],
+        type_vocab_size=num_types,
         layer_norm_eps=cfg.norm_eps,
     )
-    e = "electra.embeddings."
-    out = {
-        e + "word_embeddings.weight": sd[d + "embed.weight"],
-        e + "position_embeddings.weight": sd[d + "pos_embed.weight"],
-        e + "token_type_embeddings.weight": types,
-        e + "LayerNorm.weight": sd[d + "embed_norm.weight"],
-        e + "LayerNorm.bias": sd[d + "embed_norm.bias"],
+    out |= {
         "discriminator_predictions.dense.weight": sd["rtd_dense.weight"],
         "discriminator_predictions.dense.bias": sd["rtd_dense.bias"],
         "discriminator_predictions.dense_prediction.weight": sd["rtd_out.weight"],
@@ -657,19 +648,15 @@ def _distilbert(cfg: ModelConfig, sd: dict[str, torch.Tensor]):
         cfg,
         "DistilBertForMaskedLM",
         {
+            **_bert_encoder_rules(cfg),
             "position_offset": (cfg.position_offset, 0),
-            "norm": (cfg.norm, "layernorm"),
-            "norm_position": (cfg.norm_position, "post"),
             "norm_eps": (cfg.norm_eps, 1e-12),  # DistilBERT's LayerNorms hard-code eps 1e-12
             "position": (cfg.position, "learned"),
-            "bias": (cfg.bias, True),
             "activation": (cfg.activation, "gelu"),
             "tie_embeddings": (cfg.tie_embeddings, True),
             "type_vocab_size": (cfg.type_vocab_size, 0),
             "embedding_size": (cfg.embed_size, cfg.hidden_size),
             "share_layers": (cfg.share_layers, "none"),
-            "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
-            "attention_head_dim": (cfg.head_dim, cfg.hidden_size // cfg.num_heads),
         },
     )
     hf = DistilBertConfig(
