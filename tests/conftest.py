@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,6 +147,32 @@ def run_pretrain() -> Callable[..., subprocess.CompletedProcess]:
 @pytest.fixture(scope="module")
 def run_pretrain_module() -> Callable[..., subprocess.CompletedProcess]:
     return _runner()
+
+
+def train_in_process(shards: Path, out_dir: Path, **keys: object) -> tuple[Any, dict[int, dict]]:
+    """`pretrain.train.train()` in this process on `tiny_overrides(shards, out_dir, **keys)`, on one thread
+    (a tiny model gains nothing from more and loses ~10x when other processes share the CPU); returns the
+    TrainResult and `read_metrics(out_dir)`."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(load_config(None, tiny_overrides(shards, out_dir, **keys)))
+    finally:
+        torch.set_num_threads(threads)
+    return result, read_metrics(out_dir)
+
+
+def loss_ends(metrics: dict[int, dict], key: str, steps: int) -> tuple[float, float]:
+    """Means of `key` over the first three and the last three steps of a run logged every step: a falling
+    loss judged past the noise of single small batches."""
+    first = sum(metrics[s][key] for s in range(1, 4)) / 3
+    last = sum(metrics[s][key] for s in range(steps - 2, steps + 1)) / 3
+    return first, last
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

@@ -318,28 +318,20 @@ def test_published_parameter_counts(preset):
 
 @pytest.mark.parametrize("preset", ["roberta-tiny", "albert-tiny"])
 def test_tiny_preset_trains_with_falling_loss(preset, shards_dir, tmp_path):
-    from pretrain.train import train
-    from tests.conftest import read_metrics, tiny_overrides
+    from tests.conftest import loss_ends, train_in_process
 
     steps = 30
-    overrides = tiny_overrides(
-        shards_dir,
-        tmp_path / "run",
-        **{
-            "model.preset": preset,
-            "train.steps": steps,
-            "data.seq_len": 32,
-            "checkpoint.save_final": "false",
-            "optimizer.warmup_steps": 3,
-            "optimizer.lr": "3e-3",
-        },
-    )
-    train(load_config(None, overrides))
-    metrics = read_metrics(tmp_path / "run")
+    keys = {
+        "model.preset": preset,
+        "train.steps": steps,
+        "data.seq_len": 32,
+        "checkpoint.save_final": "false",
+        "optimizer.warmup_steps": 3,
+        "optimizer.lr": "3e-3",
+    }
+    _, metrics = train_in_process(shards_dir, tmp_path / "run", **keys)
     # ALBERT's loss adds SOP's ~ln 2, which 30 steps cannot move on 8-pair batches: judge its MLM part.
-    key = "mlm_loss" if preset == "albert-tiny" else "loss"
-    first = np.mean([metrics[s][key] for s in range(1, 4)])
-    last = np.mean([metrics[s][key] for s in range(steps - 2, steps + 1)])
+    first, last = loss_ends(metrics, "mlm_loss" if preset == "albert-tiny" else "loss", steps)
     # From ~ln(512) = 6.2 at init, 30 steps at lr 3e-3 bring the MLM loss to ~5 (seen: 4.9-5.3 for ALBERT,
     # lower for RoBERTa); a 15% drop leaves room for the noise of 8-sequence batches (a few % per step).
     assert last < 0.85 * first, (first, last)

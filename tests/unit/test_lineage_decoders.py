@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -297,29 +296,22 @@ def test_bad_architecture_options_are_refused_by_name():
     "preset", [p if p != "opt-tiny" else pytest.param(p, marks=pytest.mark.slow) for p in DECODER_TINY]
 )
 def test_tiny_preset_trains_with_falling_loss(preset, shards_dir, tmp_path):
-    from pretrain.train import train
-    from tests.conftest import read_metrics, tiny_overrides
+    from tests.conftest import loss_ends, train_in_process
 
     steps = 24
-    overrides = tiny_overrides(
-        shards_dir,
-        tmp_path / "run",
-        **{
-            "model.preset": preset,
-            "model.max_seq_len": 64,
-            "model.num_layers": 2,
-            "model.local_attention_window": 8 if preset == "gpt3-tiny" else 0,  # band < seq_len
-            "train.steps": steps,
-            "data.seq_len": 32,
-            "checkpoint.save_final": "false",
-            "optimizer.warmup_steps": 3,
-            "optimizer.lr": "3e-3",
-        },
-    )
-    train(load_config(None, overrides))
-    metrics = read_metrics(tmp_path / "run")
-    first = np.mean([metrics[s]["loss"] for s in range(1, 4)])
-    last = np.mean([metrics[s]["loss"] for s in range(steps - 2, steps + 1)])
+    keys = {
+        "model.preset": preset,
+        "model.max_seq_len": 64,
+        "model.num_layers": 2,
+        "model.local_attention_window": 8 if preset == "gpt3-tiny" else 0,  # band < seq_len
+        "train.steps": steps,
+        "data.seq_len": 32,
+        "checkpoint.save_final": "false",
+        "optimizer.warmup_steps": 3,
+        "optimizer.lr": "3e-3",
+    }
+    _, metrics = train_in_process(shards_dir, tmp_path / "run", **keys)
+    first, last = loss_ends(metrics, "loss", steps)
     # From ~ln(512) = 6.2 at init, 24 steps at lr 3e-3 reach ~4.5-5 on this corpus (unigram statistics are
     # learned first); a 15% drop is far above the few-% noise of 8-sequence batches.
     assert last < 0.85 * first, (first, last)

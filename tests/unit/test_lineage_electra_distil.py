@@ -365,32 +365,20 @@ def test_electra_and_distilbert_counts_match_the_papers_and_transformers():
 
 
 def _train(shards_dir, out, preset: str, steps: int, **extra):
-    from pretrain.train import train
-    from tests.conftest import read_metrics, tiny_overrides
+    from tests.conftest import train_in_process
 
-    keys = {
-        "model.preset": preset,
-        "train.steps": steps,
-        "data.seq_len": 32,
-        "optimizer.warmup_steps": 3,
-        **extra,
-    }
-    result = train(load_config(None, tiny_overrides(shards_dir, out, **keys)))
-    return result, read_metrics(out)
-
-
-def _falls(metrics: dict, key: str, steps: int) -> tuple[float, float]:
-    first = float(np.mean([metrics[s][key] for s in range(1, 4)]))
-    last = float(np.mean([metrics[s][key] for s in range(steps - 2, steps + 1)]))
-    return first, last
+    keys = {"model.preset": preset, "train.steps": steps, "data.seq_len": 32, "optimizer.warmup_steps": 3}
+    return train_in_process(shards_dir, out, **keys, **extra)
 
 
 def test_electra_tiny_trains_with_falling_loss(shards_dir, tmp_path):
+    from tests.conftest import loss_ends
+
     steps = 25
     _, metrics = _train(
         shards_dir, tmp_path / "run", "electra-tiny", steps, **{"checkpoint.save_final": "false"}
     )
-    first, last = _falls(metrics, "loss", steps)
+    first, last = loss_ends(metrics, "loss", steps)
     # Loss = MLM (~ln 512 = 6.2 at init) + 50 x BCE (~0.69 at init, ~0.4 once the 15% replacement rate
     # is learned): 25 steps at lr 1e-3 take it well below the start; 15% leaves room for batch noise.
     assert last < 0.85 * first, (first, last)

@@ -462,31 +462,19 @@ def test_published_parameter_counts(preset):
 
 @pytest.mark.parametrize("preset", ["spanbert-tiny", "bart-tiny"])
 def test_tiny_preset_trains_with_falling_loss(preset, shards_dir, tmp_path):
-    from pretrain.train import train
-    from tests.conftest import read_metrics, tiny_overrides
+    from tests.conftest import loss_ends, train_in_process
 
     steps = 30
-    overrides = tiny_overrides(
-        shards_dir,
-        tmp_path / "run",
-        **{
-            "model.preset": preset,
-            "train.steps": steps,
-            "data.seq_len": 32,
-            "checkpoint.save_final": "false",
-            "optimizer.warmup_steps": 3,
-            "optimizer.lr": "3e-3",
-        },
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only contend on a shared CPU (seen: 10x slower)
-    try:
-        train(load_config(None, overrides))
-    finally:
-        torch.set_num_threads(threads)
-    metrics = read_metrics(tmp_path / "run")
-    first = np.mean([metrics[s]["loss"] for s in range(1, 4)])
-    last = np.mean([metrics[s]["loss"] for s in range(steps - 2, steps + 1)])
+    keys = {
+        "model.preset": preset,
+        "train.steps": steps,
+        "data.seq_len": 32,
+        "checkpoint.save_final": "false",
+        "optimizer.warmup_steps": 3,
+        "optimizer.lr": "3e-3",
+    }
+    _, metrics = train_in_process(shards_dir, tmp_path / "run", **keys)
+    first, last = loss_ends(metrics, "loss", steps)
     # From ~ln(V) per loss term at init, 30 steps at lr 3e-3 bring the loss down by ~20% (seen with a
     # 1024-piece vocabulary: SpanBERT's MLM + SBO 13.6 -> 10.9, BART 6.9 -> 5.4); a 15% bar leaves room for
     # the noise of 8-sequence batches (a few % per step), and an untrained model stays within it.

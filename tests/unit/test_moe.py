@@ -215,27 +215,18 @@ def test_export_refuses_moe_without_a_transformers_class(tmp_path):
 
 
 def test_switch_tiny_trains_with_falling_loss(shards_dir, tmp_path):
-    import numpy as np
-
-    from pretrain.train import train
-    from tests.conftest import read_metrics, tiny_overrides
+    from tests.conftest import loss_ends, train_in_process
 
     steps = 50
-    overrides = tiny_overrides(
-        shards_dir,
-        tmp_path / "run",
-        **{
-            "model.preset": "switch-tiny",
-            "train.steps": steps,
-            "data.seq_len": 32,
-            "optimizer.warmup_steps": 3,
-            "optimizer.lr": "3e-3",  # span corruption learns slowly at 1e-3 (seen: -4% in 30 steps)
-        },
-    )
-    result = train(load_config(None, overrides))
-    metrics = read_metrics(tmp_path / "run")
-    first = np.mean([metrics[s]["loss"] for s in range(1, 4)])
-    last = np.mean([metrics[s]["loss"] for s in range(steps - 2, steps + 1)])
+    keys = {
+        "model.preset": "switch-tiny",
+        "train.steps": steps,
+        "data.seq_len": 32,
+        "optimizer.warmup_steps": 3,
+        "optimizer.lr": "3e-3",  # span corruption learns slowly at 1e-3 (seen: -4% in 30 steps)
+    }
+    result, metrics = train_in_process(shards_dir, tmp_path / "run", **keys)
+    first, last = loss_ends(metrics, "loss", steps)
     # From ~ln(512) = 6.2 at init, lr 3e-3 takes span corruption's loss down ~10% in 30 steps (seen:
     # 6.22 -> 5.63); after 50 steps a 10% drop leaves room for the noise of 8-sequence batches.
     assert last < 0.9 * first, (first, last, [round(metrics[s]["loss"], 2) for s in sorted(metrics)])
