@@ -166,6 +166,22 @@ def test_linear_cross_entropy_matches_fp64_without_full_logits(backend: str):
     assert max(errs) < TOL[torch.float32], errs
 
 
+def test_linear_cross_entropy_bf16_matches_fp64():
+    """bf16 operands: the matmuls run in bf16 with fp32 accumulation (as F.linear), dW summed in fp32."""
+    n, c, v = 40, 32, 300
+    hidden = torch.randn(n, c, device=DEVICE).bfloat16().requires_grad_()
+    weight = (torch.randn(v, c, device=DEVICE) * 0.3).bfloat16().requires_grad_()
+    targets = make_targets(n, v)
+    loss = ce.linear_cross_entropy(hidden, weight, targets, chunk_size=16)
+    loss.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = ce_reference(h64 @ w64.t(), targets)
+    want.backward()
+    errs = [rel_err(loss, want), rel_err(hidden.grad, h64.grad), rel_err(weight.grad, w64.grad)]
+    assert max(errs) < TOL[torch.bfloat16], errs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_real_size_norms_and_ce_bf16():

@@ -1,0 +1,131 @@
+"""End-to-end training MFU of `pretrain train` on one GPU: Tandem's Triton attention against SDPA.
+
+Each side is a real `python -m pretrain train` run in a subprocess (DeepSpeed engine, Tandem's loader,
+bf16, LR schedule, metrics) on the built-in sample corpus; only the attention backend differs
+(TANDEM_ATTENTION_BACKEND=triton | sdpa). The figures are read from the run's own metrics.jsonl:
+tokens/s and MFU per logged window, the first window (compilation, autotuning, allocator warm-up)
+excluded, median over the rest. MFU is model FLOPs (pretrain/flops.py: 6·N + 12·L·H·d·T per token,
+PaLM's convention, attention not halved for causal) over the peak given by --peak-tflops (default 790:
+an 8192³ bf16 matmul measured on an H200; the datasheet's 989 would give 0.80x these MFUs).
+
+The model defaults to gpt-350m (GPT-3 Medium: 24 layers, d_model 1024, 16 heads) at seq 2048 with a
+GPT-2-sized vocabulary (50304, padded beyond the sample tokenizer's pieces, so the LM head costs what it
+costs in a real run).
+
+Usage: python bench/mfu.py [--model-preset gpt-350m] [--seq-len 2048] [--micro-batch-size 16]
+       [--steps 40] [--backends triton,sdpa]
+Needs CUDA; on a machine without it the script says so and exits 0. Results go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIG = REPO_ROOT / "configs" / "runs" / "smoke-gpt.yaml"
+
+
+def prepare_data(root: Path, docs: int, vocab: int) -> Path:
+    from data_pipeline.sample_corpus import write_sample_corpus
+    from data_pipeline.sharding import shard_corpus
+    from data_pipeline.tokenizer import train_tokenizer
+
+    corpus = write_sample_corpus(root / "corpus", docs=docs, seed=0, docs_per_file=1000)
+    model = train_tokenizer(corpus, vocab_size=vocab, out_prefix=root / "tok" / "sp")
+    shard_corpus(
+        corpus, tokenizer_path=model, out_dir=root / "shards", workers=4, val_fraction=0.01,
+        shard_size_mb=8.0, seed=0,
+    )  # fmt: skip
+    return root / "shards"
+
+
+def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) -> dict:
+    overrides = [
+        f"data.shards={shards}",
+        f"model.preset={args.model_preset}",
+        f"model.max_seq_len={args.seq_len}",
+        f"model.vocab_size={args.vocab_size}",
+        f"data.seq_len={args.seq_len}",
+        "data.num_workers=2",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        f"train.global_batch_size={args.micro_batch_size}",
+        f"train.steps={args.steps}",
+        f"train.log_interval={args.log_interval}",
+        "train.eval_interval=0",
+        "train.precision=bf16",
+        f"train.peak_tflops={args.peak_tflops}",
+        f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"train.out_dir={out}",
+        "checkpoint.interval=0",
+        "optimizer.warmup_steps=10",
+    ]
+    cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(RUN_CONFIG)]
+    cmd += overrides
+    env = dict(os.environ, TANDEM_ATTENTION_BACKEND=backend, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, text=True, capture_output=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
+        raise SystemExit(f"{backend}: pretrain train exited {proc.returncode}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    windows = [r for r in records if r.get("mfu") is not None][1:]  # first window: warm-up
+    if not windows:
+        raise SystemExit(f"{backend}: no timed window after the warm-up in {out / 'metrics.jsonl'}")
+    return {
+        "backend": backend,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
+        "tflops": statistics.median(r["tflops_per_device"] for r in windows),
+        "mfu": statistics.median(r["mfu"] for r in windows),
+        "loss": windows[-1]["loss"],
+        "windows": len(windows),
+        "memory_gb": max((r.get("memory_gb") or 0.0) for r in records) or None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-preset", default="gpt-350m")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=50304)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--backends", default="triton,sdpa")
+    parser.add_argument("--docs", type=int, default=20000)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per training run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/mfu.py: no CUDA device on this machine; MFU is a GPU measurement, skipped")
+        return
+    with tempfile.TemporaryDirectory(prefix="tandem-mfu-") as tmp:
+        shards = prepare_data(Path(tmp), args.docs, 1024)
+        results = [run_side(b, args, shards, Path(tmp) / f"run-{b}") for b in args.backends.split(",")]
+    base = results[-1]
+    print(f"\n# pretrain train, {args.model_preset}, seq {args.seq_len}, micro batch {args.micro_batch_size}, "
+          f"bf16, {torch.cuda.get_device_name()}, peak {args.peak_tflops:g} TFLOP/s")  # fmt: skip
+    print(
+        f"{'attention':>10} | {'tokens/s':>10} | {'TFLOP/s':>8} | {'MFU':>6} | {'vs ' + base['backend']:>8} | loss"
+    )
+    for r in results:
+        ratio = r["tokens_per_s"] / base["tokens_per_s"]
+        print(f"{r['backend']:>10} | {r['tokens_per_s']:10,.0f} | {r['tflops']:8.1f} | {r['mfu']:6.1%} | "
+              f"{ratio:8.3f} | {r['loss']:.3f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
