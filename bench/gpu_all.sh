@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU-only check of Tandem in one go, for a session that has a CUDA machine for a few minutes:
 # the kernel tests at real sizes, the attention and norm/cross-entropy benchmarks, and end-to-end MFU.
-# Usage: bash bench/gpu_all.sh [PARTS]   PARTS: comma-separated subset of tests,attention,attention_fwd,kernels,mfu
+# Usage: bash bench/gpu_all.sh [PARTS]   PARTS: comma-separated subset of tests,configs,attention,attention_fwd,
+#        kernels,mfu
 #        (default: all). Logs go to $LOG_DIR (default bench-logs/); each part has its own time limit so
 #        one hang cannot eat the rest. Results belong in docs/benchmarks.md with the date and machine.
 set -u
-PARTS=",${1:-tests,attention,attention_fwd,kernels,mfu},"
+PARTS=",${1:-tests,configs,attention,attention_fwd,kernels,mfu},"
 LOG_DIR=${LOG_DIR:-bench-logs}
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -24,6 +25,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 part tests "${TESTS_LIMIT:-240}" $py -m pytest -q -x -p no:cacheprovider \
     tests/unit/test_kernels_attention.py tests/unit/test_kernels_norms_ce.py
+part configs "${CONFIGS_LIMIT:-300}" $py bench/attention_configs.py ${CONFIGS_ARGS:-}
 part attention "${ATTN_LIMIT:-360}" $py bench/attention.py ${ATTN_ARGS:-}
 part attention_fwd "${ATTN_LIMIT:-360}" $py bench/attention.py --mode fwd --head-dims 128 --seqs 2048,4096,8192,16384
 part kernels 120 $py bench/kernels.py
