@@ -64,7 +64,7 @@ def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) ->
         f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"train.out_dir={out}",
         "checkpoint.interval=0",
-        "optimizer.warmup_steps=10",
+        f"optimizer.warmup_steps={min(10, args.steps // 2)}",
     ]
     cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(RUN_CONFIG)]
     cmd += overrides
