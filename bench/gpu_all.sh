@@ -2,11 +2,11 @@
 # Every GPU-only check of Tandem in one go, for a session that has a CUDA machine for a few minutes:
 # the kernel tests at real sizes, the attention and norm/cross-entropy benchmarks, and end-to-end MFU.
 # Usage: bash bench/gpu_all.sh [PARTS]   PARTS: comma-separated subset of tests,configs,attention,attention_fwd,
-#        kernels,mfu
+#        kernels,memory,mfu
 #        (default: all). Logs go to $LOG_DIR (default bench-logs/); each part has its own time limit so
 #        one hang cannot eat the rest. Results belong in docs/benchmarks.md with the date and machine.
 set -u
-PARTS=",${1:-tests,configs,attention,attention_fwd,kernels,mfu},"
+PARTS=",${1:-tests,configs,attention,attention_fwd,kernels,memory,mfu},"
 LOG_DIR=${LOG_DIR:-bench-logs}
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -29,4 +29,5 @@ part configs "${CONFIGS_LIMIT:-300}" $py bench/attention_configs.py ${CONFIGS_AR
 part attention "${ATTN_LIMIT:-360}" $py bench/attention.py ${ATTN_ARGS:-}
 part attention_fwd "${ATTN_LIMIT:-360}" $py bench/attention.py --mode fwd --head-dims 128 --seqs 2048,4096,8192,16384
 part kernels 120 $py bench/kernels.py
+part memory 120 $py bench/activation_memory.py
 part mfu "${MFU_LIMIT:-480}" $py bench/mfu.py ${MFU_ARGS:-}
