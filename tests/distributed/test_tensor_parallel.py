@@ -99,7 +99,9 @@ def _layers_case(rank: int, _: str) -> None:
     ref.backward(g)
     ref_dx, x.grad = x.grad.clone(), None
     y = col(x)  # (B, T, 12/tp): a slice of the same dot products, no reduction
-    _close(y, ref[..., sl], "column forward")
+    # The same 16-term dot products, but the CPU GEMM may block a 6-wide output differently from a
+    # 12-wide one (seen once in CI: 2.4e-7 off, ~2 ulp of outputs ~1): a few ulp, not bitwise.
+    _close(y, ref[..., sl], "column forward", atol=1e-6)
     y.backward(g[..., sl])
     _close(col.weight.grad, full.weight.grad[sl], "column dW")
     # db sums the same 16 tokens, but the vectorized column reduction is blocked by the tensor's width
