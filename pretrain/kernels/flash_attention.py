@@ -29,10 +29,23 @@ bottom-right aligned like the causal mask (HF T5's positions with a KV cache).
 
 Dropout is not implemented here: `attention(..., dropout_p > 0)` runs on SDPA.
 
-Block sizes: on CUDA an autotuned list of Hopper-minded configs (BLOCK_M 64/128, BLOCK_N 32/64,
-num_warps 4/8, num_stages 2/3) — untuned, since no GPU has run this code yet (see docs/kernels.md).
+Mask-free inner loops (as in the Triton fused-attention tutorial): each key loop is split into the key
+blocks that need no masking at all (inside len_k, and when causal at or left of the diagonal of the
+program's first query row), which run a body with no validity mask, no `tl.where` and no row masks on
+their loads, and the boundary blocks (the causal diagonal, the partial last block) which run the general
+masked body. The dK/dV kernel does the same over query blocks (the diagonal ones, the fully-seeing middle,
+the partial last block), and works on transposed tiles (s^T = k q^T) so P^T and dS^T are the left
+operands of their matmuls straight from registers. With a key padding mask or T5 bias every block takes
+the general body. The head dim is a compile-time constant (HEAD_DIM), padded to BLOCK_D = next power of 2
+(>= 16); when it already is one (EVEN_D) no load or store carries a head-dim mask at all, and otherwise
+the mask against a constant still lets the tiles load as vectors through asynchronous copies.
+
+Block sizes: on CUDA an autotuned list of Hopper-minded configs (forward BLOCK_M x BLOCK_N 128 x 128,
+128 x 64, 128 x 32, 64 x 128, 64 x 64, 64 x 32, 4 or 8 warps, 2-4 stages; backward 64 x 64, 32 x 64,
+64 x 32, 32 x 128, 128 x 32, 128 x 64, 64 x 128), compiled for sm_90 but not yet timed: GPU timings are
+pending (see docs/kernels.md).
 Under TRITON_INTERPRET=1 (CPU tests) fixed 16 x 16 blocks keep the interpreter quick and make small
-odd lengths cross block edges.
+odd lengths cross block edges (and lengths that are multiples of 16 leave no partial block).
 """
 
 from __future__ import annotations
@@ -67,10 +80,29 @@ def _distance_bucket_lut(bias: T5Bias, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _load_block(ptr, offs_t, offs_d, stride_t, len_t, head_dim):
-    """(len(offs_t), BLOCK_D) rows of a (T, D) slice; zeros outside [0, len_t) x [0, head_dim)."""
-    mask = (offs_t[:, None] < len_t) & (offs_d[None, :] < head_dim)
-    return tl.load(ptr + offs_t[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+def _load_block(ptr, offs_t, offs_d, stride_t, len_t, head_dim, MASK_T: tl.constexpr, EVEN_D: tl.constexpr):
+    """(len(offs_t), BLOCK_D) rows of a (T, D) slice. MASK_T: rows at or past len_t read as zeros (off: the
+    caller knows every row is in range). Columns past head_dim read as zeros; with EVEN_D (BLOCK_D ==
+    head_dim) there are none and that mask is gone at compile time."""
+    ptrs = ptr + offs_t[:, None] * stride_t + offs_d[None, :]
+    if MASK_T:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=offs_t[:, None] < len_t, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(offs_t[:, None] < len_t) & (offs_d[None, :] < head_dim), other=0.0)
+    else:
+        x = tl.load(ptrs) if EVEN_D else tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_block(ptr, x, offs_t, offs_d, stride_t, len_t, head_dim, EVEN_D: tl.constexpr):
+    """Store (len(offs_t), BLOCK_D) rows of a (T, D) slice, only rows < len_t and columns < head_dim."""
+    ptrs = ptr + offs_t[:, None] * stride_t + offs_d[None, :]
+    if EVEN_D:
+        tl.store(ptrs, x, mask=offs_t[:, None] < len_t)
+    else:
+        tl.store(ptrs, x, mask=(offs_t[:, None] < len_t) & (offs_d[None, :] < head_dim))
 
 
 @triton.jit
@@ -84,11 +116,10 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(
-    q,
-    k,
-    offs_m,
-    offs_n,
+def _masked_scores(
+    s,
+    q_idx,
+    k_idx,
     len_q,
     len_k,
     h,
@@ -96,28 +127,26 @@ def _scores(
     kpm_row_ptr,
     table_ptr,
     lut_ptr,
-    scale_log2,
     max_distance,
     num_buckets_half,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_T5: tl.constexpr,
     T5_BIDIR: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
 ):
-    """Base-2 scores (BLOCK_M, BLOCK_N) = (q k^T * scale + bias) * log2(e), -inf where masked; also the
-    validity mask and the T5 bucket index (for the table gradient)."""
-    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
-    valid = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+    """The general (masked) score tile: base-2 scores s = q k^T * scale * log2(e) plus the T5 bias * log2(e),
+    -inf where masked; also the validity mask and the T5 bucket index (for the table gradient). q_idx and
+    k_idx are the query rows and key columns as 2-D index vectors that broadcast to s's shape:
+    (BLOCK_M, 1) and (1, BLOCK_N) for s, or (1, BLOCK_M) and (BLOCK_N, 1) for the dK/dV kernel's s^T."""
+    valid = (q_idx < len_q) & (k_idx < len_k)
     if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (len_k - len_q))
+        valid = valid & (k_idx <= q_idx + (len_k - len_q))
     if HAS_KPM:
-        keep = tl.load(kpm_row_ptr + offs_n, mask=offs_n < len_k, other=0)
-        valid = valid & (keep[None, :] != 0)
+        keep = tl.load(kpm_row_ptr + k_idx, mask=k_idx < len_k, other=0)
+        valid = valid & (keep != 0)
     bucket = tl.zeros([1, 1], dtype=tl.int32)
     if HAS_T5:
-        rel = offs_n[None, :] - (offs_m[:, None] + (len_k - len_q))  # k_pos - q_pos, (BLOCK_M, BLOCK_N)
+        rel = k_idx - (q_idx + (len_k - len_q))  # k_pos - q_pos, broadcast to s's shape
         if T5_BIDIR:
             dist = tl.minimum(tl.abs(rel), max_distance)
             bucket = tl.load(lut_ptr + dist) + tl.where(rel > 0, num_buckets_half, 0)
@@ -147,6 +176,58 @@ def _seq_bounds(b, cu_q_ptr, cu_k_ptr, dense_len_q, dense_len_k, VARLEN: tl.cons
 
 
 @triton.jit
+def _unmasked_key_end(start_m, len_q, len_k, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                      HAS_T5: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """For query block start_m: key blocks starting below the returned multiple of BLOCK_N need no mask at
+    all (every key inside len_k and, when causal, at or left of the diagonal of the block's first row, so
+    every row sees every key). 0 with a padding mask or T5 bias: those always take the general body."""
+    end = len_k // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        # Block [n, n + BLOCK_N) is fully seen iff n + BLOCK_N - 1 <= start_m * BLOCK_M + len_k - len_q.
+        end = tl.minimum(end, tl.maximum(start_m * BLOCK_M + len_k - len_q + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_KPM:
+        end = 0
+    if HAS_T5:
+        end = 0
+    return end
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
+    offs_m, offs_n0, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
+    scale_log2, max_distance, num_buckets_half,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_T5: tl.constexpr,
+    T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Key blocks lo, lo + BLOCK_N, ... < hi through the online softmax. MASKED=False is the fast body, for
+    blocks that every row sees whole: no validity mask, no -inf guard, no row mask on the loads."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, head_dim, MASKED, EVEN_D)
+        v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, head_dim, MASKED, EVEN_D)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # (BLOCK_M, BLOCK_N), base 2
+        if MASKED:
+            s, _valid, _bucket = _masked_scores(
+                s, offs_m[:, None], offs_n[None, :], len_q, len_k, h, num_heads, kpm_row_ptr, TABLE, LUT,
+                max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR,
+            )  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with every key so far masked has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every score of the block is
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, KPM, CU_Q, CU_K, TABLE, LUT,
     scale_log2,
@@ -156,10 +237,10 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
     stride_mb,
-    num_heads, group, dense_len_q, dense_len_k, head_dim, max_distance, num_buckets_half,
+    num_heads, group, dense_len_q, dense_len_k, HEAD_DIM: tl.constexpr, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -175,7 +256,8 @@ def _fwd_kernel(
     q_base = Q + b * stride_qb + h * stride_qh + start_q * stride_qt
     k_base = K + b * stride_kb + hk * stride_kh + start_k * stride_kt
     v_base = V + b * stride_vb + hk * stride_vh + start_k * stride_vt
-    q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, head_dim)  # (BLOCK_M, BLOCK_D)
+    q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, HEAD_DIM, True, EVEN_D)  # (BLOCK_M, BLOCK_D)
+    kpm_row = KPM + b * stride_mb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
@@ -183,32 +265,67 @@ def _fwd_kernel(
     hi = len_k
     if CAUSAL:  # keys past the last row's diagonal are masked for the whole block: skip them
         hi = tl.minimum(len_k, (start_m + 1) * BLOCK_M + len_k - len_q)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, head_dim)  # (BLOCK_N, BLOCK_D)
-        v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, head_dim)
-        s, _valid, _bucket = _scores(
-            q, k, offs_m, offs_n, len_q, len_k, h, num_heads, KPM + b * stride_mb, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST,
-        )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with every key so far masked has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+    # [0, mid): blocks every row sees whole (mask-free body); [mid, hi): the diagonal and the len_k tail.
+    mid = _unmasked_key_end(start_m, len_q, len_k, CAUSAL, HAS_KPM, HAS_T5, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, mid,
+        offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
+        scale_log2, max_distance, num_buckets_half,
+        False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, mid, hi,
+        offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
+        scale_log2, max_distance, num_buckets_half,
+        True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+    )  # fmt: skip
 
     empty = l_i == 0.0  # the row sees no key: output 0, and LSE = +inf makes its backward p = 0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     o_base = OUT + b * stride_ob + h * stride_oh + start_q * stride_ot
-    o_mask = (offs_m[:, None] < len_q) & (offs_d[None, :] < head_dim)
-    tl.store(
-        o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=o_mask
-    )
+    _store_block(o_base, acc.to(OUT.dtype.element_ty), offs_m, offs_d, stride_ot, len_q, HEAD_DIM, EVEN_D)
     tl.store(LSE + b * stride_lb + h * stride_lh + start_q + offs_m, lse, mask=offs_m < len_q)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, lo, hi,
+    offs_m0, offs_n, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
+    scale_log2, max_distance, num_buckets_half,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_T5: tl.constexpr,
+    T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Query blocks lo, lo + BLOCK_M, ... < hi of one query head into this key block's dK, dV. Works on the
+    transposed tiles (s^T = k q^T, (BLOCK_N, BLOCK_M)) so P^T and dS^T, computed in registers, are the
+    left operands of their matmuls as they are (no transpose of a register tile). MASKED=False is the fast
+    body, for whole query blocks inside len_q whose every row sees every key of the block."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, head_dim, MASKED, EVEN_D)
+        do = _load_block(do_base, offs_m, offs_d, stride_ot, len_q, head_dim, MASKED, EVEN_D)
+        s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * scale_log2  # (BLOCK_N, BLOCK_M), base 2
+        if MASKED:
+            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < len_q, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
+            s_t, valid, bucket = _masked_scores(
+                s_t, offs_m[None, :], offs_n[:, None], len_q, len_k, h, num_heads, kpm_row_ptr, TABLE, LUT,
+                max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR,
+            )  # fmt: skip
+        else:
+            lse = tl.load(LSE + row_base + offs_m)
+            delta = tl.load(DELTA + row_base + offs_m)
+        p_t = tl.exp2(s_t - lse[None, :])  # softmax probabilities P^T (BLOCK_N, BLOCK_M); 0 where masked
+        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+        dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)  # dL/dP^T (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])  # dL/d(score)^T in natural units, before the scale
+        if MASKED:
+            ds_t = tl.where(valid, ds_t, 0.0)
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+        if MASKED and HAS_T5:  # `bucket` exists only in the masked body
+            tl.atomic_add(DTABLE + bucket * num_heads + h, ds_t, mask=valid)
+    return dk, dv
 
 
 @triton.jit
@@ -221,10 +338,10 @@ def _bwd_dkdv_kernel(
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
     stride_mb,
-    num_heads, num_kv_heads, group, dense_len_q, dense_len_k, head_dim, max_distance, num_buckets_half,
+    num_heads, num_kv_heads, group, dense_len_q, dense_len_k, HEAD_DIM: tl.constexpr, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (key block, batch, kv head): dK, dV summed over the kv head's query-head group.
     DO shares O's strides; DK, DV share K's and V's (the wrapper allocates them like k and v)."""
@@ -240,42 +357,85 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh + start_k * stride_kt
     v_base = V + b * stride_vb + hk * stride_vh + start_k * stride_vt
-    k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, head_dim)  # (BLOCK_N, BLOCK_D)
-    v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, head_dim)
+    k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, HEAD_DIM, True, EVEN_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, HEAD_DIM, True, EVEN_D)
+    kpm_row = KPM + b * stride_mb
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Query blocks: [lo, mid) the causal diagonal (masked), [mid, full) mask-free, [full, len_q) the partial
+    # last block (masked). Rows above lo see none of this block's keys; from mid on, every row sees all of
+    # them. Mask-free needs this key block inside len_k, and no padding mask or T5 bias.
     lo = 0
-    if CAUSAL:  # query rows above this key block's first diagonal see none of its keys
-        lo = tl.maximum(0, start_n * BLOCK_N - (len_k - len_q)) // BLOCK_M * BLOCK_M
+    first_full = 0
+    if CAUSAL:
+        shift = len_k - len_q  # query i sees key j iff j <= i + shift
+        lo = tl.maximum(0, start_n * BLOCK_N - shift) // BLOCK_M * BLOCK_M
+        first_full = (tl.maximum(0, (start_n + 1) * BLOCK_N - 1 - shift) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    full = len_q // BLOCK_M * BLOCK_M
+    full = tl.where((start_n + 1) * BLOCK_N <= len_k, full, lo)
+    if HAS_KPM:
+        full = lo
+    if HAS_T5:
+        full = lo
+    mid = tl.maximum(lo, tl.minimum(first_full, full))
+    full = tl.maximum(mid, full)
     for g in range(0, group):
         h = hk * group + g
         q_base = Q + b * stride_qb + h * stride_qh + start_q * stride_qt
         do_base = DO + b * stride_ob + h * stride_oh + start_q * stride_ot
         row_base = b * stride_lb + h * stride_lh + start_q
-        for start_m in range(lo, len_q, BLOCK_M):
-            offs_m = start_m + offs_m0
-            q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, head_dim)  # (BLOCK_M, BLOCK_D)
-            do = _load_block(do_base, offs_m, offs_d, stride_ot, len_q, head_dim)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < len_q, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
-            s, valid, bucket = _scores(
-                q, k, offs_m, offs_n, len_q, len_k, h, num_heads, KPM + b * stride_mb, TABLE, LUT,
-                scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST,
-            )  # fmt: skip
-            p = tl.exp2(s - lse[:, None])  # softmax probabilities (BLOCK_M, BLOCK_N); 0 where masked
-            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # dL/dP (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])  # dL/d(score) in natural units, before the scale
-            ds = tl.where(valid, ds, 0.0)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
-            if HAS_T5:
-                tl.atomic_add(DTABLE + bucket * num_heads + h, ds, mask=valid)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, lo, mid,
+            offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
+            scale_log2, max_distance, num_buckets_half,
+            True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_M,
+        )  # fmt: skip
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, mid, full,
+            offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
+            scale_log2, max_distance, num_buckets_half,
+            False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_M,
+        )  # fmt: skip
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, full, len_q,
+            offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
+            scale_log2, max_distance, num_buckets_half,
+            True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_M,
+        )  # fmt: skip
     dk = dk * scale
-    kv_mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < head_dim)
-    dk_ptr = DK + b * stride_kb + hk * stride_kh + start_k * stride_kt
-    dv_ptr = DV + b * stride_vb + hk * stride_vh + start_k * stride_vt
-    tl.store(dk_ptr + offs_n[:, None] * stride_kt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + offs_n[:, None] * stride_vt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_base = DK + b * stride_kb + hk * stride_kh + start_k * stride_kt
+    dv_base = DV + b * stride_vb + hk * stride_vh + start_k * stride_vt
+    _store_block(dk_base, dk.to(DK.dtype.element_ty), offs_n, offs_d, stride_kt, len_k, HEAD_DIM, EVEN_D)
+    _store_block(dv_base, dv.to(DV.dtype.element_ty), offs_n, offs_d, stride_vt, len_k, HEAD_DIM, EVEN_D)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi,
+    offs_m, offs_n0, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
+    scale_log2, max_distance, num_buckets_half,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_T5: tl.constexpr,
+    T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Key blocks lo, lo + BLOCK_N, ... < hi into this query block's dQ; MASKED=False as in _fwd_inner."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, head_dim, MASKED, EVEN_D)
+        v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, head_dim, MASKED, EVEN_D)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
+        if MASKED:
+            s, valid, _bucket = _masked_scores(
+                s, offs_m[:, None], offs_n[None, :], len_q, len_k, h, num_heads, kpm_row_ptr, TABLE, LUT,
+                max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR,
+            )  # fmt: skip
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(valid, ds, 0.0)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    return dq
 
 
 @triton.jit
@@ -288,10 +448,10 @@ def _bwd_dq_kernel(
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
     stride_mb,
-    num_heads, group, dense_len_q, dense_len_k, head_dim, max_distance, num_buckets_half,
+    num_heads, group, dense_len_q, dense_len_k, HEAD_DIM: tl.constexpr, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (query block, batch, head): dQ. DQ shares Q's strides."""
     start_m = tl.program_id(0)
@@ -309,53 +469,72 @@ def _bwd_dq_kernel(
     k_base = K + b * stride_kb + hk * stride_kh + start_k * stride_kt
     v_base = V + b * stride_vb + hk * stride_vh + start_k * stride_vt
     do_base = DO + b * stride_ob + h * stride_oh + start_q * stride_ot
-    q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, head_dim)
-    do = _load_block(do_base, offs_m, offs_d, stride_ot, len_q, head_dim)
+    q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, HEAD_DIM, True, EVEN_D)
+    do = _load_block(do_base, offs_m, offs_d, stride_ot, len_q, HEAD_DIM, True, EVEN_D)
     row_base = b * stride_lb + h * stride_lh + start_q
+    # Rows past len_q: LSE +inf gives p = 0, so they add nothing (and are not stored).
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < len_q, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
+    kpm_row = KPM + b * stride_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = len_k
     if CAUSAL:
         hi = tl.minimum(len_k, (start_m + 1) * BLOCK_M + len_k - len_q)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = _load_block(k_base, offs_n, offs_d, stride_kt, len_k, head_dim)
-        v = _load_block(v_base, offs_n, offs_d, stride_vt, len_k, head_dim)
-        s, valid, _bucket = _scores(
-            q, k, offs_m, offs_n, len_q, len_k, h, num_heads, KPM + b * stride_mb, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST,
-        )  # fmt: skip
-        p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
-        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    mid = _unmasked_key_end(start_m, len_q, len_k, CAUSAL, HAS_KPM, HAS_T5, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, mid,
+        offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
+        scale_log2, max_distance, num_buckets_half,
+        False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+    )  # fmt: skip
+    dq = _dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mid, hi,
+        offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
+        scale_log2, max_distance, num_buckets_half,
+        True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+    )  # fmt: skip
     dq = dq * scale
-    dq_ptr = DQ + b * stride_qb + h * stride_qh + start_q * stride_qt
-    mask = (offs_m[:, None] < len_q) & (offs_d[None, :] < head_dim)
-    tl.store(dq_ptr + offs_m[:, None] * stride_qt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
+    dq_base = DQ + b * stride_qb + h * stride_qh + start_q * stride_qt
+    _store_block(dq_base, dq.to(DQ.dtype.element_ty), offs_m, offs_d, stride_qt, len_q, HEAD_DIM, EVEN_D)
 
 
 # ------------------------------------------------------------------------------ launch configuration
 
-# Hopper-minded starting points, untuned: no GPU has run these kernels yet. BLOCK_M x BLOCK_N tiles of
-# 128 x 64 at head dim 128 are what FlashAttention-2 and the Triton tutorial use on H100.
+# Hopper-minded candidates, not yet timed on a GPU; the autotuner picks per shape, and a config whose
+# shared memory does not fit (fp32 inputs at head dim 128, say) fails to compile and is skipped by it.
+# Every loop bound the kernels compute is a multiple of the config's BLOCK_M / BLOCK_N. Compiled ahead of
+# time for sm_90 (bf16, head dims 64, 80, 128, causal and not), every config below fits in shared memory
+# and none spills registers inside its inner loops in the kernel(s) it is meant for (noted where not all).
+# Forward: a bf16 128-row K or V tile at head dim 128 is 32 KiB, so 128 x 128 with 3 stages takes 224 KiB
+# of the 227 KiB a Hopper block may use. 128 x 64 is FlashAttention-2's and the Triton tutorial's H100
+# tile; 64 x 32 is a small fallback (fp32 inputs).
 CUDA_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
 ]
-# The backward holds more tiles live (q, k, v, dO, dK, dV): smaller tiles.
+# The backward holds more tiles live (q, k, v, dO, and fp32 dK, dV or dQ): smaller tiles. The dK/dV and dQ
+# kernels are tuned separately over this one list: a narrow query step under a wide key block (32 x 128,
+# the Triton tutorial's dK/dV shape, here with 8 warps) suits the first, the transpose (128 x 32) and the
+# 128-row query blocks the second (128 x 64, and above head dim 64 also 64 x 128 and 64 x 64 with 4 warps,
+# spill in dK/dV).
 CUDA_BWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
 ]
 INTERPRET_BLOCK = 16  # under TRITON_INTERPRET=1: small tiles so short test sequences cross block edges
-AUTOTUNE_KEY = ["dense_len_q", "dense_len_k", "head_dim", "CAUSAL", "HAS_T5", "VARLEN"]
+AUTOTUNE_KEY = ["dense_len_q", "dense_len_k", "HEAD_DIM", "CAUSAL", "HAS_T5", "VARLEN"]
 
 _tuned: dict[str, object] = {}
 
@@ -435,6 +614,8 @@ def _common_args(pb: _Problem, kpm: torch.Tensor | None, dtype: torch.dtype) -> 
         HAS_T5=t5 is not None,
         T5_BIDIR=bool(t5 is not None and t5.bidirectional),
         BLOCK_D=max(16, triton.next_power_of_2(pb.head_dim)),
+        # Head dim a power of 2 (>= 16, as most are): no head-dim mask at all.
+        EVEN_D=max(16, triton.next_power_of_2(pb.head_dim)) == pb.head_dim,
     )
 
 

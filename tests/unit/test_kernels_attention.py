@@ -2,8 +2,10 @@
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the kernel module is
 imported: Triton picks interpreter or compiler when a kernel is defined). The interpreter is ~2000x
-slower than SDPA, so shapes are tiny, with lengths that are not multiples of the 16-wide interpreter
-blocks. Every buffer the kernels write starts as NaN, so an element a kernel forgets fails the test.
+slower than SDPA, so shapes are tiny, mostly with lengths that are not multiples of the 16-wide
+interpreter blocks (a partial last block) and some that are (none), so both the kernels' mask-free and
+masked loop bodies run. Every buffer the kernels write starts as NaN, so an element a kernel forgets fails
+the test.
 Inputs are fresh each run (seed from the clock, printed so a failure can be replayed with TANDEM_SEED).
 
 Tolerances, relative to max(1, max|reference|), against fp64 computed from the same (rounded) inputs:
@@ -145,6 +147,12 @@ CASES = {
     "t5_bidirectional": (2, 2, 2, 37, 37, 32, False, True, True, None),
     "t5_causal_unidirectional": (1, 2, 2, 41, 41, 32, True, False, False, None),
     "head_dim_48_scale": (1, 2, 2, 23, 23, 48, True, False, None, 0.3),
+    # Lengths that are multiples of the 16-wide interpreter blocks: no partial tail block, so the mask-free
+    # bodies run up to the diagonal (or the end) and only diagonal blocks take the masked body.
+    "causal_block_multiple": (1, 2, 2, 48, 48, 32, True, False, None, None),
+    "causal_tq_lt_tk_block_multiple": (1, 2, 2, 32, 48, 32, True, False, None, None),
+    "causal_tq_gt_tk_block_multiple": (1, 2, 2, 48, 32, 32, True, False, None, None),  # 16 rows see no key
+    "gqa_block_multiple": (1, 4, 2, 32, 48, 16, False, False, None, None),
 }
 
 
@@ -196,15 +204,23 @@ def test_attention_fp32_forward_and_grads_match_fp64(case: str):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", ["causal", "gqa_causal_padding", "t5_bidirectional"])
+@pytest.mark.parametrize(
+    "case", ["causal", "causal_block_multiple", "gqa_causal_padding", "t5_bidirectional"]
+)
 def test_attention_half_precision_forward_and_grads_match_fp64(case: str, dtype: torch.dtype):
     errs = run_case(case, dtype)
     assert max(errs.values()) < TOL[dtype], errs
 
 
+# Sequence lengths (queries; keys when not causal): odd ones, and multiples of the interpreter's blocks.
+PACKINGS = {"odd": ([5, 20, 33], [9, 17, 30]), "block_multiple": ([16, 48, 32], [32, 16, 48])}
+
+
+@pytest.mark.parametrize("packing", list(PACKINGS))
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_varlen_packed_matches_each_sequence_alone(causal: bool):
-    lens_q, lens_k = [5, 20, 33], [5, 20, 33] if causal else [9, 17, 30]
+def test_varlen_packed_matches_each_sequence_alone(causal: bool, packing: str):
+    lens_q, lens_k = PACKINGS[packing]
+    lens_k = lens_q if causal else lens_k
     h, hkv, d = 4, 2, 16
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
