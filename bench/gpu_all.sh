@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU-only check of Tandem in one go, for a session that has a CUDA machine for a few minutes:
 # the kernel tests at real sizes, the attention and norm/cross-entropy benchmarks, and end-to-end MFU.
+# The tests run each kernel at its first autotune config (TANDEM_ATTENTION_AUTOTUNE=0); `configs` checks
+# and times every config alone.
 # Usage: bash bench/gpu_all.sh [PARTS]   PARTS: comma-separated subset of tests,configs,attention,attention_fwd,
 #        kernels,memory,mfu
 #        (default: all). Logs go to $LOG_DIR (default bench-logs/); each part has its own time limit so
@@ -23,7 +25,7 @@ part() {  # part NAME SECONDS CMD...: run CMD with a time limit, tee its output 
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-part tests "${TESTS_LIMIT:-240}" $py -m pytest -q -x -p no:cacheprovider \
+part tests "${TESTS_LIMIT:-240}" env TANDEM_ATTENTION_AUTOTUNE=0 $py -m pytest -q -p no:cacheprovider \
     tests/unit/test_kernels_attention.py tests/unit/test_kernels_norms_ce.py
 part configs "${CONFIGS_LIMIT:-300}" $py bench/attention_configs.py ${CONFIGS_ARGS:-}
 part attention "${ATTN_LIMIT:-360}" $py bench/attention.py ${ATTN_ARGS:-}

@@ -52,6 +52,7 @@ odd lengths cross block edges (and lengths that are multiples of 16 leave no par
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -552,6 +553,9 @@ CUDA_BWD_CONFIGS = [
 INTERPRET_BLOCK = 16  # under TRITON_INTERPRET=1: small tiles so short test sequences cross block edges
 AUTOTUNE_KEY = ["dense_len_q", "dense_len_k", "HEAD_DIM", "CAUSAL", "HAS_T5", "VARLEN"]
 
+# TANDEM_ATTENTION_AUTOTUNE=0 launches the first config of each list without searching: every new
+# (shape, flags) combination otherwise compiles and times all of them, which dominates short test runs.
+ENV_AUTOTUNE = "TANDEM_ATTENTION_AUTOTUNE"
 _tuned: dict[str, object] = {}
 
 
@@ -567,6 +571,8 @@ def _kernel(name: str, device: torch.device):
         return base, {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
     if name not in _tuned:
         configs = CUDA_CONFIGS if name == "fwd" else CUDA_BWD_CONFIGS
+        if os.environ.get(ENV_AUTOTUNE, "1") == "0":
+            configs = configs[:1]  # no search: each new shape compiles and runs one config
         # The table-gradient buffer is accumulated with atomics: zero it before each trial run.
         reset = ["DTABLE"] if name == "dkdv" else None
         _tuned[name] = triton.autotune(configs, key=AUTOTUNE_KEY, reset_to_zero=reset)(base)
