@@ -61,6 +61,12 @@ class LanguageModelLoss(nn.Module):
         self.metrics: dict[str, float] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The loader yields CPU tensors; on a GPU the batch follows the model (the engine does not move it).
+        device = next(self.model.parameters()).device
+        if device.type != "cpu":
+            batch = {
+                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
         custom = getattr(self.model, "pretraining_loss", None)
         if custom is not None:
             loss, metrics = custom(batch)
