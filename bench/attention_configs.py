@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--only", choices=["fwd", "bwd"], help="sweep one kernel's list only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/attention_configs.py: needs CUDA; skipped")
@@ -113,6 +114,8 @@ def main() -> None:
 
     fwd_all, bwd_all = list(fa.CUDA_CONFIGS), list(fa.CUDA_BWD_CONFIGS)
     for which, configs in (("fwd", fwd_all), ("bwd", bwd_all)):
+        if args.only and which != args.only:
+            continue
         rows = []
         for cfg in configs:
             # Force this one config (the other kernel keeps its first, known-good entry).

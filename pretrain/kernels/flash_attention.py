@@ -556,6 +556,10 @@ AUTOTUNE_KEY = ["dense_len_q", "dense_len_k", "HEAD_DIM", "CAUSAL", "HAS_T5", "V
 # TANDEM_ATTENTION_AUTOTUNE=0 launches the first config of each list without searching: every new
 # (shape, flags) combination otherwise compiles and times all of them, which dominates short test runs.
 ENV_AUTOTUNE = "TANDEM_ATTENTION_AUTOTUNE"
+# Its config: modest tiles that fit shared memory for every dtype and flag set (the autotuner skips a
+# config that does not fit; a single config cannot be skipped: 128 x 128 fp32 with the T5 bias needs
+# 246 KB of the H200's 227 KB).
+UNTUNED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 _tuned: dict[str, object] = {}
 
 
@@ -572,7 +576,7 @@ def _kernel(name: str, device: torch.device):
     if name not in _tuned:
         configs = CUDA_CONFIGS if name == "fwd" else CUDA_BWD_CONFIGS
         if os.environ.get(ENV_AUTOTUNE, "1") == "0":
-            configs = configs[:1]  # no search: each new shape compiles and runs one config
+            configs = [UNTUNED_CONFIG]  # no search: each new shape compiles and runs one config
         # The table-gradient buffer is accumulated with atomics: zero it before each trial run.
         reset = ["DTABLE"] if name == "dkdv" else None
         _tuned[name] = triton.autotune(configs, key=AUTOTUNE_KEY, reset_to_zero=reset)(base)
