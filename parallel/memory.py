@@ -11,8 +11,9 @@ parameters on a rank's stage, a rank holds
 Optimizer offload (ZeRO-Offload) moves the k·Ψ/dp share to host memory; parameter offload (ZeRO-Infinity,
 stage 3) moves the p·Ψ/dp share too.
 
-Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4, 16-bit activations, s
-sequence, b micro batch, h hidden, a heads, t = tp), bytes per layer:
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4, 16-bit activations with
+dropout, s sequence, b micro batch, h hidden, a heads, t = tp), bytes per layer (fp32 training and
+dropout-free models scale these: see activation_bytes_per_layer):
     no recompute:        s·b·h·(10 + 24/t + 5·a·s/(h·t))       with SP: s·b·h/t·(34 + 5·a·s/h)
     selective recompute: s·b·h·(10 + 24/t)                      with SP: 34·s·b·h/t
     full recompute:      2·s·b·h                               with SP: 2·s·b·h/t
@@ -62,6 +63,7 @@ class ModelShape:
     embedding_params: int  # token (+ learned position) embeddings, first stage
     head_params: int = 0  # an untied LM head (0 when tied), last stage
     final_norm_params: int = 0  # last stage
+    dropout: bool = True  # dropout on: masks (and attention-dropout outputs) are kept for the backward
 
     @property
     def total_params(self) -> int:
@@ -222,16 +224,30 @@ def activation_bytes_per_layer(
     tp: int = 1,
     sequence_parallel: bool = False,
     recompute: Recompute = "none",
+    bytes_per_value: int = 2,
+    dropout: bool = True,
 ) -> float:
-    """Korthikanti et al. 2022, table 2 (16-bit activations, bytes, one micro-batch, one layer)."""
+    """Korthikanti et al. 2022, table 2 (bytes, one micro-batch, one layer), generalized to the activation
+    width and to dropout being off.
+
+    The paper's 34·s·b·h with 16-bit activations is 16·s·b·h saved values of 2 bytes (4 outside the
+    tensor-parallel region: two norm inputs, the attention and MLP inputs; 12 inside: Q, K, V, the
+    projection input, the GELU input and the fc2 input) plus two 1-byte residual-dropout masks; its
+    5·a·s/h per s·b·h is per score element the softmax output (2), the attention-dropout mask (1) and
+    its output (2). Here a value takes `bytes_per_value` bytes (4 for fp32 training) and, with
+    `dropout=False`, no mask or dropout output is kept: the scores keep only the softmax output.
+    bytes_per_value=2 and dropout=True give the paper's formulas exactly."""
     s, b, h, a, t = seq_len, micro_batch_size, hidden_size, num_heads, tp
     sbh = float(s) * b * h
-    if recompute == "full":
-        return 2.0 * sbh / t if sequence_parallel else 2.0 * sbh
-    scores = 0.0 if recompute == "selective" else 5.0 * a * s / h
+    v = float(bytes_per_value)
+    if recompute == "full":  # only each layer's input
+        return v * sbh / t if sequence_parallel else v * sbh
+    masks = 2.0 if dropout else 0.0
+    per_score = v + (1.0 + v if dropout else 0.0)
+    scores = 0.0 if recompute == "selective" else per_score * a * s / h
     if sequence_parallel:
-        return sbh / t * (34.0 + scores)
-    return sbh * (10.0 + 24.0 / t + scores / t)
+        return sbh / t * (16.0 * v + masks + scores)
+    return sbh * (4.0 * v + masks + 12.0 * v / t + scores / t)
 
 
 def estimate_memory(shape: ModelShape, layout: Layout, *, precision: Precision = "bf16") -> MemoryEstimate:
@@ -249,6 +265,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, *, precision: Precision =
         + (0 if p > 1 else (shape.head_params + shape.final_norm_params) / t),
         "last": block_params + (shape.head_params + tied_copy + shape.final_norm_params) / t,
     }
+    value_bytes = 4 if precision == "fp32" else 2  # fp32 training keeps fp32 activations
     per_layer = activation_bytes_per_layer(
         seq_len=shape.seq_len,
         micro_batch_size=layout.micro_batch_size,
@@ -257,6 +274,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, *, precision: Precision =
         tp=t,
         sequence_parallel=layout.sequence_parallel,
         recompute=layout.recompute,
+        bytes_per_value=value_bytes,
+        dropout=shape.dropout,
     )
     sbh = float(shape.seq_len) * layout.micro_batch_size * shape.hidden_size
     working = 0.0
@@ -269,6 +288,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, *, precision: Precision =
             tp=t,
             sequence_parallel=layout.sequence_parallel,
             recompute="none",
+            bytes_per_value=value_bytes,
+            dropout=shape.dropout,
         )
     output = 4.0 * sbh / t * (1.0 + shape.vocab_size / shape.hidden_size)
     in_flight = {"first": min(p, layout.num_micro_batches) if p > 1 else 1, "last": 1}

@@ -42,6 +42,7 @@ def model_shape(cfg: ModelConfig, *, seq_len: int) -> ModelShape:
         embedding_params=embed,
         head_params=head,
         final_norm_params=final_norm,
+        dropout=cfg.dropout > 0,
     )
 
 

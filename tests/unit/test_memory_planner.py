@@ -73,6 +73,64 @@ def test_activation_formulas_by_hand() -> None:
     assert ratio == pytest.approx((34 / 8) / (10 + 3 + 80 / 8))
 
 
+def test_activation_formulas_fp32_and_without_dropout_by_hand() -> None:
+    s, b, h, a = 1024, 2, 512, 8
+    sbh = s * b * h
+    kw = dict(seq_len=s, micro_batch_size=b, hidden_size=h, num_heads=a)
+    # fp32 with dropout: 16 values of 4 bytes + two 1-byte masks; per score 4 + 1 + 4 bytes.
+    assert activation_bytes_per_layer(**kw, bytes_per_value=4) == sbh * (66 + 9 * a * s / h)
+    # bf16 without dropout: no masks; per score only the 2-byte softmax output.
+    assert activation_bytes_per_layer(**kw, dropout=False) == sbh * (32 + 2 * a * s / h)
+    assert activation_bytes_per_layer(**kw, dropout=False, recompute="selective") == 32 * sbh
+    assert activation_bytes_per_layer(**kw, bytes_per_value=4, recompute="full") == 4 * sbh
+
+
+def _saved_activation_bytes_per_layer(preset: str, seq: int, batch: int) -> tuple[float, object]:
+    """Bytes autograd keeps for the backward of a model's blocks, per block: every tensor saved during the
+    forward (by storage, so a tensor saved by two ops counts once), the blocks' input excluded."""
+    import torch
+
+    from pretrain.models import build_model
+
+    cfg = load_config(
+        None,
+        ["data.shards=unused", f"model.preset={preset}", "model.vocab_size=512", f"model.max_seq_len={seq}",
+         "model.dropout=0.0"],
+    ).model  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = x
+        for block in model.blocks:
+            y = block(y, getattr(model, "rope", None), None)
+    storages.pop(x.untyped_storage().data_ptr(), None)
+    return sum(storages.values()) / len(model.blocks), cfg
+
+
+@pytest.mark.parametrize(("preset", "seq", "batch"), [("gpt-mini", 256, 2), ("gpt-tiny", 128, 4)])
+def test_measured_activation_bytes_within_25_percent_of_the_estimate(
+    preset: str, seq: int, batch: int
+) -> None:
+    """fp32 on CPU, dropout off: PyTorch's CPU attention here keeps the softmax output (a score matrix of
+    4-byte values), so the estimate without recompute applies, with 4-byte values. The 25% bar is the
+    planning issue's; measured ratios were 1.09 (gpt-mini) and 0.93 (gpt-tiny: its small hidden size makes
+    the per-row statistics the formula ignores weigh more). On an H200 in bf16 with Tandem's fused
+    attention (no score matrix), bench/activation_memory.py measured 1.02x the selective estimate."""
+    measured, cfg = _saved_activation_bytes_per_layer(preset, seq, batch)
+    estimate = activation_bytes_per_layer(
+        seq_len=seq, micro_batch_size=batch, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+        recompute="none", bytes_per_value=4, dropout=False,
+    )  # fmt: skip
+    assert 0.75 <= measured / estimate <= 1.25, (measured, estimate, measured / estimate)
+
+
 SHAPE = ModelShape(
     num_layers=8,
     hidden_size=1024,
