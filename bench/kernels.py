@@ -28,6 +28,18 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=50)
 
 
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Matmuls until the clocks have ramped up: an idle H200 sits at 345 MHz, and the first figures of a
+    run timed before this came out up to 1.7x low (rmsnorm 1030 GB/s, then 1730 in the same run)."""
+    import time
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+        torch.cuda.synchronize()
+
+
 def bench_norms(tokens: int, hidden: int) -> None:
     from pretrain.kernels import layer_norm, rms_norm
 
@@ -47,6 +59,30 @@ def bench_norms(tokens: int, hidden: int) -> None:
             moved / bench_ms(lambda be=be, fn=fn: fn(be).backward(dy)) / 1e6 for be in ("triton", "torch")
         ]
         print(f"{name:>10} | {rates[0]:12.1f} | {rates[1]:12.1f} | {rates[0] / rates[1]:6.2f}")
+
+
+def sweep_norms(tokens: int, hidden: int) -> None:
+    """RMSNorm backward launch options: warps per program x number of programs (forward fixed)."""
+    from pretrain.kernels import norms, rms_norm
+
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    moved = 4 * x.numel() * x.element_size()
+    base_opts, base_programs = norms._launch_opts, norms.CUDA_BWD_PROGRAMS
+    torch_rate = moved / bench_ms(lambda: rms_norm(x, w, 1e-6, backend="torch").backward(dy)) / 1e6
+    print(f"\n# rmsnorm fwd+bwd sweep, bf16, {tokens} x {hidden}; torch {torch_rate:.1f} GB/s")
+    print(f"{'warps':>6} | {'programs':>8} | {'GB/s':>8} | {'vs torch':>8}")
+    for warps in (4, 8, 16, 32):
+        for programs in (264, 528, 1056, 2112):
+            norms._launch_opts = lambda x_, b_, w_=warps: {"num_warps": w_}
+            norms.CUDA_BWD_PROGRAMS = programs
+            try:
+                rate = moved / bench_ms(lambda: rms_norm(x, w, 1e-6, backend="triton").backward(dy)) / 1e6
+                print(f"{warps:6d} | {programs:8d} | {rate:8.1f} | {rate / torch_rate:8.2f}")
+            except Exception as exc:  # a launch option may not compile: report and go on
+                print(f"{warps:6d} | {programs:8d} | failed: {type(exc).__name__}")
+    norms._launch_opts, norms.CUDA_BWD_PROGRAMS = base_opts, base_programs
 
 
 def bench_cross_entropy(tokens: int, hidden: int, vocab: int) -> None:
@@ -109,11 +145,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--sweep-norms", action="store_true", help="also time norm launch options")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         cpu_correctness_check()
         return
+    warm_up_gpu()
     bench_norms(args.tokens, args.hidden)
+    if args.sweep_norms:
+        sweep_norms(args.tokens, args.hidden)
     bench_cross_entropy(args.tokens, min(args.hidden, 2048), args.vocab)
 
 

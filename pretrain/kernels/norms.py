@@ -23,6 +23,7 @@ from torch import nn
 
 NormBackend = Literal["auto", "triton", "torch"]
 MAX_FUSED_N = 65536  # one row must fit one program's registers/SRAM
+CUDA_BWD_PROGRAMS = 512  # backward programs on a GPU (~4 per H200 SM); `bench/kernels.py --sweep-norms` times others
 
 
 @triton.jit
@@ -142,7 +143,7 @@ class _FusedNorm(torch.autograd.Function):
             dy2 = dy2.contiguous()
         dx = _empty(x2.shape, device=x2.device, dtype=x2.dtype)
         # Enough programs to fill a GPU (~4 per SM on an H200's 132), each reducing a slice of rows.
-        programs = min(rows, 512 if x2.device.type == "cuda" else 4)
+        programs = min(rows, CUDA_BWD_PROGRAMS if x2.device.type == "cuda" else 4)
         rows_per_program = triton.cdiv(rows, programs)
         programs = triton.cdiv(rows, rows_per_program)
         dw_part = _empty((programs, n), device=x2.device, dtype=torch.float32)
