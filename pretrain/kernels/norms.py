@@ -23,7 +23,9 @@ from torch import nn
 
 NormBackend = Literal["auto", "triton", "torch"]
 MAX_FUSED_N = 65536  # one row must fit one program's registers/SRAM
-CUDA_BWD_PROGRAMS = 512  # backward programs on a GPU (~4 per H200 SM); `bench/kernels.py --sweep-norms` times others
+CUDA_BWD_PROGRAMS = (
+    512  # backward programs on a GPU (~4 per H200 SM); `bench/kernels.py --sweep-norms` times others
+)
 
 
 @triton.jit
