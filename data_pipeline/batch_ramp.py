@@ -123,7 +123,3 @@ class BatchSchedule:
         """(first global sample, global batch) of step number `step` (0-based)."""
         seg = self.segments[bisect.bisect_right(self._first_steps, step) - 1]
         return seg.first_sample + (step - seg.first_step) * seg.batch, seg.batch
-
-    def ramp_steps(self) -> int:
-        """Steps before the batch reaches its full size."""
-        return self.segments[-1].first_step
