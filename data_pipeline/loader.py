@@ -5,9 +5,11 @@ The train split is one token stream per epoch: the shards in a seeded order (a n
 the slice [j*S, (j+1)*S) of that stream, S being the objective's sample length (packing: documents run
 across sample boundaries, nothing is padded, the stream's tail that does not fill a sample is dropped).
 
-Global batch b holds samples [b*G, (b+1)*G). Data-parallel rank r takes its contiguous G/dp of them, in
-micro batches of `micro_batch_size`; DataLoader worker w of that rank produces every W-th micro batch, so
-the DataLoader's round-robin returns them in order. Because a sample's contents depend only on its global
+Global batch b holds samples [b*G, (b+1)*G); with a batch-size ramp (data_pipeline/batch_ramp.py), step t
+holds [consumed(t), consumed(t) + batch(t)), batch(t) a function of consumed(t). Data-parallel rank r takes
+its contiguous share of the step's samples (G/dp), in micro batches of `micro_batch_size`; DataLoader
+worker w of that rank produces every W-th micro batch, so the DataLoader's round-robin returns them in
+order. Because a sample's contents depend only on its global
 index, the batches are the same for every dp size, worker count and resume point: the loader's whole state
 is `consumed_samples` (the packer's leftovers and the objective's RNG are functions of it) plus a
 fingerprint of the data it refers to. Restoring seeks straight to the shard that holds the position, using
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.batch_ramp import BatchSchedule, BatchSizeRamp
 from data_pipeline.manifest import iter_shard_documents, load_manifest
 
 
@@ -205,7 +208,11 @@ class BlendedSamples:
 
 
 class MicroBatches(IterableDataset):
-    """Yields this rank's micro batches from micro-batch number `start_micro` on (infinite)."""
+    """Yields this rank's micro batches from micro-batch number `start_micro` on (infinite).
+
+    Step t holds the global samples [first(t), first(t) + batch(t)) of `BatchSchedule` (a fixed batch:
+    [t*G, (t+1)*G)); rank r takes its contiguous batch(t)/dp of them, in micro batches of `micro_batch_size`.
+    """
 
     def __init__(
         self,
@@ -217,24 +224,53 @@ class MicroBatches(IterableDataset):
         dp_rank: int,
         dp_size: int,
         start_micro: int = 0,
+        ramp: BatchSizeRamp | None = None,
     ):
         super().__init__()
-        per_rank, rem = divmod(global_batch_size, dp_size)
-        if rem or per_rank % micro_batch_size:
-            raise ValueError(
-                f"global batch {global_batch_size} does not split into dp={dp_size} ranks x micro batches "
-                f"of {micro_batch_size}"
-            )
+        self.schedule = BatchSchedule(global_batch_size, ramp)
+        for seg in self.schedule.segments:
+            if seg.batch % (dp_size * micro_batch_size):
+                raise ValueError(
+                    f"global batch {seg.batch} does not split into dp={dp_size} ranks x micro batches "
+                    f"of {micro_batch_size}"
+                )
         self.samples, self.objective = samples, objective
-        self.micro, self.global_batch, self.dp_rank = micro_batch_size, global_batch_size, dp_rank
-        self.per_rank = per_rank
-        self.gas = per_rank // micro_batch_size
+        self.micro, self.global_batch, self.dp_rank, self.dp_size = (
+            micro_batch_size,
+            global_batch_size,
+            dp_rank,
+            dp_size,
+        )
+        self.per_rank = global_batch_size // dp_size
+        self.gas = self.per_rank // micro_batch_size  # at the full global batch
+        # This rank's number of the first micro batch of each segment of the schedule.
+        self._seg_micro = [0]
+        for seg in self.schedule.segments[:-1]:
+            self._seg_micro.append(self._seg_micro[-1] + seg.steps * self.gas_of(seg.batch))  # type: ignore[operator]
         self.start_micro = start_micro
+
+    def gas_of(self, batch: int) -> int:
+        """Micro batches per rank in a step of `batch` samples."""
+        return batch // (self.dp_size * self.micro)
+
+    def step_of_micro(self, q: int) -> tuple[int, int]:
+        """(step number, index within the step) of this rank's micro batch number q."""
+        i = bisect.bisect_right(self._seg_micro, q) - 1
+        seg = self.schedule.segments[i]
+        k, m = divmod(q - self._seg_micro[i], self.gas_of(seg.batch))
+        return seg.first_step + k, m
+
+    def first_micro(self, step: int) -> int:
+        """This rank's number of the first micro batch of step `step`."""
+        i = bisect.bisect_right([s.first_step for s in self.schedule.segments], step) - 1
+        seg = self.schedule.segments[i]
+        return self._seg_micro[i] + (step - seg.first_step) * self.gas_of(seg.batch)
 
     def first_sample(self, q: int) -> int:
         """Global index of the first sample of this rank's micro batch number q."""
-        b, m = divmod(q, self.gas)
-        return b * self.global_batch + self.dp_rank * self.per_rank + m * self.micro
+        step, m = self.step_of_micro(q)
+        first, batch = self.schedule.step_start(step)
+        return first + self.dp_rank * (batch // self.dp_size) + m * self.micro
 
     def batch(self, q: int) -> dict[str, torch.Tensor]:
         first = self.first_sample(q)
@@ -273,8 +309,10 @@ class TrainLoader:
         eos_id: int,
         num_workers: int = 0,
         consumed_samples: int = 0,
+        batch_size_ramp: BatchSizeRamp | None = None,
     ):
         self.objective = objective
+        self.ramp = batch_size_ramp
         self.global_batch, self.num_workers = global_batch_size, num_workers
         self.seed, self.shuffle = seed, shuffle_shards
         # One source (a shards directory) or a weighted blend of several: [(directory, weight), ...].
@@ -300,10 +338,6 @@ class TrainLoader:
                 digest.update(f"{stream.fingerprint}:{float(weight)!r}\n".encode())
             self.fingerprint = digest.hexdigest()
         self.samples_per_epoch = samples.samples_per_epoch
-        if consumed_samples % global_batch_size:
-            raise ValueError(
-                f"consumed_samples={consumed_samples} is not a whole number of global batches of {global_batch_size}"
-            )
         self.dataset = MicroBatches(
             samples,
             objective,
@@ -311,14 +345,26 @@ class TrainLoader:
             global_batch_size=global_batch_size,
             dp_rank=dp_rank,
             dp_size=dp_size,
+            ramp=batch_size_ramp,
         )
-        self.dataset.start_micro = (consumed_samples // global_batch_size) * self.dataset.gas
+        # ValueError unless consumed_samples ends a step (of the ramp, if there is one).
+        self.dataset.start_micro = self.dataset.first_micro(self.dataset.schedule.step_of(consumed_samples))
         self.micro_batches_returned = 0
         self._iter: Iterator | None = None
 
+    def _position(self) -> tuple[int, int]:
+        """(step, micro batch within it) of the next micro batch to hand out."""
+        return self.dataset.step_of_micro(self.dataset.start_micro + self.micro_batches_returned)
+
+    @property
+    def batch_size(self) -> int:
+        """Global batch of the step the next micro batch belongs to (with a ramp it changes over the run)."""
+        return self.dataset.schedule.step_start(self._position()[0])[1]
+
     @property
     def gas(self) -> int:
-        return self.dataset.gas
+        """Micro batches per rank in the step the next micro batch belongs to."""
+        return self.dataset.gas_of(self.batch_size)
 
     def source_samples(self) -> dict[str, int] | None:
         """Samples drawn from each blended source so far, keyed "INDEX:PATH" (None without blending)."""
@@ -348,11 +394,10 @@ class TrainLoader:
     @property
     def consumed_samples(self) -> int:
         """Samples of whole global batches handed out so far (all ranks together)."""
-        q = self.dataset.start_micro + self.micro_batches_returned
-        return (q // self.gas) * self.global_batch
+        return self.dataset.schedule.step_start(self._position()[0])[0]
 
     def state_dict(self) -> dict[str, Any]:
-        if (self.dataset.start_micro + self.micro_batches_returned) % self.gas:
+        if self._position()[1]:
             raise RuntimeError("loader state taken in the middle of a global batch (not at a step boundary)")
         return {
             "consumed_samples": self.consumed_samples,
@@ -360,6 +405,7 @@ class TrainLoader:
             "fingerprint": self.fingerprint,
             "sample_len": self.objective.sample_len,
             "global_batch_size": self.global_batch,
+            "batch_size_ramp": self.ramp.as_dict() if self.ramp else None,
             "seed": self.seed,
             "shuffle_shards": self.shuffle,
         }
@@ -373,12 +419,15 @@ class TrainLoader:
         global_batch_size: int,
         seed: int,
         shuffle_shards: bool,
+        batch_size_ramp: BatchSizeRamp | None = None,
     ) -> list[str]:
-        """What differs between a saved loader state and the current run (empty = exact continuation)."""
+        """What differs between a saved loader state and the current run (empty = exact continuation).
+        A state saved before ramps existed has no `batch_size_ramp`: it reads as no ramp."""
         now = {
             "fingerprint": fingerprint,
             "sample_len": sample_len,
             "global_batch_size": global_batch_size,
+            "batch_size_ramp": batch_size_ramp.as_dict() if batch_size_ramp else None,
             "seed": seed,
             "shuffle_shards": shuffle_shards,
         }

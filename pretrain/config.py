@@ -219,6 +219,13 @@ class TrainConfig:
     seed: int = _f(1234, "seed for init, data order, dropout and masking")
     micro_batch_size: int = _f(8, "sequences per rank per forward pass")
     global_batch_size: int = _f(8, "sequences per optimizer step over all ranks (grad accumulation fills it)")
+    batch_size_ramp: dict | None = _f(  # noqa: RUF009
+        None,
+        "GPT-3's batch-size ramp (Megatron --rampup-batch-size): {start: S, increment: I, samples: N} starts "
+        "at S sequences per step and adds I every N / ((global_batch_size - S) / I) consumed samples, "
+        "reaching global_batch_size after N samples; S and I multiples of micro_batch_size x dp, pp=1 only; "
+        "null = fixed batch",
+    )
     log_interval: int = _f(10, "steps between metric records")
     eval_interval: int = _f(0, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = _f(4, "micro-batches per validation-loss evaluation")
@@ -290,6 +297,10 @@ def _coerce(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
     if tp is list or origin is list:
         if not isinstance(value, list):
             problems.append(f"{name}={value!r}: must be a list")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{name}={value!r}: must be a mapping")
         return value
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -737,8 +748,50 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
                     f"tp {par.tp} / pp {par.pp})"
                 )
 
+    p += _ramp_problems(cfg, world_size)
+
     nonneg("checkpoint.interval", c.interval)
     nonneg("checkpoint.keep_last", c.keep_last)
+    return p
+
+
+def _ramp_problems(cfg: Config, world_size: int | None) -> list[str]:
+    """train.batch_size_ramp (data_pipeline/batch_ramp.py): Megatron's --rampup-batch-size rules."""
+    t, par = cfg.train, cfg.parallel
+    ramp = t.batch_size_ramp
+    if not ramp or not isinstance(ramp, dict):
+        return []
+    name = "train.batch_size_ramp"
+    if set(ramp) != {"start", "increment", "samples"}:
+        return [f"{name}={ramp!r}: must be a mapping with exactly the keys start, increment and samples"]
+    p = [
+        f"{name}.{k}={ramp[k]!r}: must be an integer > 0" for k in ramp if not _ints(ramp[k]) or ramp[k] <= 0
+    ]
+    if p or not _ints(t.global_batch_size, t.micro_batch_size, par.tp, par.pp) or t.micro_batch_size <= 0:
+        return p
+    start, inc, gbs = ramp["start"], ramp["increment"], t.global_batch_size
+    if start >= gbs:
+        p.append(f"{name}.start={start}: must be < train.global_batch_size={gbs} (the batch it ramps up to)")
+    elif (gbs - start) % inc:
+        p.append(
+            f"{name}.increment={inc}: must divide train.global_batch_size - start = {gbs} - {start} = "
+            f"{gbs - start}"
+        )
+    unit, unit_text = t.micro_batch_size, f"train.micro_batch_size={t.micro_batch_size}"
+    if world_size is not None and par.tp * par.pp > 0 and world_size % (par.tp * par.pp) == 0:
+        dp = world_size // (par.tp * par.pp)
+        unit, unit_text = unit * dp, f"{unit_text} x dp={dp}"
+    for key in ("start", "increment"):
+        if ramp[key] % unit:
+            p.append(
+                f"{name}.{key}={ramp[key]}: must be a multiple of {unit_text} (every step's batch splits "
+                "into whole micro batches on every data-parallel rank)"
+            )
+    if par.pp > 1:
+        p.append(
+            f"{name} with parallel.pp={par.pp}: not supported; the pipeline engine schedules a fixed number "
+            "of micro batches per step (train_batch), so the batch cannot change during the run"
+        )
     return p
 
 

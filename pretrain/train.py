@@ -14,6 +14,7 @@ import torch
 import yaml
 from torch import nn
 
+from data_pipeline.batch_ramp import BatchSizeRamp
 from data_pipeline.loader import TrainLoader, eval_batches
 from data_pipeline.manifest import load_manifest
 from data_pipeline.objectives import build_objective
@@ -220,6 +221,7 @@ def train(cfg: Config) -> TrainResult:
         if tp_rng is not None and "tp_rng" in state:
             tp_rng.load_state_dict(state["tp_rng"])
         step, consumed = int(state["step"]), int(state["loader"]["consumed_samples"])
+    ramp = BatchSizeRamp.from_config(t_cfg.batch_size_ramp, t_cfg.global_batch_size)
     loader = TrainLoader(
         data_source,
         objective,
@@ -233,6 +235,7 @@ def train(cfg: Config) -> TrainResult:
         eos_id=special["eos_id"],
         num_workers=cfg.data.num_workers,
         consumed_samples=consumed,
+        batch_size_ramp=ramp,
     )
     if resume_from is not None:
         mismatch = TrainLoader.check_resumable(
@@ -242,16 +245,16 @@ def train(cfg: Config) -> TrainResult:
             global_batch_size=t_cfg.global_batch_size,
             seed=t_cfg.seed,
             shuffle_shards=cfg.data.shuffle_shards,
+            batch_size_ramp=ramp,
         )
         if mismatch:
             raise RuntimeError(
                 f"{resume_from}: cannot continue the data stream exactly: " + "; ".join(mismatch)
             )
 
-    # --- bookkeeping
-    tokens_per_step = t_cfg.global_batch_size * cfg.data.seq_len
+    # --- bookkeeping (per sample: with a batch-size ramp the samples per step change)
     target_len = getattr(objective, "targets_length", None)
-    flops_step = flops_per_sample(model, cfg.model, cfg.data.seq_len, target_len) * t_cfg.global_batch_size
+    flops_sample = flops_per_sample(model, cfg.model, cfg.data.seq_len, target_len)
     peak = t_cfg.peak_tflops or device_peak_tflops(t_cfg.precision)
     logger = MetricsLogger(
         run_dir, enabled=rank == 0, total_steps=t_cfg.steps, start_step=step, progress=t_cfg.progress
@@ -310,17 +313,25 @@ def train(cfg: Config) -> TrainResult:
 
     # --- the loop
     engine.train()
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     window_extra: dict[str, list[float]] = {}  # the model's own metrics (pretraining_loss), per micro batch
-    total_time, total_steps_timed = 0.0, 0
+    total_time, total_samples_timed = 0.0, 0
     while step < t_cfg.steps:
+        # This step's global batch and micro batches per rank: fixed, or the ramp's at the samples consumed.
+        batch_size, gas = loader.batch_size, loader.gas
+        if ramp is not None:
+            # DeepSpeed scales the loss by 1/gas and decides the accumulation boundary from its own counter
+            # of micro steps, which assumes a fixed gas: give it this step's gas and the boundary explicitly.
+            engine.set_train_batch_size(batch_size)
         scheduler.step(1)  # lr for update number step+1 (warmup starts above zero)
         rng_before = torch.get_rng_state()
         losses: list[float] = []
         log_now = (step + 1) % t_cfg.log_interval == 0 or step + 1 == t_cfg.steps
         grad_norm = None
         fault = injected_fault(step + 1, rank)
-        for micro in range(loader.gas if pipe is None else 0):
+        for micro in range(gas if pipe is None else 0):
+            if ramp is not None:
+                engine.set_gradient_accumulation_boundary(micro == gas - 1)
             loss = engine(next(loader))
             if fault:
                 loss = loss * (float("nan") if fault == "nan" else 100.0)
@@ -328,7 +339,7 @@ def train(cfg: Config) -> TrainResult:
             losses.append(loss.item())
             for key, value in engine.module.metrics.items():
                 window_extra.setdefault(key, []).append(value)
-            if micro == loader.gas - 1:
+            if micro == gas - 1:
                 if own_grad_norm:
                     grad_norm = _grad_norm(module, topo)  # all-reduced by now, not yet clipped
                 # Collective: every rank reaches the same verdict before the optimizer update.
@@ -336,7 +347,7 @@ def train(cfg: Config) -> TrainResult:
                 gate.closed = skip_reason is not None
             engine.step()
         if pipe is not None:
-            skip_reason, step_loss, grad_norm = pipe([next(loader) for _ in range(loader.gas)], fault)
+            skip_reason, step_loss, grad_norm = pipe([next(loader) for _ in range(gas)], fault)
         gate.closed = False
         step += 1
         guard.record(skip_reason, step_loss)
@@ -359,11 +370,12 @@ def train(cfg: Config) -> TrainResult:
                 result.first_loss = step_loss
             window_loss += step_loss
             window_steps += 1
+            window_samples += batch_size
 
         if (step % t_cfg.log_interval == 0 or step == t_cfg.steps) and window_steps:
             elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            tflops = window_steps * flops_step / elapsed / 1e12 / world
+            tokens_per_s = window_samples * cfg.data.seq_len / elapsed
+            tflops = window_samples * flops_sample / elapsed / 1e12 / world
             if not own_grad_norm:
                 grad_norm = engine.get_global_grad_norm()
             elif not log_now:
@@ -378,6 +390,7 @@ def train(cfg: Config) -> TrainResult:
                 "mfu": tflops / peak if peak else None,
                 "memory_gb": memory_gb(),
                 "consumed_samples": loader.consumed_samples,
+                "global_batch_size": batch_size,  # of this record's last step
                 "skipped_total": guard.skipped,
                 "source_samples": loader.source_samples(),
                 "elapsed_s": elapsed,
@@ -387,8 +400,8 @@ def train(cfg: Config) -> TrainResult:
             logger.log(record)
             result.final_loss, result.tokens_per_s = record["loss"], tokens_per_s
             total_time += elapsed
-            total_steps_timed += window_steps
-            window_loss, window_steps = 0.0, 0
+            total_samples_timed += window_samples
+            window_loss, window_steps, window_samples = 0.0, 0, 0
 
         if t_cfg.eval_interval and (step % t_cfg.eval_interval == 0 or step == t_cfg.steps):
             result.eval_loss = evaluate(engine, cfg, objective, special["eos_id"], topo, shards=eval_shards)
@@ -415,8 +428,8 @@ def train(cfg: Config) -> TrainResult:
     stop.uninstall()
     logger.close()
     result.steps = step
-    if total_steps_timed:
-        result.tokens_per_s = total_steps_timed * tokens_per_step / total_time
+    if total_samples_timed:
+        result.tokens_per_s = total_samples_timed * cfg.data.seq_len / total_time
     return result
 
 

@@ -56,3 +56,30 @@ def test_torchrun_dp2_matches_one_rank(shards_dir, tmp_path, run_pretrain, refer
         nprocs=2,
     )
     assert_close(read_metrics(out), reference)
+
+
+def test_batch_size_ramp_dp2_matches_one_rank(shards_dir, tmp_path, run_pretrain):
+    """train.batch_size_ramp at dp=2: each step's batch (4, 4, 4, 4, 8, 8, 12, 16) splits over the ranks
+    into 1..4 micro batches of 2, and the losses are the 1-rank run's."""
+    keys = {
+        "train.steps": 8,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 16,
+        "train.batch_size_ramp": "{start: 4, increment: 4, samples: 40}",
+        "data.seq_len": 32,
+    }
+    runs = {}
+    for nprocs in (1, 2):
+        out = tmp_path / f"dp{nprocs}"
+        run_pretrain(
+            ["train", "--config", str(SMOKE_CONFIG), *tiny_overrides(shards_dir, out, **keys)],
+            launcher="torchrun" if nprocs > 1 else "python",
+            nprocs=nprocs,
+        )
+        runs[nprocs] = read_metrics(out)
+    one, two = runs[1], runs[2]
+    assert [two[s]["global_batch_size"] for s in range(1, 9)] == [4, 4, 4, 4, 8, 8, 12, 16]
+    for step in one:
+        assert two[step]["consumed_samples"] == one[step]["consumed_samples"]
+        a, b = two[step]["loss"], one[step]["loss"]
+        assert abs(a - b) <= RTOL * abs(b), f"step {step}: loss {a} vs 1-rank {b}"
