@@ -260,7 +260,9 @@ class Checkpointer:
         error: Exception | None = None
         if self.rank == 0 and not (out / MANIFEST).is_file():
             try:
-                reshard_checkpoint(path, out, tp=layout["tp"], pp=layout["pp"], dp=layout["dp"], partition=partition)
+                reshard_checkpoint(
+                    path, out, tp=layout["tp"], pp=layout["pp"], dp=layout["dp"], partition=partition
+                )
             except Exception as exc:  # re-raised after the barrier, so the other ranks do not wait forever
                 error = exc
         barrier()

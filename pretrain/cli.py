@@ -168,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "automatically; this verb does it offline.",
     )
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--to", required=True, metavar="tp=N,pp=N[,dp=N]", help="the target layout (dp: default saved)")
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory (replaced if it exists)")
+    p.add_argument(
+        "--to", required=True, metavar="tp=N,pp=N[,dp=N]", help="the target layout (dp: default saved)"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output checkpoint directory (replaced if it exists)"
+    )
     p.set_defaults(func=cmd_ckpt_reshard)
 
     p = sub.add_parser(

@@ -77,7 +77,8 @@ def split_state(
 ) -> dict[str, torch.Tensor]:
     """One TP rank's shard of a full state dict (`dims` from `consolidate.split_dims`)."""
     return {
-        k: split_tensor(v, dims[k], size, rank) if k in dims and size > 1 else v.clone() for k, v in full.items()
+        k: split_tensor(v, dims[k], size, rank) if k in dims and size > 1 else v.clone()
+        for k, v in full.items()
     }
 
 
@@ -231,7 +232,9 @@ def _read_optimizer(
     names = list(per_rank[0])
     full: dict[str, dict[str, Any]] = {n: {} for n in names}
     for key in OPTIMIZER_TENSORS:
-        merged = merge_shards([{n: r[n][key] for n in names} for r in per_rank], model_cfg, source=str(checkpoint))
+        merged = merge_shards(
+            [{n: r[n][key] for n in names} for r in per_rank], model_cfg, source=str(checkpoint)
+        )
         for n in names:
             full[n][key] = merged[n]
     for n in names:
@@ -249,14 +252,20 @@ def _refusal(saved: dict[str, Any], want: dict[str, int], why: str) -> ReshardEr
 
 
 def reshard_checkpoint(
-    checkpoint: str | Path, out: str | Path, *, tp: int, pp: int, dp: int | None = None, partition: str | None = None
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    tp: int,
+    pp: int,
+    dp: int | None = None,
+    partition: str | None = None,
 ) -> Path:
     """Writes `checkpoint` re-laid-out at (tp, pp, dp) to `out` (a complete, verifiable Tandem checkpoint;
     written under a temporary name and renamed, so `out` exists only when complete). Returns `out`."""
+    from parallel.tensor_plan import tensor_parallel_problems
     from pretrain.checkpoint import MANIFEST, build_manifest, read_manifest, verify_checkpoint
     from pretrain.config import config_from_dict
     from pretrain.consolidate import PREFIX, consolidate_tensor_parallel, split_dims
-    from parallel.tensor_plan import tensor_parallel_problems
 
     src, out = Path(checkpoint), Path(out)
     problems = verify_checkpoint(src)
@@ -271,16 +280,24 @@ def reshard_checkpoint(
     cfg = config_from_dict(raw, validate=False, source=str(src / "config.yaml"))
     want = {"tp": tp, "pp": pp, "dp": dp or int(saved["dp"]), "zero": int(saved["zero"])}
     if int(saved["zero"]) != 0:
-        raise _refusal(saved, want, "only ZeRO stage 0 checkpoints are resharded (optimizer states unpartitioned)")
+        raise _refusal(
+            saved, want, "only ZeRO stage 0 checkpoints are resharded (optimizer states unpartitioned)"
+        )
     if cfg.train.precision != "fp32":
-        raise _refusal(saved, want, f"train.precision={cfg.train.precision}: only fp32 checkpoints are resharded")
+        raise _refusal(
+            saved, want, f"train.precision={cfg.train.precision}: only fp32 checkpoints are resharded"
+        )
     if cfg.parallel.ep > 1:
-        raise _refusal(saved, want, f"parallel.ep={cfg.parallel.ep}: expert-parallel checkpoints are not resharded")
+        raise _refusal(
+            saved, want, f"parallel.ep={cfg.parallel.ep}: expert-parallel checkpoints are not resharded"
+        )
     bad = tensor_parallel_problems(cfg.model, tp)
     if bad:
         raise _refusal(saved, want, "; ".join(bad))
     partition = partition or cfg.parallel.pp_partition
-    source = build_layout(cfg.model, tp=int(saved["tp"]), pp=int(saved["pp"]), partition=cfg.parallel.pp_partition)
+    source = build_layout(
+        cfg.model, tp=int(saved["tp"]), pp=int(saved["pp"]), partition=cfg.parallel.pp_partition
+    )
     target = build_layout(cfg.model, tp=tp, pp=pp, partition=partition)
 
     weights = consolidate_tensor_parallel(src, cfg.model)
@@ -296,8 +313,12 @@ def reshard_checkpoint(
     for t in range(tp):
         w = split_state(weights, dims, tp, t)
         states = {
-            n: {k: split_tensor(v, dims[n], tp, t) if k in OPTIMIZER_TENSORS and n in dims and tp > 1 else v.clone()
-                for k, v in st.items()}
+            n: {
+                k: split_tensor(v, dims[n], tp, t)
+                if k in OPTIMIZER_TENSORS and n in dims and tp > 1
+                else v.clone()
+                for k, v in st.items()
+            }
             for n, st in opt_full.items()
         }
         for s in range(pp):
@@ -325,7 +346,8 @@ def reshard_checkpoint(
                     layer = target.layers[idx]
                     if layer.saved:
                         torch.save(
-                            {k: w[n] for k, n in layer.keys}, tmp / f"layer_{idx:02d}-model_{t:02d}-model_states.pt"
+                            {k: w[n] for k, n in layer.keys},
+                            tmp / f"layer_{idx:02d}-model_{t:02d}-model_states.pt",
                         )
 
     saved_world = int(meta.get("world_size", 1))
@@ -338,7 +360,11 @@ def reshard_checkpoint(
     (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
     own_kinds = ("mp_rank_", "layer_", "tandem-rank-")
     for f in src.iterdir():  # the tokenizer and anything else that travels with the checkpoint
-        if f.is_file() and not f.name.startswith(own_kinds) and f.name not in (MANIFEST, "meta.json", "config.yaml"):
+        if (
+            f.is_file()
+            and not f.name.startswith(own_kinds)
+            and f.name not in (MANIFEST, "meta.json", "config.yaml")
+        ):
             shutil.copyfile(f, tmp / f.name)
     meta.update(
         layout=want,

@@ -70,7 +70,10 @@ def test_pipeline_layout_of_gpt_tiny():
     # embedding first in its optimizer).
     layout = build_layout(model_cfg("gpt-tiny"), tp=2, pp=2, partition="parameters")
     assert layout.parts == [0, 3, 6]
-    assert layout.order[1][0] == "embed.weight" and layout.order[0][:2] == ["embed.weight", "pos_embed.weight"]
+    assert layout.order[1][0] == "embed.weight" and layout.order[0][:2] == [
+        "embed.weight",
+        "pos_embed.weight",
+    ]
     assert [layout.mp_rank(s, t) for s in range(2) for t in range(2)] == [0, 1, 2, 3]
 
 
