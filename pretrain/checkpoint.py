@@ -187,6 +187,20 @@ def install_safe_checkpoint_engine(engine: Any) -> None:
         engine.checkpoint_engine = safe
 
 
+def _check_optimizer_shapes(engine: Any, path: Path) -> None:
+    """After a resharded load: every Adam moment must be shaped like the parameter it was given to."""
+    optimizer = getattr(engine, "optimizer", None)
+    for group in getattr(optimizer, "param_groups", []):
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})  # type: ignore[union-attr]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].shape != p.shape:
+                    raise CheckpointError(
+                        f"{path}: optimizer {key} of shape {tuple(state[key].shape)} was loaded for a parameter "
+                        f"of shape {tuple(p.shape)}: the conversion's parameter order disagrees with this engine"
+                    )
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -210,26 +224,53 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ layout changes
     @staticmethod
-    def reshard_plan(path: Path, layout: dict[str, int]) -> str:
-        """How to load `path` into `layout` ({tp, pp, dp, zero}): 'same' (plain load), 'plain' (only the
-        number of data-parallel replicas changed and nothing is partitioned: a plain load works),
-        'universal' (through DeepSpeed's universal checkpoint). Raises for what cannot be converted."""
-        saved = read_manifest(path).get("layout") or {}
+    def reshard_plan(path: Path, layout: dict[str, Any]) -> str:
+        """How to load `path` into `layout` ({tp, pp, dp, zero}, optionally precision): 'same' (plain load),
+        'plain' (only the number of data-parallel replicas changed and nothing is partitioned: a plain load
+        works), 'reshard' (ZeRO stage 0, fp32: rewritten at the new tp/pp/dp by `pretrain.reshard`),
+        'universal' (a dp change through DeepSpeed's universal checkpoint). Raises for what cannot be
+        converted, naming both layouts."""
+        manifest = read_manifest(path)
+        saved = manifest.get("layout") or {}
         if all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp")):
             return "same"
-        if saved.get("tp", 1) != layout["tp"] or saved.get("pp", 1) != layout["pp"]:
+        split_changed = saved.get("tp", 1) != layout["tp"] or saved.get("pp", 1) != layout["pp"]
+        unpartitioned = saved.get("zero", 0) == 0 and layout["zero"] == 0
+        if split_changed or max(saved.get("pp", 1), layout["pp"]) > 1:
+            precision = layout.get("precision", "fp32")
+            if unpartitioned and precision == "fp32":
+                return "reshard"
             raise CheckpointError(
-                f"{path}: saved at tp={saved.get('tp')}, pp={saved.get('pp')}; this run has tp={layout['tp']}, "
-                f"pp={layout['pp']}: resharding tensor/pipeline splits is not available yet (only dp changes)"
+                f"{path}: saved at tp={saved.get('tp')}, pp={saved.get('pp')}, dp={saved.get('dp')}, "
+                f"zero={saved.get('zero')}; this run has tp={layout['tp']}, pp={layout['pp']}, dp={layout['dp']}, "
+                f"zero={layout['zero']}, precision={precision}: changing the tensor/pipeline layout (or dp "
+                "under pipelines) is supported for ZeRO stage 0 and fp32 only"
             )
-        if max(saved.get("pp", 1), layout["pp"]) > 1:
-            raise CheckpointError(
-                f"{path}: saved at dp={saved.get('dp')}, this run has dp={layout['dp']}: a pipeline-parallel "
-                "checkpoint is loaded at its own layout only (the same tp, pp and dp)"
-            )
-        if saved.get("zero", 0) == 0 and layout["zero"] == 0:
+        if unpartitioned:
             return "plain"
         return "universal"
+
+    def prepare_reshard(self, path: Path, layout: dict[str, Any], *, partition: str) -> Path:
+        """Converts `path` once to `layout` (rank 0; cached beside it as `step-N.reshard-tpX-ppY-dpZ/`, a
+        complete checkpoint whose manifest is written last and which appears under its name only when
+        complete). Collective; returns the converted checkpoint."""
+        from pretrain.reshard import reshard_checkpoint
+
+        out = path.with_name(f"{path.name}.reshard-tp{layout['tp']}-pp{layout['pp']}-dp{layout['dp']}")
+        error: Exception | None = None
+        if self.rank == 0 and not (out / MANIFEST).is_file():
+            try:
+                reshard_checkpoint(
+                    path, out, tp=layout["tp"], pp=layout["pp"], dp=layout["dp"], partition=partition
+                )
+            except Exception as exc:  # re-raised after the barrier, so the other ranks do not wait forever
+                error = exc
+        barrier()
+        if error is not None:
+            raise error
+        if not (out / MANIFEST).is_file():
+            raise CheckpointError(f"{path}: the conversion to {layout} failed on rank 0 (see its log)")
+        return out
 
     def prepare_universal(self, path: Path) -> Path:
         """Converts `path` once with DeepSpeed's ds_to_universal (rank 0; cached beside it as
@@ -354,7 +395,9 @@ class Checkpointer:
         path.rename(doomed)
         _fault_point("prune", step)
         shutil.rmtree(doomed, ignore_errors=True)
-        shutil.rmtree(path.with_name(path.name + ".universal"), ignore_errors=True)  # its converted copy
+        shutil.rmtree(path.with_name(path.name + ".universal"), ignore_errors=True)  # its converted copies
+        for converted in path.parent.glob(f"{path.name}.reshard-*"):
+            shutil.rmtree(converted, ignore_errors=True)
 
     def _prune(self, step: int = -1) -> None:
         if self.keep_last <= 0:
@@ -366,7 +409,8 @@ class Checkpointer:
     # ------------------------------------------------------------------ load
     def load(self, path: Path, *, plan: str = "same") -> tuple[dict[str, Any], dict[str, Any]]:
         """Restores engine and RNG; returns (this rank's state, meta). `plan` from `reshard_plan`: with
-        'universal' the engine was initialized with load_universal and reads `step-N.universal/`."""
+        'universal' the engine was initialized with load_universal and reads `step-N.universal/`; with
+        'reshard' `path` is the converted checkpoint from `prepare_reshard`."""
         problems = verify_checkpoint(path, hashes=self.verify_on_load)
         if problems:
             raise CheckpointError(f"{path}: will not load a damaged checkpoint:\n  " + "\n  ".join(problems))
@@ -386,6 +430,8 @@ class Checkpointer:
         )
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed found no engine state to load")
+        if plan == "reshard":
+            _check_optimizer_shapes(self.engine, path)
         # Loader position, schedule and counters are the same on every rank; after a layout change a rank
         # beyond the saved world takes rank 0's RNG stream (the run continues within 1e-5, not bitwise).
         saved_rank = self.rank if self.rank < int(meta.get("world_size", 1)) else 0

@@ -159,6 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--json", action="store_true", help="print the manifest summary as one JSON line")
     p.set_defaults(func=cmd_ckpt_inspect)
+    p = csub.add_parser(
+        "reshard",
+        help="rewrite a checkpoint at another tp/pp/dp layout (ZeRO stage 0, fp32)",
+        description="Write CHECKPOINT re-split for another tensor/pipeline/data-parallel layout as a complete "
+        "checkpoint in OUT (weights and Adam states merged and re-split; schedule, step and loader position "
+        "unchanged). `train.resume=OUT` then continues at that layout. Resuming at another layout does this "
+        "automatically; this verb does it offline.",
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument(
+        "--to", required=True, metavar="tp=N,pp=N[,dp=N]", help="the target layout (dp: default saved)"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output checkpoint directory (replaced if it exists)"
+    )
+    p.set_defaults(func=cmd_ckpt_reshard)
 
     p = sub.add_parser(
         "smoke",
@@ -303,6 +319,21 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
         print(f"{key:17} {value}")
     for name, f in m["files"].items():
         print(f"  {f['bytes']:>12}  {name}")
+    return 0
+
+
+def cmd_ckpt_reshard(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.reshard import ReshardError, parse_layout, reshard_checkpoint
+
+    try:
+        to = parse_layout(args.to)
+        out = reshard_checkpoint(args.checkpoint, args.out, tp=to["tp"], pp=to["pp"], dp=to.get("dp"))
+    except (ReshardError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    layout = json.loads((out / "meta.json").read_text(encoding="utf-8"))["layout"]
+    print(f"resharded {args.checkpoint} to {out} at tp={layout['tp']}, pp={layout['pp']}, dp={layout['dp']}")
     return 0
 
 

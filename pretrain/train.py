@@ -148,12 +148,23 @@ def train(cfg: Config) -> TrainResult:
         verify_on_load=cfg.checkpoint.verify_on_load,
     )
     resume_from = checkpointer.resolve(t_cfg.resume)
-    layout = {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp, "zero": cfg.parallel.zero_stage}
+    layout = {
+        "tp": topo.dims.tp,
+        "pp": topo.dims.pp,
+        "dp": dp,
+        "zero": cfg.parallel.zero_stage,
+        "precision": t_cfg.precision,
+    }
     ds_config = deepspeed_config(cfg, dp_size=dp)
     plan = "same"
+    load_from = resume_from
     if resume_from is not None:
         plan = checkpointer.reshard_plan(resume_from, layout)
-        if plan == "universal":
+        if (
+            plan == "reshard"
+        ):  # converted once, cached beside the original; the loader resumes by sample count
+            load_from = checkpointer.prepare_reshard(resume_from, layout, partition=cfg.parallel.pp_partition)
+        elif plan == "universal":
             checkpointer.prepare_universal(resume_from)
             ds_config["checkpoint"] = {"load_universal": True}
         if plan != "same" and rank == 0:
@@ -213,8 +224,8 @@ def train(cfg: Config) -> TrainResult:
 
     # --- resume
     step, consumed = 0, 0
-    if resume_from is not None:
-        state, resumed_meta = checkpointer.load(resume_from, plan=plan)
+    if load_from is not None:
+        state, resumed_meta = checkpointer.load(load_from, plan=plan)
         init_record = resumed_meta.get("init_from")  # a resumed continued-pretraining run keeps its source
         scheduler.load_state_dict(state["scheduler"])
         guard.load_state_dict(state.get("guard", {}))

@@ -1,8 +1,8 @@
 """Pipeline parallelism through `pretrain train` under the deepspeed launcher: GPT at PP2, PP2 x TP2
 (sequence parallel) and PP2 x DP2 (ZeRO-1, activation checkpointing) reproduces the one-process losses
 and gradient norms, as does BERT at PP2; a PP2 run resumed from its own checkpoint continues bit for
-bit; its checkpoint is sealed by the manifest (layer files included) and refuses to load at another
-layout.
+bit; its checkpoint is sealed by the manifest (layer files included) and is resharded (ZeRO 0, fp32)
+or refused at another layout.
 
 fp32 on CPU. PP moves whole layers to another process: the forward arithmetic is the one-process
 arithmetic. What differs is the order of a few sums: the tied embedding's two gradient contributions
@@ -88,11 +88,14 @@ def test_pp2_checkpoint_is_sealed_and_bound_to_its_layout(pp2_run):
     # gpt-tiny: embedding, positions, 2 blocks, final norm (the tied head's copy is not written).
     assert len(layers) == 5, layers
     assert json.loads((step2 / "meta.json").read_text())["layout"]["pp"] == 2
-    for layout, needle in (
-        ({"tp": 1, "pp": 1, "dp": 2, "zero": 0}, "resharding tensor/pipeline splits is not available"),
-        ({"tp": 1, "pp": 2, "dp": 2, "zero": 0}, "loaded at its own layout only"),
+    # Another layout goes through pretrain.reshard under ZeRO stage 0 and fp32 only.
+    for layout in ({"tp": 1, "pp": 1, "dp": 2, "zero": 0}, {"tp": 1, "pp": 2, "dp": 2, "zero": 0}):
+        assert Checkpointer.reshard_plan(step2, layout) == "reshard"
+    for layout in (
+        {"tp": 1, "pp": 2, "dp": 2, "zero": 1},
+        {"tp": 2, "pp": 2, "dp": 1, "zero": 0, "precision": "bf16"},
     ):
-        with pytest.raises(CheckpointError, match=needle):
+        with pytest.raises(CheckpointError, match="ZeRO stage 0 and fp32 only"):
             Checkpointer.reshard_plan(step2, layout)
     assert Checkpointer.reshard_plan(step2, {"tp": 1, "pp": 2, "dp": 1, "zero": 0}) == "same"
 
