@@ -38,6 +38,26 @@ def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
+def spawn_with_deadline(
+    fn: Callable[..., None], args: tuple, *, nprocs: int, timeout: float, what: str
+) -> None:
+    """torch.multiprocessing workers `fn(rank, *args)` with a hard limit: a worker's exception is re-raised
+    here; past `timeout` seconds every worker still alive is killed and the test fails naming `what`."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a worker failed
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{what} did not finish within {timeout:g} s")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

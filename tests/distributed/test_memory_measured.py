@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from parallel.memory import model_state_bytes
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_with_deadline
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -79,20 +78,10 @@ def _worker(rank: int, world: int, stage: int, port: int, out: str) -> None:
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_measured_model_states_match_estimate(stage: int, tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(
-        _worker, args=(2, stage, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
     # A hard limit: ~30 s on an idle 2-core machine (DeepSpeed start-up included), 240 s under load.
-    deadline = time.monotonic() + 240.0
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a worker failed
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"ZeRO-{stage} workers did not finish within 240 s")
+    spawn_with_deadline(
+        _worker, (2, stage, free_port(), str(tmp_path)), nprocs=2, timeout=240, what=f"ZeRO-{stage} workers"
+    )
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         params, _, optim, _ = model_state_bytes(got["n"], zero_stage=stage, dp=2, precision="fp32")

@@ -17,16 +17,13 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
-from tests.conftest import SMOKE_CONFIG, free_port, read_metrics, tiny_overrides
+from tests.conftest import SMOKE_CONFIG, free_port, read_metrics, spawn_with_deadline, tiny_overrides
 
 RTOL = 1e-5
 WORLD = 2
@@ -71,17 +68,9 @@ def _consolidate_worker(rank: int, port: int) -> None:
 
 
 def test_tensor_parallel_shards_consolidate_to_the_full_model_exactly():
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.start_processes(
-        _consolidate_worker, args=(free_port(),), nprocs=WORLD, join=False, start_method="spawn"
+    spawn_with_deadline(
+        _consolidate_worker, (free_port(),), nprocs=WORLD, timeout=120, what="consolidation workers"
     )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a worker failed
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("consolidation workers did not finish within 120 s")
 
 
 def test_shards_that_do_not_fit_the_config_are_refused_naming_the_parameter():
