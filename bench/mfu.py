@@ -28,22 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train_throughput import prepare_data  # bench/ is on sys.path when a bench script runs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG = REPO_ROOT / "configs" / "runs" / "smoke-gpt.yaml"
-
-
-def prepare_data(root: Path, docs: int, vocab: int) -> Path:
-    from data_pipeline.sample_corpus import write_sample_corpus
-    from data_pipeline.sharding import shard_corpus
-    from data_pipeline.tokenizer import train_tokenizer
-
-    corpus = write_sample_corpus(root / "corpus", docs=docs, seed=0, docs_per_file=1000)
-    model = train_tokenizer(corpus, vocab_size=vocab, out_prefix=root / "tok" / "sp")
-    shard_corpus(
-        corpus, tokenizer_path=model, out_dir=root / "shards", workers=4, val_fraction=0.01,
-        shard_size_mb=8.0, seed=0,
-    )  # fmt: skip
-    return root / "shards"
 
 
 def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) -> dict:
@@ -111,7 +99,7 @@ def main() -> None:
         print("bench/mfu.py: no CUDA device on this machine; MFU is a GPU measurement, skipped")
         return
     with tempfile.TemporaryDirectory(prefix="tandem-mfu-") as tmp:
-        shards = prepare_data(Path(tmp), args.docs, 1024)
+        shards = prepare_data(Path(tmp), docs=args.docs, vocab_size=1024, workers=4)
         results = [run_side(b, args, shards, Path(tmp) / f"run-{b}") for b in args.backends.split(",")]
     base = results[-1]
     print(f"\n# pretrain train, {args.model_preset}, seq {args.seq_len}, micro batch {args.micro_batch_size}, "

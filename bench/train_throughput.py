@@ -85,9 +85,11 @@ def config_overrides(args: argparse.Namespace, shards: Path) -> list[str]:
     ]
 
 
-def prepare_data(data_dir: Path) -> Path:
+def prepare_data(
+    data_dir: Path, *, docs: int = SAMPLE_DOCS, vocab_size: int = VOCAB_SIZE, workers: int = 1
+) -> Path:
     """Sample corpus -> tokenizer -> shards with the project's own functions (as `pretrain smoke`);
-    reuses whatever an earlier run left in `data_dir`. Returns the shards directory."""
+    reuses whatever an earlier run left in `data_dir`. Returns the shards directory (also bench/mfu.py's)."""
     from data_pipeline.corpus import expand_inputs
     from data_pipeline.sample_corpus import write_sample_corpus
     from data_pipeline.sharding import shard_corpus
@@ -95,15 +97,16 @@ def prepare_data(data_dir: Path) -> Path:
 
     corpus, tok_prefix, shards = data_dir / "corpus", data_dir / "tokenizer" / "sp", data_dir / "shards"
     if not any(corpus.glob("*.json.gz")):
-        write_sample_corpus(corpus, docs=SAMPLE_DOCS, seed=0)
+        write_sample_corpus(corpus, docs=docs, seed=0)
     model_path = tok_prefix.with_suffix(".model")
     if not model_path.is_file():
         tok_prefix.parent.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(expand_inputs(str(corpus)), vocab_size=VOCAB_SIZE, out_prefix=tok_prefix, seed=0)
+        train_tokenizer(expand_inputs(str(corpus)), vocab_size=vocab_size, out_prefix=tok_prefix, seed=0)
     # Resumable: a rerun over finished shards only checks them.
     shard_corpus(
-        expand_inputs(str(corpus)), tokenizer_path=model_path, out_dir=shards, shard_size_mb=0.25, seed=0
-    )
+        expand_inputs(str(corpus)), tokenizer_path=model_path, out_dir=shards, workers=workers,
+        shard_size_mb=0.25, seed=0,
+    )  # fmt: skip
     return shards
 
 

@@ -103,10 +103,6 @@ class BatchSchedule:
         self._first_samples = [s.first_sample for s in self.segments]
         self._first_steps = [s.first_step for s in self.segments]
 
-    def batch_size(self, consumed: int) -> int:
-        """Global batch of the step starting after `consumed` samples."""
-        return self.ramp.batch_size(consumed) if self.ramp else self.global_batch
-
     def step_of(self, consumed: int) -> int:
         """Steps taken after `consumed` samples; ValueError if `consumed` is not a step boundary."""
         seg = self.segments[bisect.bisect_right(self._first_samples, consumed) - 1]
@@ -119,7 +115,11 @@ class BatchSchedule:
             )
         return seg.first_step + k
 
+    def segment_index(self, step: int) -> int:
+        """Index in `segments` of the segment holding step number `step` (0-based)."""
+        return bisect.bisect_right(self._first_steps, step) - 1
+
     def step_start(self, step: int) -> tuple[int, int]:
         """(first global sample, global batch) of step number `step` (0-based)."""
-        seg = self.segments[bisect.bisect_right(self._first_steps, step) - 1]
+        seg = self.segments[self.segment_index(step)]
         return seg.first_sample + (step - seg.first_step) * seg.batch, seg.batch

@@ -241,8 +241,6 @@ class MicroBatches(IterableDataset):
             dp_rank,
             dp_size,
         )
-        self.per_rank = global_batch_size // dp_size
-        self.gas = self.per_rank // micro_batch_size  # at the full global batch
         # This rank's number of the first micro batch of each segment of the schedule.
         self._seg_micro = [0]
         for seg in self.schedule.segments[:-1]:
@@ -262,7 +260,7 @@ class MicroBatches(IterableDataset):
 
     def first_micro(self, step: int) -> int:
         """This rank's number of the first micro batch of step `step`."""
-        i = bisect.bisect_right([s.first_step for s in self.schedule.segments], step) - 1
+        i = self.schedule.segment_index(step)
         seg = self.schedule.segments[i]
         return self._seg_micro[i] + (step - seg.first_step) * self.gas_of(seg.batch)
 

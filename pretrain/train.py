@@ -160,9 +160,8 @@ def train(cfg: Config) -> TrainResult:
     load_from = resume_from
     if resume_from is not None:
         plan = checkpointer.reshard_plan(resume_from, layout)
-        if (
-            plan == "reshard"
-        ):  # converted once, cached beside the original; the loader resumes by sample count
+        if plan == "reshard":
+            # Converted once, cached beside the original; the loader resumes by sample count.
             load_from = checkpointer.prepare_reshard(resume_from, layout, partition=cfg.parallel.pp_partition)
         elif plan == "universal":
             checkpointer.prepare_universal(resume_from)
