@@ -850,8 +850,8 @@ def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
     from pretrain.models import OBJECTIVE_MODELS
 
     p = []
-    if m.family not in ("gpt", "bert"):
-        p.append(f"pipeline parallelism is available for model.family gpt and bert, not {m.family!r}")
+    if m.family not in ("gpt", "bert", "t5", "bart"):
+        p.append(f"pipeline parallelism is available for model.family gpt, bert, t5 and bart, not {m.family!r}")
     if getattr(m, "share_layers", "none") != "none":
         p.append(f"model.share_layers={m.share_layers!r}: a module shared by layers cannot sit on two stages")
     if m.objective in OBJECTIVE_MODELS:
@@ -860,7 +860,10 @@ def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
         p.append("model.num_experts > 0: the experts' auxiliary losses are not carried through a pipeline")
     if getattr(m, "z_loss", 0.0):
         p.append("model.z_loss > 0: the pipeline's last stage computes the plain cross-entropy only")
-    if _ints(m.num_layers) and m.num_layers < pp:
+    blocks = m.num_layers
+    if m.family in ("t5", "bart") and _ints(m.num_layers, m.decoder_layers):
+        blocks = m.num_layers + m.decoder_layers  # encoder and decoder blocks share the stages
+    if _ints(blocks) and blocks < pp:
         p.append(f"model.num_layers={m.num_layers}: fewer Transformer blocks than pipeline stages")
     return p
 
