@@ -5,7 +5,7 @@ For `--model PRESET [SECTION.KEY=VALUE ...]` it prints the total and non-embeddi
 (`pretrain.flops`: 6·N + 12·L·H·d·T, docs/mfu.md), the published count when the preset reproduces a
 paper (`pretrain.lineage.PUBLISHED`), and the per-GPU memory of the layout the overrides describe
 (`parallel.tp`, `parallel.pp`, `parallel.zero_stage`, `parallel.sequence_parallel`,
-`train.micro_batch_size`, `train.global_batch_size`, `train.precision`, `train.activation_checkpointing`;
+`train.micro_batch_size`, `train.global_batch_size`, `train.precision`, `parallel.activation_checkpointing`;
 `--gpus` sets the data-parallel degree) from the planner in `parallel/memory.py`.
 
 `--table` prints the Markdown table of every PUBLISHED entry (paper vs Tandem's count);
@@ -149,7 +149,7 @@ def _memory(cfg: Any, *, seq_len: int, dp: int, notes: list[str]) -> tuple[dict,
         micro_batch_size=train.micro_batch_size,
         num_micro_batches=micro_batches,
         sequence_parallel=par.sequence_parallel,
-        recompute="full" if train.activation_checkpointing else "none",
+        recompute=par.activation_checkpointing,
     )
     described = {
         "tp": par.tp,

@@ -191,6 +191,11 @@ class ParallelConfig:
         "Transformer-block counts",
     )
     ep: int = _f(1, "expert-parallel degree: each MoE layer's experts are split over ep data-parallel ranks")
+    activation_checkpointing: Literal["none", "full", "selective"] = _f(
+        "none",
+        "recompute activations in backward: 'full' keeps only each block's input, 'selective' recomputes "
+        "only the attention core (scores, softmax, dropout; Korthikanti et al. 2022); true means full",
+    )
 
 
 @dataclass
@@ -238,7 +243,6 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "training precision (bf16/fp16 keep fp32 masters)"
     )
-    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
     peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU; 0 looks the device up in a table")
     progress: bool = _f(True, "console progress bar on rank 0")
     loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
@@ -345,6 +349,12 @@ def _coerce(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {name}")
 
 
+# Keys that changed section: named in the error so an old config is fixed in one edit.
+_MOVED = {
+    ("train", "activation_checkpointing"): "parallel.activation_checkpointing (none, full or selective)",
+}
+
+
 def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if raw is None:
         raw = {}
@@ -355,6 +365,11 @@ def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
+        if (prefix, key) in _MOVED:
+            problems.append(f"{prefix}.{key}: moved to {_MOVED[prefix, key]}")
+            continue
+        if (prefix, key) == ("parallel", "activation_checkpointing") and isinstance(value, bool):
+            value = "full" if value else "none"  # the DeepSpeed/NeoX habit: a boolean switch
         if key not in known:
             close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").lower()]
             close = close or difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.75)
@@ -851,7 +866,9 @@ def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
 
     p = []
     if m.family not in ("gpt", "bert", "t5", "bart"):
-        p.append(f"pipeline parallelism is available for model.family gpt, bert, t5 and bart, not {m.family!r}")
+        p.append(
+            f"pipeline parallelism is available for model.family gpt, bert, t5 and bart, not {m.family!r}"
+        )
     if getattr(m, "share_layers", "none") != "none":
         p.append(f"model.share_layers={m.share_layers!r}: a module shared by layers cannot sit on two stages")
     if m.objective in OBJECTIVE_MODELS:

@@ -189,7 +189,7 @@ def train(cfg: Config) -> TrainResult:
         ds_config=ds_config,
         make_optimizer=make_optimizer,
         wrap=lambda m: LanguageModelLoss(m, tp_group=topo.tp_group, tp_size=topo.dims.tp),
-        activation_checkpointing=t_cfg.activation_checkpointing,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
         sequence_parallel=cfg.parallel.sequence_parallel,
         seed=t_cfg.seed,
         expert_parallel=cfg.parallel.ep,
