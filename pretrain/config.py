@@ -4,7 +4,7 @@ A run is described by nested dataclasses (model, data, parallel, optimizer, trai
 They are loaded from YAML (`configs/runs/*.yaml`), then dotted command-line overrides are applied
 (`train.lr=3e-4`). Unknown keys, wrong types and broken rules are collected and raised together in
 one `ConfigError` that names every field, its value and the rule. The DeepSpeed JSON is generated
-from the config (`deepspeed_config`), never written by hand.
+from the config (`parallel.zero.deepspeed_config`), never written by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from parallel.zero import deepspeed_config as deepspeed_config  # re-exported: the builder moved there
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -191,6 +193,22 @@ class ParallelConfig:
         "Transformer-block counts",
     )
     ep: int = _f(1, "expert-parallel degree: each MoE layer's experts are split over ep data-parallel ranks")
+    offload_optimizer: Literal["none", "cpu"] = _f(
+        "none",
+        "ZeRO-Offload: keep each rank's optimizer partition (fp32 master, Adam moments, gradient copy) in "
+        "host memory and run the update there; needs zero_stage >= 1",
+    )
+    offload_param: Literal["none", "cpu"] = _f(
+        "none", "ZeRO-Infinity: keep each rank's parameter partition in host memory; needs zero_stage=3"
+    )
+    offload_pin_memory: bool = _f(
+        True, "page-lock the offloaded host buffers (faster copies; turn off under a low `ulimit -l`)"
+    )
+    cpu_adam: bool = _f(
+        False,
+        "with offload_optimizer=cpu, update with DeepSpeedCPUAdam (vectorized C++, compiled on first use) "
+        "instead of torch.optim.AdamW",
+    )
 
 
 @dataclass
@@ -675,6 +693,10 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             )
     if par.sequence_parallel and _ints(par.tp) and par.tp == 1:
         p.append("parallel.sequence_parallel=true: needs parallel.tp > 1")
+    if _ints(par.zero_stage, m.num_experts):
+        from parallel.zero import offload_problems
+
+        p += offload_problems(par, num_experts=m.num_experts)
 
     p += _moe_problems(cfg, world_size)
 
@@ -910,33 +932,3 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
-
-
-def deepspeed_config(cfg: Config, *, dp_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the Tandem config (never edited by hand)."""
-    t, par = cfg.train, cfg.parallel
-    gas = t.global_batch_size // (t.micro_batch_size * dp_size)
-    ds: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": par.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {
-            "enabled": t.precision == "fp16",
-            "loss_scale": 0,  # dynamic loss scaling
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        },
-        # Tandem clips, logs and schedules itself; DeepSpeed's own console prints would duplicate it.
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        # torch.optim.AdamW is handed to DeepSpeed as a client optimizer; ZeRO works with it.
-        "zero_allow_untested_optimizer": True,
-    }
-    if par.zero_stage >= 2:
-        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
-    return ds

@@ -20,12 +20,12 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.objectives import build_objective
 from parallel.parallelize import parallelize, param_groups
 from parallel.topology import Topology
+from parallel.zero import deepspeed_config
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import (
     Config,
     ConfigError,
     config_to_dict,
-    deepspeed_config,
     save_config,
     validation_problems,
 )
@@ -132,9 +132,25 @@ def train(cfg: Config) -> TrainResult:
     gates: list[OptimizerGate] = []
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-        optimizer = torch.optim.AdamW(
-            param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
-        )
+        optimizer: torch.optim.Optimizer
+        if cfg.parallel.cpu_adam:  # the host-side update of ZeRO-Offload, vectorized (parallel/zero.py)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(
+                param_groups(module, o.weight_decay),
+                lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                adamw_mode=True,
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                param_groups(module, o.weight_decay),
+                lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                foreach=False,
+            )
         gates.append(OptimizerGate(optimizer))
         return optimizer
 

@@ -1,0 +1,108 @@
+"""The DeepSpeed JSON for data parallelism with ZeRO, generated from Tandem's typed config, and the rules
+for ZeRO-Offload / ZeRO-Infinity CPU offload.
+
+This module never imports `pretrain` (DESIGN.md): it reads the run config duck-typed, through the
+attributes below, so `pretrain.config.Config` (or any object with the same fields) works:
+
+    cfg.train.global_batch_size, .micro_batch_size, .precision ("fp32" | "bf16" | "fp16")
+    cfg.optimizer.grad_clip
+    cfg.parallel.zero_stage, .offload_optimizer ("none" | "cpu"), .offload_param ("none" | "cpu"),
+                 .offload_pin_memory, .cpu_adam
+
+What DeepSpeed 0.19.8 does with the offload blocks (runtime/zero/offload_config.py, stage_1_and_2.py,
+stage3.py, engine.py):
+
+* `zero_optimization.offload_optimizer` (ZeRO-Offload, Ren et al. 2021) is read by the ZeRO optimizers
+  of stages 1, 2 and 3; at stage 0 no ZeRO optimizer exists and the block would be ignored silently.
+  The rank's fp32 master partition, its Adam moments, an fp32 copy of its gradient partition and a
+  staging copy of its updated parameter partition live in host memory, and the optimizer step runs on
+  the host.
+* `zero_optimization.offload_param` (ZeRO-Infinity, Rajbhandari et al. 2021) is read only by the
+  stage-3 optimizer, the only one that partitions parameters.
+* With an offloaded optimizer the engine refuses a client optimizer that is not DeepSpeedCPUAdam
+  unless `zero_force_ds_cpu_optimizer` is false. Tandem hands DeepSpeed its own torch.optim.AdamW (the
+  update every other layout uses) and sets the flag to false, or, with `parallel.cpu_adam`, builds
+  DeepSpeedCPUAdam (vectorized C++; compiled by DeepSpeed's op builder on first use).
+* `pin_memory` (default true in DeepSpeed) page-locks the host buffers for asynchronous full-bandwidth
+  copies; hosts with a low `ulimit -l` need it off. On a CPU accelerator it changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def deepspeed_config(cfg: Any, *, dp_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the Tandem config (never edited by hand)."""
+    t, par = cfg.train, cfg.parallel
+    gas = t.global_batch_size // (t.micro_batch_size * dp_size)
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # Tandem clips, logs and schedules itself; DeepSpeed's own console prints would duplicate it.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        # torch.optim.AdamW is handed to DeepSpeed as a client optimizer; ZeRO works with it.
+        "zero_allow_untested_optimizer": True,
+    }
+    if par.zero_stage >= 2:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    pin = bool(par.offload_pin_memory)
+    if par.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        # The client torch.optim.AdamW then runs on the host partition (see the module docstring).
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if par.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return ds
+
+
+def offload_problems(parallel: Any, *, num_experts: int = 0) -> list[str]:
+    """Every reason the offload settings of `parallel` (a ParallelConfig) cannot run; empty when they can.
+    Each message names the keys and values involved."""
+    par = parallel
+    opt, param, stage = par.offload_optimizer, par.offload_param, par.zero_stage
+    p: list[str] = []
+    if opt == "cpu" and stage == 0:
+        p.append(
+            "parallel.offload_optimizer='cpu' with parallel.zero_stage=0: optimizer offload moves the ZeRO "
+            "optimizer's partition to the host, so it needs parallel.zero_stage 1, 2 or 3"
+        )
+    if param == "cpu" and stage in ZERO_STAGES and stage != 3:
+        p.append(
+            f"parallel.offload_param='cpu' with parallel.zero_stage={stage}: only ZeRO-3 partitions "
+            "parameters, so parameter offload needs parallel.zero_stage=3"
+        )
+    if par.cpu_adam and opt != "cpu":
+        p.append(
+            f"parallel.cpu_adam=true with parallel.offload_optimizer={opt!r}: DeepSpeedCPUAdam updates "
+            "the host-side partition, so it needs parallel.offload_optimizer='cpu'"
+        )
+    offloading = opt == "cpu" or param == "cpu"
+    if offloading and isinstance(par.pp, int) and par.pp > 1:
+        p.append(
+            f"parallel.offload_optimizer={opt!r} / parallel.offload_param={param!r} with "
+            f"parallel.pp={par.pp}: CPU offload is not verified with DeepSpeed's pipeline engine; use pp=1"
+        )
+    if offloading and num_experts > 0:
+        p.append(
+            f"parallel.offload_optimizer={opt!r} / parallel.offload_param={param!r} with "
+            f"model.num_experts={num_experts}: CPU offload is not verified with the MoE layers; use "
+            "offload 'none'"
+        )
+    return p
