@@ -106,3 +106,32 @@ def offload_problems(parallel: Any, *, num_experts: int = 0) -> list[str]:
             "offload 'none'"
         )
     return p
+
+
+def engine_offload(engine: Any) -> dict[str, bool]:
+    """What the built engine's ZeRO optimizer really offloads: {"optimizer": ..., "param": ...}. Read from
+    DeepSpeed's optimizer objects (stage 1/2: `cpu_offload`; stage 3: `offload_optimizer`,
+    `offload_param`), not from the JSON, so a block DeepSpeed ignored would show here as False."""
+    zero = engine.optimizer
+    return {
+        "optimizer": bool(getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)),
+        "param": bool(getattr(zero, "offload_param", False)),
+    }
+
+
+def check_engine_offload(engine: Any, parallel: Any) -> str | None:
+    """Raises if the engine does not offload what `parallel` asked for; returns a one-line description of
+    the offload in effect (None without offload) for the run's console."""
+    want = {"optimizer": parallel.offload_optimizer == "cpu", "param": parallel.offload_param == "cpu"}
+    if not any(want.values()):
+        return None
+    got = engine_offload(engine)
+    missing = [k for k in want if want[k] and not got[k]]
+    if missing:
+        keys = ", ".join(f"parallel.offload_{k}='cpu'" for k in missing)
+        raise RuntimeError(
+            f"{keys}: DeepSpeed's ZeRO-{parallel.zero_stage} optimizer ({type(engine.optimizer).__name__}) "
+            "did not offload it; the run would not use the memory layout it was configured for"
+        )
+    moved = [name for key, name in (("optimizer", "optimizer states"), ("param", "parameters")) if got[key]]
+    return f"ZeRO-{parallel.zero_stage}: {' and '.join(moved)} offloaded to cpu ({type(engine.optimizer).__name__})"

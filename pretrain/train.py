@@ -20,7 +20,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.objectives import build_objective
 from parallel.parallelize import parallelize, param_groups
 from parallel.topology import Topology
-from parallel.zero import deepspeed_config
+from parallel.zero import check_engine_offload, deepspeed_config
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import (
     Config,
@@ -215,6 +215,9 @@ def train(cfg: Config) -> TrainResult:
         ),
     )
     module, gate = engine.module, gates[0]
+    offload = check_engine_offload(engine, cfg.parallel)
+    if offload and rank == 0:
+        print(offload, flush=True)
     guard = StepGuard(spike_factor=t_cfg.loss_spike_factor, max_in_a_row=t_cfg.max_skipped_in_a_row)
     pipe = None
     if topo.dims.pp > 1:  # engine.train_batch runs the micro-batches; the guard decides inside it
