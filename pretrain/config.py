@@ -44,7 +44,22 @@ class ModelConfig:
         "pretraining objective (data_pipeline.objectives.OBJECTIVES); empty means the family's own: "
         "gpt causal LM, bert masked LM, t5 span corruption",
     )
-    vocab_size: int = _f(0, "vocabulary size; 0 takes it from the shards' tokenizer")
+    vocab_size: int = _f(
+        0,
+        "vocabulary size (embedding rows); 0 takes the shards' tokenizer's, rounded up to a multiple of "
+        "make_vocab_size_divisible_by",
+    )
+    make_vocab_size_divisible_by: int = _f(
+        1,
+        "with vocab_size 0, pad the tokenizer's vocabulary up to a multiple of this (Megatron/GPT-NeoX name; "
+        "e.g. 128 for tensor cores, or tp when tp does not divide it); padding rows are never emitted; "
+        "1 = no padding",
+    )
+    tokenizer_vocab_size: int = _f(
+        0,
+        "recorded by training when vocab_size exceeds the shards' tokenizer: ids from here up to vocab_size "
+        "are padding rows that decoding never emits; 0 = every row is a token",
+    )
     hidden_size: int = _f(128, "width of the residual stream")
     num_layers: int = _f(2, "number of Transformer blocks")
     num_heads: int = _f(4, "attention heads per layer")
@@ -539,8 +554,9 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
         positive(f"model.{name}", getattr(m, name))
-    for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size"):
+    for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size", "tokenizer_vocab_size"):
         nonneg(f"model.{name}", getattr(m, name))
+    p += _vocab_padding_problems(m)
     positive("model.norm_eps", m.norm_eps)
     if m.objective:
         from data_pipeline.objectives import OBJECTIVES
@@ -774,6 +790,25 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     nonneg("checkpoint.interval", c.interval)
     nonneg("checkpoint.keep_last", c.keep_last)
+    return p
+
+
+def _vocab_padding_problems(m: ModelConfig) -> list[str]:
+    """model.make_vocab_size_divisible_by and model.tokenizer_vocab_size against model.vocab_size."""
+    multiple, vocab, real = m.make_vocab_size_divisible_by, m.vocab_size, m.tokenizer_vocab_size
+    if not _ints(multiple, vocab, real):
+        return []
+    p = []
+    if multiple < 1:
+        p.append(f"model.make_vocab_size_divisible_by={multiple}: must be >= 1 (1 = no padding)")
+    elif vocab > 0 and vocab % multiple:
+        p.append(
+            f"model.vocab_size={vocab}: not a multiple of model.make_vocab_size_divisible_by={multiple}; set "
+            f"model.vocab_size=0 to pad the tokenizer's vocabulary, or a multiple such as "
+            f"{-(-vocab // multiple) * multiple}"
+        )
+    if real > 0 and vocab > 0 and real > vocab:
+        p.append(f"model.tokenizer_vocab_size={real}: exceeds model.vocab_size={vocab}")
     return p
 
 
