@@ -89,8 +89,11 @@ def model_info(
     )
     notes: list[str] = []
     if cfg.model.vocab_size <= 0:
-        cfg.model.vocab_size = GPT2_VOCAB
-        notes.append(f"the preset leaves vocab_size to the tokenizer: counted with {GPT2_VOCAB}")
+        from parallel.tensor_plan import pad_vocab_size
+
+        cfg.model.vocab_size = pad_vocab_size(GPT2_VOCAB, max(1, cfg.model.make_vocab_size_divisible_by))
+        padded = f" padded to {cfg.model.vocab_size}" if cfg.model.vocab_size != GPT2_VOCAB else ""
+        notes.append(f"the preset leaves vocab_size to the tokenizer: counted with {GPT2_VOCAB}{padded}")
     if seq_len is None:
         explicit = any(o.startswith("data.seq_len=") for o in overrides)
         seq_len = cfg.data.seq_len if explicit else cfg.model.max_seq_len

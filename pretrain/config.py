@@ -4,7 +4,7 @@ A run is described by nested dataclasses (model, data, parallel, optimizer, trai
 They are loaded from YAML (`configs/runs/*.yaml`), then dotted command-line overrides are applied
 (`train.lr=3e-4`). Unknown keys, wrong types and broken rules are collected and raised together in
 one `ConfigError` that names every field, its value and the rule. The DeepSpeed JSON is generated
-from the config (`deepspeed_config`), never written by hand.
+from the config (`parallel.zero.deepspeed_config`), never written by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from parallel.zero import deepspeed_config as deepspeed_config  # re-exported: the builder moved there
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -42,7 +44,22 @@ class ModelConfig:
         "pretraining objective (data_pipeline.objectives.OBJECTIVES); empty means the family's own: "
         "gpt causal LM, bert masked LM, t5 span corruption",
     )
-    vocab_size: int = _f(0, "vocabulary size; 0 takes it from the shards' tokenizer")
+    vocab_size: int = _f(
+        0,
+        "vocabulary size (embedding rows); 0 takes the shards' tokenizer's, rounded up to a multiple of "
+        "make_vocab_size_divisible_by",
+    )
+    make_vocab_size_divisible_by: int = _f(
+        1,
+        "with vocab_size 0, pad the tokenizer's vocabulary up to a multiple of this (Megatron/GPT-NeoX name; "
+        "e.g. 128 for tensor cores, or tp when tp does not divide it); padding rows are never emitted; "
+        "1 = no padding",
+    )
+    tokenizer_vocab_size: int = _f(
+        0,
+        "recorded by training when vocab_size exceeds the shards' tokenizer: ids from here up to vocab_size "
+        "are padding rows that decoding never emits; 0 = every row is a token",
+    )
     hidden_size: int = _f(128, "width of the residual stream")
     num_layers: int = _f(2, "number of Transformer blocks")
     num_heads: int = _f(4, "attention heads per layer")
@@ -195,6 +212,22 @@ class ParallelConfig:
         "none",
         "recompute activations in backward: 'full' keeps only each block's input, 'selective' recomputes "
         "only the attention core (scores, softmax, dropout; Korthikanti et al. 2022); true means full",
+    )
+    offload_optimizer: Literal["none", "cpu"] = _f(
+        "none",
+        "ZeRO-Offload: keep each rank's optimizer partition (fp32 master, Adam moments, gradient copy) in "
+        "host memory and run the update there; needs zero_stage >= 1",
+    )
+    offload_param: Literal["none", "cpu"] = _f(
+        "none", "ZeRO-Infinity: keep each rank's parameter partition in host memory; needs zero_stage=3"
+    )
+    offload_pin_memory: bool = _f(
+        True, "page-lock the offloaded host buffers (faster copies; turn off under a low `ulimit -l`)"
+    )
+    cpu_adam: bool = _f(
+        False,
+        "with offload_optimizer=cpu, update with DeepSpeedCPUAdam (vectorized C++, compiled on first use) "
+        "instead of torch.optim.AdamW",
     )
 
 
@@ -536,8 +569,9 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
         positive(f"model.{name}", getattr(m, name))
-    for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size"):
+    for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size", "tokenizer_vocab_size"):
         nonneg(f"model.{name}", getattr(m, name))
+    p += _vocab_padding_problems(m)
     positive("model.norm_eps", m.norm_eps)
     if m.objective:
         from data_pipeline.objectives import OBJECTIVES
@@ -690,6 +724,10 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             )
     if par.sequence_parallel and _ints(par.tp) and par.tp == 1:
         p.append("parallel.sequence_parallel=true: needs parallel.tp > 1")
+    if _ints(par.zero_stage, m.num_experts):
+        from parallel.zero import offload_problems
+
+        p += offload_problems(par, num_experts=m.num_experts)
 
     p += _moe_problems(cfg, world_size)
 
@@ -767,6 +805,25 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     nonneg("checkpoint.interval", c.interval)
     nonneg("checkpoint.keep_last", c.keep_last)
+    return p
+
+
+def _vocab_padding_problems(m: ModelConfig) -> list[str]:
+    """model.make_vocab_size_divisible_by and model.tokenizer_vocab_size against model.vocab_size."""
+    multiple, vocab, real = m.make_vocab_size_divisible_by, m.vocab_size, m.tokenizer_vocab_size
+    if not _ints(multiple, vocab, real):
+        return []
+    p = []
+    if multiple < 1:
+        p.append(f"model.make_vocab_size_divisible_by={multiple}: must be >= 1 (1 = no padding)")
+    elif vocab > 0 and vocab % multiple:
+        p.append(
+            f"model.vocab_size={vocab}: not a multiple of model.make_vocab_size_divisible_by={multiple}; set "
+            f"model.vocab_size=0 to pad the tokenizer's vocabulary, or a multiple such as "
+            f"{-(-vocab // multiple) * multiple}"
+        )
+    if real > 0 and vocab > 0 and real > vocab:
+        p.append(f"model.tokenizer_vocab_size={real}: exceeds model.vocab_size={vocab}")
     return p
 
 
@@ -930,33 +987,3 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
-
-
-def deepspeed_config(cfg: Config, *, dp_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the Tandem config (never edited by hand)."""
-    t, par = cfg.train, cfg.parallel
-    gas = t.global_batch_size // (t.micro_batch_size * dp_size)
-    ds: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": par.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {
-            "enabled": t.precision == "fp16",
-            "loss_scale": 0,  # dynamic loss scaling
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        },
-        # Tandem clips, logs and schedules itself; DeepSpeed's own console prints would duplicate it.
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        # torch.optim.AdamW is handed to DeepSpeed as a client optimizer; ZeRO works with it.
-        "zero_allow_untested_optimizer": True,
-    }
-    if par.zero_stage >= 2:
-        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
-    return ds
