@@ -122,7 +122,7 @@ FOUR_PROCESS_LAYOUTS = {
     "pp2_dp2_zero1_checkpointing": {
         "parallel.pp": 2,
         "parallel.zero_stage": 1,
-        "train.activation_checkpointing": "true",
+        "parallel.activation_checkpointing": "full",
     },
 }
 
