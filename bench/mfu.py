@@ -49,7 +49,7 @@ def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) ->
         "train.eval_interval=0",
         "train.precision=bf16",
         f"train.peak_tflops={args.peak_tflops}",
-        f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"parallel.activation_checkpointing={args.activation_checkpointing}",
         f"train.out_dir={out}",
         "checkpoint.interval=0",
         f"optimizer.warmup_steps={min(10, args.steps // 2)}",
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none")
     parser.add_argument("--backends", default="triton,sdpa")
     parser.add_argument("--docs", type=int, default=20000)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per training run")

@@ -8,8 +8,15 @@ gradients and optimizer states (mixed-precision Adam: 2, 2, 12 → 16 bytes; fp3
 parameters on a rank's stage, a rank holds
     stage 0: (p + g + k)·Ψ     stage 1: (p + g)·Ψ + k·Ψ/dp
     stage 2: p·Ψ + (g + k)·Ψ/dp  stage 3: (p + g + k)·Ψ/dp
-Optimizer offload (ZeRO-Offload) moves the k·Ψ/dp share to host memory; parameter offload (ZeRO-Infinity,
-stage 3) moves the p·Ψ/dp share too.
+Optimizer offload (ZeRO-Offload, Ren et al. 2021; `parallel.offload_optimizer=cpu`) moves the k·Ψ/dp
+optimizer partition to host memory together with the gradient partition: DeepSpeed 0.19.8 keeps on the
+host, per rank, the k·Ψ/dp states, an fp32 copy of the gradient partition (4·Ψ/dp) and a p·Ψ/dp buffer
+that carries the updated parameters back (stages 1-2; at stage 3 the g·Ψ/dp gradient partition buffer
+itself sits on the host instead), so host = (k + 4 + p)·Ψ/dp (p = g in every precision here). The device
+then keeps no gradient between steps at stages 2-3 (only the reduce buckets); at stage 1 the full
+gradient is still accumulated on the device before it is reduced. Parameter offload (ZeRO-Infinity,
+stage 3, `parallel.offload_param=cpu`) moves the p·Ψ/dp parameter partition to the host as well.
+(Measured: tests/distributed/test_memory_measured.py.)
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4, 16-bit activations with
 dropout, s sequence, b micro batch, h hidden, a heads, t = tp), bytes per layer (fp32 training and
@@ -205,8 +212,12 @@ def model_state_bytes(
     if offload_optimizer:
         if zero_stage == 0:
             raise PlanError("offload_optimizer with zero_stage=0: DeepSpeed offloads only with ZeRO >= 1")
-        host += optim
+        # The optimizer partition, an fp32 copy of the gradient partition and a p-byte parameter (stages
+        # 1-2) or g-byte gradient (stage 3) partition buffer: see the module docstring.
+        host += optim + psi * (4 + (p if zero_stage < 3 else g)) / dp
         optim = 0.0
+        if zero_stage >= 2:
+            grads = 0.0
     if offload_params:
         if zero_stage != 3:
             raise PlanError(f"offload_params with zero_stage={zero_stage}: parameter offload needs ZeRO-3")

@@ -2,7 +2,8 @@
 
 1. tensor-parallel plan (`parallel.tensor_plan.apply_tensor_parallel`: shards the built model in place;
    nothing to do at tp=1),
-2. activation checkpointing of each Transformer block (applied to the module tree `model.*.blocks`),
+2. activation checkpointing (`full`: each Transformer block of `model.*.blocks`; `selective`: each
+   attention core), replaying the TP RNG stream on recompute,
 3. the training wrapper (loss) and the optimizer, built on the final, sharded parameters,
 4. the DeepSpeed wrap (`deepspeed.initialize`): data parallelism, ZeRO, mixed precision, accumulation;
    with tp > 1 the topology is passed as `mpu=` so gradients are averaged over dp only; with pp > 1 the
@@ -11,24 +12,76 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Wraps every module held in a `blocks` ModuleList so its activations are recomputed in backward.
-    Returns the number of blocks wrapped. State-dict keys are unchanged (the wrapper strips its prefix)."""
+
+def tracker_restoring_context(tracker: Any) -> Callable[[], tuple[Any, Any]]:
+    """`context_fn` for torch.utils.checkpoint that makes a recompute replay the tensor-parallel RNG
+    stream too. Checkpointing saves and restores the default generator, but a block's attention dropout
+    draws from the tracker's TP stream (`TPRngTracker.fork`), which has moved on by the time backward
+    recomputes the block: without this, the recomputed dropout masks would differ from the forward's and
+    the gradients would be wrong (Megatron's CheckpointFunction saves its CUDA RNG tracker likewise).
+    Forward: remember the tracker's states. Recompute: run on those states, then put back the current
+    ones, so the stream continues as if nothing had been recomputed."""
+
+    def context_fn() -> tuple[Any, Any]:
+        saved: dict[str, Any] = {}
+
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:
+            saved.update(tracker.state_dict())
+            yield
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            current = tracker.state_dict()
+            tracker.load_state_dict(saved)
+            try:
+                yield
+            finally:
+                tracker.load_state_dict(current)
+
+        return forward(), recompute()
+
+    return context_fn
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full", rng_tracker: Any = None) -> int:
+    """Recompute activations in the backward pass instead of keeping them. Returns the modules wrapped.
+
+    `full`: every module held in a ModuleList named `blocks`, `encoder_blocks` or `decoder_blocks` (each
+    Transformer block keeps only its input).
+    `selective` (Korthikanti et al. 2022): only each attention's core (`attn.core`, `cross_attn.core`:
+    scores, softmax, dropout and the product with v), whose activations grow with the square of the
+    sequence while costing few FLOPs to recompute. State-dict keys are unchanged (the wrapper strips its
+    prefix). With tensor parallelism pass the RNG tracker so recomputed dropout replays the TP stream."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(
+            f"parallel.activation_checkpointing={mode!r}: must be one of {ACTIVATION_CHECKPOINTING}"
+        )
+    kwargs: dict[str, Any] = {"context_fn": tracker_restoring_context(rng_tracker)} if rng_tracker else {}
     wrapped = 0
-    for module in list(model.modules()):
-        blocks = getattr(module, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for i, block in enumerate(blocks):
-                blocks[i] = checkpoint_wrapper(block)
+    for name, module in list(model.named_modules()):
+        if mode == "full":
+            # GPT/BERT `blocks`; T5/BART `encoder_blocks` and `decoder_blocks`
+            for attr, blocks in list(module.named_children()):
+                if attr.endswith("blocks") and isinstance(blocks, nn.ModuleList):
+                    for i, block in enumerate(blocks):
+                        blocks[i] = checkpoint_wrapper(block, **kwargs)
+                        wrapped += 1
+        elif mode == "selective" and name.rsplit(".", 1)[-1] in ("attn", "cross_attn"):
+            core = getattr(module, "core", None)
+            if isinstance(core, nn.Module):
+                module.core = checkpoint_wrapper(core, **kwargs)
                 wrapped += 1
     return wrapped
 
@@ -40,7 +93,7 @@ def parallelize(
     ds_config: dict[str, Any],
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     wrap: Callable[[nn.Module], nn.Module] | None = None,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: str = "none",
     sequence_parallel: bool = False,
     seed: int = 0,
     expert_parallel: int = 1,
@@ -70,8 +123,8 @@ def parallelize(
         from parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, expert_parallel)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if activation_checkpointing != "none":
+        apply_activation_checkpointing(model, activation_checkpointing, tracker)
     if topology.dims.pp > 1:
         # Pipeline stages (parallel/pipeline.py) take the sharded, checkpoint-wrapped modules as layers;
         # `pipeline_loss(logits, labels)` runs on the last stage, so `wrap` is not used.

@@ -5,8 +5,14 @@ micro-batches (the gradient-accumulation steps) and one optimizer update.
 The layers are thin adapters around the modules of the already built (and, with tp > 1, already
 tensor-parallel) model, never copies of its code: the token embedding, the positions, each
 `TransformerBlock`, the final norm and the LM head of `pretrain.models.gpt.GPT`; for BERT its
-embeddings, blocks (the padding mask travels with the activations), MLM transform and output bias (T5
-is not pipelined yet; configuration validation refuses it). Every rank builds the whole model once with the
+embeddings, blocks (the padding mask travels with the activations), MLM transform and output bias; for
+the encoder-decoders (T5, BART: `pretrain.models.t5.T5`) the encoder stack, then the decoder stack, with
+the encoder output, the encoder padding mask and the decoder ids travelling through the encoder stages
+and the encoder output on through the decoder stages, where every block cross-attends to it (its
+gradient, summed over the decoder blocks, flows back to the encoder stages). T5's relative-position
+table (one per stack, read by each of its blocks) travels with the activations too, so its gradient is
+summed over stages by the pipeline itself and the table lives on one stage. The token embedding is used
+three times (encoder input, decoder input, tied head), all under the tied key "embed". Every rank builds the whole model once with the
 run's seed, so the pipelined model starts from exactly the one-process weights, and each stage trains
 and saves only its own layers (the full model's memory is still spent once per rank at start-up:
 building only the local stage is future work, as for tensor parallelism in `parallel.layers`).
@@ -43,6 +49,7 @@ What DeepSpeed's pipeline engine provides and what Tandem adds (read from deepsp
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PARTITION_METHODS = ("parameters", "uniform", "blocks")
+ENCODER_DECODER = ("t5", "bart")  # families built by pretrain.models.t5.T5
 
 
 # ----------------------------------------------------------------------------- layer adapters
@@ -202,6 +210,155 @@ def bert_logits(tied: BERTTokens, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, weight)
 
 
+class T5Tokens(nn.Module):
+    """The shared token embedding of an encoder-decoder (T5, BART), tied under the key "embed" with the
+    decoder's input embedding and the LM head: (ids, mask, decoder ids) -> (token embeddings, mask,
+    decoder ids)."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, mask, decoder_ids = inputs
+        return self.embed(input_ids), mask, decoder_ids
+
+
+def t5_decoder_tokens(tied: T5Tokens, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The decoder's input embedding through the tied table: (memory, mask, decoder ids) -> (memory, mask,
+    decoder token embeddings)."""
+    memory, mask, decoder_ids = inputs
+    return memory, mask, tied.embed(decoder_ids)
+
+
+class T5StackIn(nn.Module):
+    """The rest of `T5._embed` for one stack (embedding scale, absolute positions, embedding norm,
+    dropout), plus the stack's relative-position table, which every block of the stack reads: it travels
+    with the activations as a tensor (buckets, H/tp), so its gradient comes back through the pipeline to
+    the one stage that holds it. Encoder: (tokens, mask, decoder ids) -> (x, mask, decoder ids[, table]);
+    decoder: (memory, mask, tokens) -> (memory, mask, y[, table])."""
+
+    def __init__(self, model: Any, stack: str):
+        super().__init__()
+        self.stack = stack
+        self.pos = getattr(model, f"{stack}_pos")
+        self.embed_norm = getattr(model, f"{stack}_embed_norm")
+        self.bias = getattr(model, f"{stack}_bias")
+        self.drop = model.drop
+        self.embed_scale = float(model.embed_scale)
+        self.max_seq_len = int(model.config.max_seq_len)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = inputs[0] if self.stack == "encoder" else inputs[2]
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.pos is not None:
+            t = x.shape[1]
+            if t > self.max_seq_len:
+                raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}")
+            x = x + self.pos(torch.arange(t, device=x.device))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        # `* 1` makes the table an activation (a new tensor in the graph), not the parameter itself.
+        table = () if self.bias is None else (self.bias.table.weight * 1,)
+        if self.stack == "encoder":
+            return (x, inputs[1], inputs[2], *table)
+        return (inputs[0], inputs[1], x, *table)
+
+
+class T5EncoderBlockPipe(nn.Module):
+    """One encoder block: (x, mask, decoder ids[, table]) -> the same with x updated. The stack's last
+    block leaves the table out of its output: no later layer reads it, and every floating-point tensor a
+    stage receives must get a gradient."""
+
+    def __init__(self, block: nn.Module, bias: nn.Module | None, last: bool):
+        super().__init__()
+        self.block, self.last = block, last
+        self.bias_source: nn.Module | None
+        object.__setattr__(self, "bias_source", bias)  # not a submodule: its table is held by T5StackIn
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, mask, decoder_ids, *table = inputs
+        bias = _t5_bias(self.bias_source, table)
+        x = self.block(x, None, mask.bool(), bias)
+        return (x, mask, decoder_ids) if self.last else (x, mask, decoder_ids, *table)
+
+
+class T5EncoderOut(nn.Module):
+    """The encoder's final norm and dropout (pre-norm stacks): (x, mask, decoder ids) -> (memory, mask,
+    decoder ids)."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.norm, self.drop = model.encoder_norm, model.drop
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, mask, decoder_ids = inputs
+        if self.norm is not None:
+            x = self.drop(self.norm(x))
+        return x, mask, decoder_ids
+
+
+class T5DecoderBlockPipe(nn.Module):
+    """One decoder block, cross-attending to the encoder output carried along: (memory, mask, y[, table])
+    -> the same with y updated; the stack's last block outputs y alone (memory and table are read by no
+    later layer)."""
+
+    def __init__(self, block: nn.Module, bias: nn.Module | None, last: bool):
+        super().__init__()
+        self.block, self.last = block, last
+        self.bias_source: nn.Module | None
+        object.__setattr__(self, "bias_source", bias)  # not a submodule: its table is held by T5StackIn
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        memory, mask, y, *table = inputs
+        bias = _t5_bias(self.bias_source, table)
+        y = self.block(y, None, None, bias, memory, mask.bool())
+        return y if self.last else (memory, mask, y, *table)
+
+
+class T5DecoderOut(nn.Module):
+    """The decoder's final norm and dropout, and T5's d_model^-0.5 rescale before a tied head: y -> the
+    LM head's input."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.norm, self.drop = model.decoder_norm, model.drop
+        tied = model.lm_head is None and model.rescale_tied_head
+        self.scale = float(model.config.hidden_size) ** -0.5 if tied else 1.0
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            y = self.drop(self.norm(y))
+        return y * self.scale if self.scale != 1.0 else y
+
+
+class FinalLogitsBias(nn.Module):
+    """BART's learned output bias over the vocabulary (transformers' final_logits_bias)."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.final_logits_bias = model.final_logits_bias
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.final_logits_bias
+
+
+def t5_logits(tied: T5Tokens, y: torch.Tensor) -> torch.Tensor:
+    """The tied LM head of an encoder-decoder on the last stage."""
+    weight: torch.Tensor = tied.embed.weight  # type: ignore[assignment]
+    return F.linear(y, weight)
+
+
+def _t5_bias(source: nn.Module | None, table: list[torch.Tensor]) -> Any:
+    """The stack's `RelativePositionBias` output (its bucketing rules) over the table that travelled with
+    the activations, or None for stacks with absolute positions."""
+    if source is None:
+        return None
+    return dataclasses.replace(source(), table=table[0])
+
+
 # ----------------------------------------------------------------------------- layer lists
 def pipeline_layers(model: nn.Module) -> list[Any]:
     """The model as a list of `LayerSpec`/`TiedLayerSpec` for `PipelineModule`, built from its own modules."""
@@ -263,9 +420,52 @@ def pipeline_layers(model: nn.Module) -> list[Any]:
             specs.append(LayerSpec(UntiedHead, model.lm_head))
         specs.append(LayerSpec(OutputBias, model))
         return specs
+    if getattr(getattr(model, "config", None), "family", None) in ENCODER_DECODER and all(
+        hasattr(model, a) for a in ("embed", "encoder_blocks", "decoder_blocks", "encoder_bias", "lm_head")
+    ):
+        return _encoder_decoder_layers(model)
     raise NotImplementedError(
-        f"pipeline parallelism for {type(model).__name__}: available for GPT and BERT (model.family gpt, bert)"
+        f"pipeline parallelism for {type(model).__name__}: available for GPT, BERT and the encoder-decoders "
+        "(model.family gpt, bert, t5, bart)"
     )
+
+
+def _encoder_decoder_layers(model: Any) -> list[Any]:
+    """T5 and BART: encoder embedding, encoder blocks, encoder output; the decoder's embedding (the same
+    tied table), decoder blocks cross-attending to the carried encoder output, decoder output, LM head."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    tied = model.lm_head is None
+    embed = ["embed.weight"]
+    specs: list[Any] = [
+        TiedLayerSpec("embed", T5Tokens, model.embed, tied_weight_attr=embed),
+        LayerSpec(T5StackIn, model, "encoder"),
+    ]
+    n = len(model.encoder_blocks)
+    specs += [
+        LayerSpec(T5EncoderBlockPipe, block, model.encoder_bias, i == n - 1)
+        for i, block in enumerate(model.encoder_blocks)
+    ]
+    specs += [
+        LayerSpec(T5EncoderOut, model),
+        TiedLayerSpec("embed", T5Tokens, model.embed, forward_fn=t5_decoder_tokens, tied_weight_attr=embed),
+        LayerSpec(T5StackIn, model, "decoder"),
+    ]
+    n = len(model.decoder_blocks)
+    specs += [
+        LayerSpec(T5DecoderBlockPipe, block, model.decoder_bias, i == n - 1)
+        for i, block in enumerate(model.decoder_blocks)
+    ]
+    specs.append(LayerSpec(T5DecoderOut, model))
+    if tied:
+        specs.append(
+            TiedLayerSpec("embed", T5Tokens, model.embed, forward_fn=t5_logits, tied_weight_attr=embed)
+        )
+    else:
+        specs.append(LayerSpec(UntiedHead, model.lm_head))
+    if model.final_logits_bias is not None:
+        specs.append(LayerSpec(FinalLogitsBias, model))
+    return specs
 
 
 def pipeline_inputs(family: str, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
@@ -285,6 +485,15 @@ def pipeline_inputs(family: str, batch: dict[str, torch.Tensor]) -> tuple[Any, t
         mask = batch.get("attention_mask", torch.ones_like(ids))
         types = batch.get("token_type_ids", torch.zeros_like(ids))
         return (ids, mask.long(), types.long()), batch["labels"]
+    if family in ENCODER_DECODER:
+        extra = sorted(set(batch) - {"input_ids", "attention_mask", "decoder_input_ids", "labels"})
+        if extra:
+            raise ValueError(
+                f"pipelined {family} takes ids, mask, decoder input ids and labels; the batch also has {extra}"
+            )
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask", torch.ones_like(ids))
+        return (ids, mask.long(), batch["decoder_input_ids"]), batch["labels"]
     raise NotImplementedError(f"model.family={family!r}: no pipeline input mapping")
 
 

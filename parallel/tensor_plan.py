@@ -100,6 +100,15 @@ class VocabParallelHead(nn.Module):
         return F.linear(x, self.weight, self.bias)  # (B, T, V/tp)
 
 
+def pad_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (Megatron-LM / GPT-NeoX
+    `make_vocab_size_divisible_by`). Deliberately independent of the TP degree, unlike Megatron's
+    multiple x tp: a TP run and a one-process run with the same setting then build the same model."""
+    if multiple < 1:
+        raise ValueError(f"model.make_vocab_size_divisible_by={multiple}: must be >= 1")
+    return -(-vocab_size // multiple) * multiple
+
+
 def tensor_parallel_problems(cfg: Any, tp_size: int) -> list[str]:
     """Every reason `cfg` (a ModelConfig) cannot be split `tp_size` ways; empty when it can."""
     if tp_size == 1:
@@ -111,12 +120,29 @@ def tensor_parallel_problems(cfg: Any, tp_size: int) -> list[str]:
         ("model.num_heads", cfg.num_heads, "attention heads are split across TP ranks"),
         ("model.num_kv_heads", cfg.kv_heads, "key/value heads are split across TP ranks"),
         ("model.ffn_hidden_size", cfg.ffn_size, "the MLP hidden dim is split across TP ranks"),
-        ("model.vocab_size", cfg.vocab_size, "the vocab is split across TP ranks; pad it to a multiple"),
     )
     for name, value, why in checks:
         if value % tp_size:
             problems.append(f"{name}={value} is not divisible by parallel.tp={tp_size} ({why})")
+    if cfg.vocab_size % tp_size:
+        problems.append(
+            f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tp={tp_size} (the vocab is split "
+            f"across TP ranks); {_vocab_padding_hint(cfg, tp_size)}"
+        )
     return problems
+
+
+def _vocab_padding_hint(cfg: Any, tp_size: int) -> str:
+    """A concrete setting that makes the vocabulary divisible by `tp_size`."""
+    import math
+
+    tokens = getattr(cfg, "tokenizer_vocab_size", 0) or cfg.vocab_size
+    multiple = math.lcm(getattr(cfg, "make_vocab_size_divisible_by", 1), tp_size)
+    return (
+        f"pad it with model.make_vocab_size_divisible_by={multiple} and model.vocab_size=0 (the tokenizer's "
+        f"{tokens} pieces become {pad_vocab_size(tokens, multiple)} rows), or set model.vocab_size="
+        f"{pad_vocab_size(cfg.vocab_size, multiple)}"
+    )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -5,7 +5,7 @@ For `--model PRESET [SECTION.KEY=VALUE ...]` it prints the total and non-embeddi
 (`pretrain.flops`: 6·N + 12·L·H·d·T, docs/mfu.md), the published count when the preset reproduces a
 paper (`pretrain.lineage.PUBLISHED`), and the per-GPU memory of the layout the overrides describe
 (`parallel.tp`, `parallel.pp`, `parallel.zero_stage`, `parallel.sequence_parallel`,
-`train.micro_batch_size`, `train.global_batch_size`, `train.precision`, `train.activation_checkpointing`;
+`train.micro_batch_size`, `train.global_batch_size`, `train.precision`, `parallel.activation_checkpointing`;
 `--gpus` sets the data-parallel degree) from the planner in `parallel/memory.py`.
 
 `--table` prints the Markdown table of every PUBLISHED entry (paper vs Tandem's count);
@@ -89,8 +89,11 @@ def model_info(
     )
     notes: list[str] = []
     if cfg.model.vocab_size <= 0:
-        cfg.model.vocab_size = GPT2_VOCAB
-        notes.append(f"the preset leaves vocab_size to the tokenizer: counted with {GPT2_VOCAB}")
+        from parallel.tensor_plan import pad_vocab_size
+
+        cfg.model.vocab_size = pad_vocab_size(GPT2_VOCAB, max(1, cfg.model.make_vocab_size_divisible_by))
+        padded = f" padded to {cfg.model.vocab_size}" if cfg.model.vocab_size != GPT2_VOCAB else ""
+        notes.append(f"the preset leaves vocab_size to the tokenizer: counted with {GPT2_VOCAB}{padded}")
     if seq_len is None:
         explicit = any(o.startswith("data.seq_len=") for o in overrides)
         seq_len = cfg.data.seq_len if explicit else cfg.model.max_seq_len
@@ -149,7 +152,7 @@ def _memory(cfg: Any, *, seq_len: int, dp: int, notes: list[str]) -> tuple[dict,
         micro_batch_size=train.micro_batch_size,
         num_micro_batches=micro_batches,
         sequence_parallel=par.sequence_parallel,
-        recompute="full" if train.activation_checkpointing else "none",
+        recompute=par.activation_checkpointing,
     )
     described = {
         "tp": par.tp,

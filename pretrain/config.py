@@ -4,7 +4,7 @@ A run is described by nested dataclasses (model, data, parallel, optimizer, trai
 They are loaded from YAML (`configs/runs/*.yaml`), then dotted command-line overrides are applied
 (`train.lr=3e-4`). Unknown keys, wrong types and broken rules are collected and raised together in
 one `ConfigError` that names every field, its value and the rule. The DeepSpeed JSON is generated
-from the config (`deepspeed_config`), never written by hand.
+from the config (`parallel.zero.deepspeed_config`), never written by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from parallel.zero import deepspeed_config as deepspeed_config  # re-exported: the builder moved there
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -42,7 +44,22 @@ class ModelConfig:
         "pretraining objective (data_pipeline.objectives.OBJECTIVES); empty means the family's own: "
         "gpt causal LM, bert masked LM, t5 span corruption",
     )
-    vocab_size: int = _f(0, "vocabulary size; 0 takes it from the shards' tokenizer")
+    vocab_size: int = _f(
+        0,
+        "vocabulary size (embedding rows); 0 takes the shards' tokenizer's, rounded up to a multiple of "
+        "make_vocab_size_divisible_by",
+    )
+    make_vocab_size_divisible_by: int = _f(
+        1,
+        "with vocab_size 0, pad the tokenizer's vocabulary up to a multiple of this (Megatron/GPT-NeoX name; "
+        "e.g. 128 for tensor cores, or tp when tp does not divide it); padding rows are never emitted; "
+        "1 = no padding",
+    )
+    tokenizer_vocab_size: int = _f(
+        0,
+        "recorded by training when vocab_size exceeds the shards' tokenizer: ids from here up to vocab_size "
+        "are padding rows that decoding never emits; 0 = every row is a token",
+    )
     hidden_size: int = _f(128, "width of the residual stream")
     num_layers: int = _f(2, "number of Transformer blocks")
     num_heads: int = _f(4, "attention heads per layer")
@@ -191,6 +208,27 @@ class ParallelConfig:
         "Transformer-block counts",
     )
     ep: int = _f(1, "expert-parallel degree: each MoE layer's experts are split over ep data-parallel ranks")
+    activation_checkpointing: Literal["none", "full", "selective"] = _f(
+        "none",
+        "recompute activations in backward: 'full' keeps only each block's input, 'selective' recomputes "
+        "only the attention core (scores, softmax, dropout; Korthikanti et al. 2022); true means full",
+    )
+    offload_optimizer: Literal["none", "cpu"] = _f(
+        "none",
+        "ZeRO-Offload: keep each rank's optimizer partition (fp32 master, Adam moments, gradient copy) in "
+        "host memory and run the update there; needs zero_stage >= 1",
+    )
+    offload_param: Literal["none", "cpu"] = _f(
+        "none", "ZeRO-Infinity: keep each rank's parameter partition in host memory; needs zero_stage=3"
+    )
+    offload_pin_memory: bool = _f(
+        True, "page-lock the offloaded host buffers (faster copies; turn off under a low `ulimit -l`)"
+    )
+    cpu_adam: bool = _f(
+        False,
+        "with offload_optimizer=cpu, update with DeepSpeedCPUAdam (vectorized C++, compiled on first use) "
+        "instead of torch.optim.AdamW",
+    )
 
 
 @dataclass
@@ -238,7 +276,6 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "training precision (bf16/fp16 keep fp32 masters)"
     )
-    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
     peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU; 0 looks the device up in a table")
     progress: bool = _f(True, "console progress bar on rank 0")
     loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
@@ -345,6 +382,12 @@ def _coerce(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {name}")
 
 
+# Keys that changed section: named in the error so an old config is fixed in one edit.
+_MOVED = {
+    ("train", "activation_checkpointing"): "parallel.activation_checkpointing (none, full or selective)",
+}
+
+
 def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if raw is None:
         raw = {}
@@ -355,6 +398,11 @@ def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
+        if (prefix, key) in _MOVED:
+            problems.append(f"{prefix}.{key}: moved to {_MOVED[prefix, key]}")
+            continue
+        if (prefix, key) == ("parallel", "activation_checkpointing") and isinstance(value, bool):
+            value = "full" if value else "none"  # the DeepSpeed/NeoX habit: a boolean switch
         if key not in known:
             close = [k for k in known if k.replace("_", "") == str(key).replace("_", "").lower()]
             close = close or difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.75)
@@ -521,8 +569,9 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
         positive(f"model.{name}", getattr(m, name))
-    for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size"):
+    for name in ("vocab_size", "num_kv_heads", "ffn_hidden_size", "tokenizer_vocab_size"):
         nonneg(f"model.{name}", getattr(m, name))
+    p += _vocab_padding_problems(m)
     positive("model.norm_eps", m.norm_eps)
     if m.objective:
         from data_pipeline.objectives import OBJECTIVES
@@ -675,6 +724,10 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
             )
     if par.sequence_parallel and _ints(par.tp) and par.tp == 1:
         p.append("parallel.sequence_parallel=true: needs parallel.tp > 1")
+    if _ints(par.zero_stage, m.num_experts):
+        from parallel.zero import offload_problems
+
+        p += offload_problems(par, num_experts=m.num_experts)
 
     p += _moe_problems(cfg, world_size)
 
@@ -752,6 +805,25 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     nonneg("checkpoint.interval", c.interval)
     nonneg("checkpoint.keep_last", c.keep_last)
+    return p
+
+
+def _vocab_padding_problems(m: ModelConfig) -> list[str]:
+    """model.make_vocab_size_divisible_by and model.tokenizer_vocab_size against model.vocab_size."""
+    multiple, vocab, real = m.make_vocab_size_divisible_by, m.vocab_size, m.tokenizer_vocab_size
+    if not _ints(multiple, vocab, real):
+        return []
+    p = []
+    if multiple < 1:
+        p.append(f"model.make_vocab_size_divisible_by={multiple}: must be >= 1 (1 = no padding)")
+    elif vocab > 0 and vocab % multiple:
+        p.append(
+            f"model.vocab_size={vocab}: not a multiple of model.make_vocab_size_divisible_by={multiple}; set "
+            f"model.vocab_size=0 to pad the tokenizer's vocabulary, or a multiple such as "
+            f"{-(-vocab // multiple) * multiple}"
+        )
+    if real > 0 and vocab > 0 and real > vocab:
+        p.append(f"model.tokenizer_vocab_size={real}: exceeds model.vocab_size={vocab}")
     return p
 
 
@@ -850,8 +922,10 @@ def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
     from pretrain.models import OBJECTIVE_MODELS
 
     p = []
-    if m.family not in ("gpt", "bert"):
-        p.append(f"pipeline parallelism is available for model.family gpt and bert, not {m.family!r}")
+    if m.family not in ("gpt", "bert", "t5", "bart"):
+        p.append(
+            f"pipeline parallelism is available for model.family gpt, bert, t5 and bart, not {m.family!r}"
+        )
     if getattr(m, "share_layers", "none") != "none":
         p.append(f"model.share_layers={m.share_layers!r}: a module shared by layers cannot sit on two stages")
     if m.objective in OBJECTIVE_MODELS:
@@ -860,7 +934,10 @@ def _pipeline_problems(m: ModelConfig, pp: int) -> list[str]:
         p.append("model.num_experts > 0: the experts' auxiliary losses are not carried through a pipeline")
     if getattr(m, "z_loss", 0.0):
         p.append("model.z_loss > 0: the pipeline's last stage computes the plain cross-entropy only")
-    if _ints(m.num_layers) and m.num_layers < pp:
+    blocks = m.num_layers
+    if m.family in ("t5", "bart") and _ints(m.num_layers, m.decoder_layers):
+        blocks = m.num_layers + m.decoder_layers  # encoder and decoder blocks share the stages
+    if _ints(blocks) and blocks < pp:
         p.append(f"model.num_layers={m.num_layers}: fewer Transformer blocks than pipeline stages")
     return p
 
@@ -910,33 +987,3 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
-
-
-def deepspeed_config(cfg: Config, *, dp_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the Tandem config (never edited by hand)."""
-    t, par = cfg.train, cfg.parallel
-    gas = t.global_batch_size // (t.micro_batch_size * dp_size)
-    ds: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": cfg.optimizer.grad_clip,
-        "zero_optimization": {"stage": par.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {
-            "enabled": t.precision == "fp16",
-            "loss_scale": 0,  # dynamic loss scaling
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        },
-        # Tandem clips, logs and schedules itself; DeepSpeed's own console prints would duplicate it.
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        # torch.optim.AdamW is handed to DeepSpeed as a client optimizer; ZeRO works with it.
-        "zero_allow_untested_optimizer": True,
-    }
-    if par.zero_stage >= 2:
-        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
-    return ds

@@ -28,8 +28,17 @@ import torch
 
 from pretrain.config import Config, ConfigError, ModelConfig
 
-# Fields that do not change the parameters or the function a checkpoint's weights compute.
-MAY_DIFFER = ("preset", "dropout", "init_std", "objective")
+# Fields that do not change the parameters or the function a checkpoint's weights compute. The vocabulary's
+# padding recipe and the recorded tokenizer size are covered by model.vocab_size (compared) and by the
+# tokenizer check below (compared by hash).
+MAY_DIFFER = (
+    "preset",
+    "dropout",
+    "init_std",
+    "objective",
+    "make_vocab_size_divisible_by",
+    "tokenizer_vocab_size",
+)
 
 
 def model_mismatch(source: ModelConfig, target: ModelConfig) -> list[str]:

@@ -47,7 +47,8 @@ def checkpoint_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tenso
 
         state = consolidate_tensor_parallel(checkpoint, cfg.model)
         return {k: v.float() for k, v in state.items()}, cfg
-    if (cfg.parallel.zero_stage >= 1 and cfg.train.precision != "fp32") or cfg.parallel.zero_stage == 3:
+    zero = int(layout.get("zero", cfg.parallel.zero_stage))  # the stage DeepSpeed wrote (parallel.zero)
+    if (zero >= 1 and cfg.train.precision != "fp32") or zero == 3:
         # The module file holds low-precision or partitioned weights: consolidate the fp32 masters.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

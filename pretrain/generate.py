@@ -7,6 +7,10 @@ latter and is kept as the reference the tests compare against).
 
 Top-k keeps the k most likely tokens (Fan et al. 2018); top-p keeps the smallest set of most likely tokens
 whose probability reaches p (Holtzman et al. 2020). Both renormalize over what they keep.
+
+A model whose vocabulary was padded (`model.make_vocab_size_divisible_by`, or a model.vocab_size above the
+tokenizer's) has rows no tokenizer piece maps to; `model.tokenizer_vocab_size` records where they start,
+and every decoder here sets their logits to -inf (`mask_padding_rows`), so they are never emitted.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ class SamplingOptions:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if problems:
             raise ValueError("sampling options: " + "; ".join(problems))
+
+
+def real_vocab_size(model: nn.Module) -> int | None:
+    """How many of the model's vocabulary rows are tokenizer pieces; None when all are."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "tokenizer_vocab_size", 0)) or None
+
+
+def mask_padding_rows(logits: torch.Tensor, real_vocab: int | None) -> torch.Tensor:
+    """logits (..., V) with the padding rows [real_vocab, V) at -inf (in place; returned for chaining)."""
+    if real_vocab is not None and real_vocab < logits.shape[-1]:
+        logits[..., real_vocab:] = float("-inf")
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -94,9 +111,11 @@ def generate(
     cache = model.new_cache() if use_cache else None  # type: ignore[operator]
     out: list[int] = []
     step_input = ids
+    real_vocab = real_vocab_size(model)
     for _ in range(min(max_new_tokens, max_len - len(prompt))):
         logits = model(step_input, cache=cache) if use_cache else model(ids)  # (1, T', V)
-        token = next_token(logits[:, -1].float(), options, generator)  # (1,)
+        last = mask_padding_rows(logits[:, -1].float(), real_vocab)  # (1, V)
+        token = next_token(last, options, generator)  # (1,)
         out.append(int(token))
         if eos_id is not None and out[-1] == eos_id:
             break
@@ -202,6 +221,7 @@ def beam_generate(
         raise ValueError(f"the prompt has {len(prompt)} tokens; model.max_seq_len={max_len} leaves no room")
     device = next(model.parameters()).device
     cache = model.new_cache()  # type: ignore[operator]
+    real_vocab = real_vocab_size(model)
     first = model(torch.tensor([list(prompt)], device=device), cache=cache)[0, -1]  # (V,)
 
     def step(origin: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -209,10 +229,10 @@ def beam_generate(
             layer = block.self_attn
             layer.k, layer.v = layer.k[origin], layer.v[origin]  # type: ignore[index]
         logits = model(tokens[:, None], cache=cache)[:, -1]  # (K, V)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(mask_padding_rows(logits.float(), real_vocab), dim=-1)
 
     return beam_search(
-        torch.log_softmax(first.float(), dim=-1),
+        torch.log_softmax(mask_padding_rows(first.float(), real_vocab), dim=-1),
         step,
         num_beams=num_beams,
         max_new_tokens=min(max_new_tokens, max_len - len(prompt)),

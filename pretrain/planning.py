@@ -67,7 +67,9 @@ def load_model_for_planning(
     if vocab_size:
         cfg.model.vocab_size = vocab_size
     elif cfg.model.vocab_size <= 0:
-        cfg.model.vocab_size = GPT2_VOCAB
+        from parallel.tensor_plan import pad_vocab_size
+
+        cfg.model.vocab_size = pad_vocab_size(GPT2_VOCAB, max(1, cfg.model.make_vocab_size_divisible_by))
     if seq_len is None:
         seq_len = cfg.data.seq_len if is_run else cfg.model.max_seq_len
     return cfg, seq_len, is_run

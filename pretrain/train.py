@@ -19,13 +19,14 @@ from data_pipeline.loader import TrainLoader, eval_batches
 from data_pipeline.manifest import load_manifest
 from data_pipeline.objectives import build_objective
 from parallel.parallelize import parallelize, param_groups
+from parallel.tensor_plan import pad_vocab_size
 from parallel.topology import Topology
+from parallel.zero import check_engine_offload, deepspeed_config, engine_zero_stage
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import (
     Config,
     ConfigError,
     config_to_dict,
-    deepspeed_config,
     save_config,
     validation_problems,
 )
@@ -82,17 +83,36 @@ def _mean_over(value: float, group: Any, size: int) -> float:
     return t.item() / size
 
 
+def resolve_vocab_size(cfg: Config, tokenizer_vocab: int) -> list[str]:
+    """Sets model.vocab_size from the shards' tokenizer when it is 0, padded up to a multiple of
+    model.make_vocab_size_divisible_by, and records the tokenizer's size in model.tokenizer_vocab_size when
+    the model has more rows than the tokenizer has pieces (decoding then never emits the extra ids).
+    Returns the problems found (in place; nothing is changed when there are any)."""
+    m = cfg.model
+    if m.vocab_size and m.vocab_size < tokenizer_vocab:
+        return [
+            f"model.vocab_size={m.vocab_size}: smaller than the shards' tokenizer vocabulary ({tokenizer_vocab})"
+        ]
+    if m.tokenizer_vocab_size and m.tokenizer_vocab_size != tokenizer_vocab:
+        return [
+            f"model.tokenizer_vocab_size={m.tokenizer_vocab_size}: the shards' tokenizer has {tokenizer_vocab} "
+            "pieces (the key is recorded by training; leave it 0)"
+        ]
+    if m.vocab_size == 0:
+        m.vocab_size = pad_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by)
+    if m.vocab_size > tokenizer_vocab:
+        m.tokenizer_vocab_size = tokenizer_vocab
+    return []
+
+
 def train(cfg: Config) -> TrainResult:
     # Every rule, including those about the world size, is checked before any process group exists.
     problems = validation_problems(cfg, world_size=launched_world_size())
     if problems:
         raise ConfigError(problems)
-    rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
-    topo = Topology.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    dp, dp_rank = topo.dims.dp, topo.dp_rank
     t_cfg = cfg.train
 
-    # --- data and model shapes
+    # --- data and model shapes (read before any process group: the vocabulary's rules depend on them)
     # One shards directory, or a weighted blend of several sharded with the same tokenizer.
     blend: list[tuple[str | Path, float]] = [(s["path"], float(s["weight"])) for s in cfg.data.sources]
     data_source: str | list[tuple[str | Path, float]] = list(blend) or cfg.data.shards
@@ -105,15 +125,13 @@ def train(cfg: Config) -> TrainResult:
                 [f"data.sources: {path} was tokenized with another tokenizer than {blend[0][0]}"]
             )
     tok = manifest["tokenizer"]
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = int(tok["vocab_size"])
-    elif cfg.model.vocab_size < int(tok["vocab_size"]):
-        raise ConfigError(
-            [
-                f"model.vocab_size={cfg.model.vocab_size}: smaller than the shards' tokenizer "
-                f"vocabulary ({tok['vocab_size']})"
-            ]
-        )
+    problems = resolve_vocab_size(cfg, int(tok["vocab_size"]))
+    problems = problems or validation_problems(cfg, world_size=launched_world_size())  # now with the vocab
+    if problems:
+        raise ConfigError(problems)
+    rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    topo = Topology.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    dp, dp_rank = topo.dims.dp, topo.dp_rank
     special = {k: int(v) for k, v in tok.items() if k.endswith("_id")}
     objective = build_objective(
         cfg.model.objective_name, seq_len=cfg.data.seq_len, tokenizer=tok, seed=t_cfg.seed
@@ -132,9 +150,25 @@ def train(cfg: Config) -> TrainResult:
     gates: list[OptimizerGate] = []
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-        optimizer = torch.optim.AdamW(
-            param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
-        )
+        optimizer: torch.optim.Optimizer
+        if cfg.parallel.cpu_adam:  # the host-side update of ZeRO-Offload, vectorized (parallel/zero.py)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(
+                param_groups(module, o.weight_decay),
+                lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                adamw_mode=True,
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                param_groups(module, o.weight_decay),
+                lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                foreach=False,
+            )
         gates.append(OptimizerGate(optimizer))
         return optimizer
 
@@ -152,7 +186,8 @@ def train(cfg: Config) -> TrainResult:
         "tp": topo.dims.tp,
         "pp": topo.dims.pp,
         "dp": dp,
-        "zero": cfg.parallel.zero_stage,
+        # what DeepSpeed runs (and writes), which a resume at another dp must know
+        "zero": engine_zero_stage(cfg.parallel.zero_stage, t_cfg.precision, topo.dims.pp),
         "precision": t_cfg.precision,
     }
     ds_config = deepspeed_config(cfg, dp_size=dp)
@@ -189,7 +224,7 @@ def train(cfg: Config) -> TrainResult:
         ds_config=ds_config,
         make_optimizer=make_optimizer,
         wrap=lambda m: LanguageModelLoss(m, tp_group=topo.tp_group, tp_size=topo.dims.tp),
-        activation_checkpointing=t_cfg.activation_checkpointing,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
         sequence_parallel=cfg.parallel.sequence_parallel,
         seed=t_cfg.seed,
         expert_parallel=cfg.parallel.ep,
@@ -199,6 +234,9 @@ def train(cfg: Config) -> TrainResult:
         ),
     )
     module, gate = engine.module, gates[0]
+    offload = check_engine_offload(engine, cfg.parallel)
+    if offload and rank == 0:
+        print(offload, flush=True)
     guard = StepGuard(spike_factor=t_cfg.loss_spike_factor, max_in_a_row=t_cfg.max_skipped_in_a_row)
     pipe = None
     if topo.dims.pp > 1:  # engine.train_batch runs the micro-batches; the guard decides inside it
@@ -214,7 +252,7 @@ def train(cfg: Config) -> TrainResult:
             own_clip=getattr(engine, "tandem_clip", 0.0),
             measure_norm=cfg.parallel.zero_stage == 0 and t_cfg.precision == "fp32",
         )
-    if world == 1 and cfg.parallel.zero_stage == 0:
+    if world == 1 and layout["zero"] == 0:
         # One rank has nothing to average, but DeepSpeed still flattens every gradient through a one-rank
         # all-reduce each step (~1% of a small model's step, measured by bench/train_throughput.py).
         engine.enable_backward_allreduce = False
@@ -294,7 +332,7 @@ def train(cfg: Config) -> TrainResult:
         meta = {
             "consumed_samples": loader.consumed_samples,
             "tokens": loader.consumed_samples * cfg.data.seq_len,
-            "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp, "zero": cfg.parallel.zero_stage},
+            "layout": {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": dp, "zero": layout["zero"]},
             "family": cfg.model.family,
         }
         if init_record is not None:

@@ -92,6 +92,36 @@ def sinusoid_table(length: int, dim: int, *, device: torch.device, dtype: torch.
     return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :dim].to(dtype)
 
 
+class AttentionCore(nn.Module):
+    """softmax(q k^T · scale + bias + mask) v, with attention dropout: the part of a block whose saved
+    activations grow with the square of the sequence (scores, probabilities, dropout mask; 5·a·s²·b bytes
+    per layer, Korthikanti et al. 2022). No parameters: it is a module only so that
+    `parallel.activation_checkpointing=selective` can recompute it by name."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        position_bias: torch.Tensor | T5Bias | None,
+        scale: float | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        return attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            position_bias=position_bias,
+            scale=scale,
+            dropout_p=dropout_p,
+        )
+
+
 class Attention(nn.Module):
     """Multi-head attention over the block's own input (self) or an encoder's output (cross).
 
@@ -122,6 +152,7 @@ class Attention(nn.Module):
         self.o_proj = layers.row_linear(inner, h, bias=cfg.bias)
         self.o_proj.is_residual_projection = True  # type: ignore[assignment]
         self.dropout = cfg.dropout
+        self.core = AttentionCore()
         self.relative_xl, self.hidden_size = cfg.position == "relative_xl", h
         if self.relative_xl:
             self.r_proj = layers.column_linear(h, inner, bias=False)  # W_R
@@ -188,7 +219,7 @@ class Attention(nn.Module):
             if isinstance(position_bias, T5Bias):
                 raise ValueError("relative_xl / banded attention cannot be combined with T5's bucketed bias")
             position_bias = extra if position_bias is None else position_bias + extra
-        y = attention(
+        y = self.core(
             q,
             k,
             v,

@@ -112,7 +112,11 @@ class Electra(nn.Module):
         original = torch.where(masked, labels, ids)
         with torch.no_grad():
             rows = torch.nonzero(masked)[:, 0]  # (N,) sample of each masked position, row-major order
-            sampled = sample_replacements(gen_logits[masked].detach(), rows, batch.get("sample_seed"))
+            # Padding rows of the vocabulary (model.tokenizer_vocab_size) are never drawn as replacements.
+            real = self.config.tokenizer_vocab_size or gen_logits.shape[-1]
+            sampled = sample_replacements(
+                gen_logits[masked][:, :real].detach(), rows, batch.get("sample_seed")
+            )
             corrupted = original.clone()
             corrupted[masked] = sampled
             replaced = corrupted != original  # (B, T): the discriminator's labels

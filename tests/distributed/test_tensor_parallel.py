@@ -304,7 +304,54 @@ def _validation_case(rank: int, _: str) -> None:
     assert "model.num_kv_heads=1" in msg and "model.vocab_size=255" in msg, msg
 
 
+def _checkpointing_case(rank: int, preset: str) -> None:
+    """TP2 with dropout 0.1 everywhere and sequence parallelism: full and selective activation
+    checkpointing give this rank the loss and gradients of the run without checkpointing, bit for bit
+    (the same kernels on the same numbers, the dropout masks replayed); a full recompute that does not
+    restore the TP RNG stream draws other attention-dropout masks and gets other gradients, which is what
+    `tracker_restoring_context` prevents."""
+    from parallel.parallelize import apply_activation_checkpointing
+    from parallel.tensor import TPRngTracker, vocab_parallel_cross_entropy
+    from parallel.tensor_plan import apply_tensor_parallel
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+
+    group = dist.group.WORLD
+    overrides = ["data.shards=x", f"model.preset={preset}", "model.vocab_size=256", "model.dropout=0.1"]
+    cfg = load_config(None, overrides).model
+    torch.manual_seed(0)
+    full = build_model(cfg).train()
+    batch = _inputs(cfg.family)
+    labels = batch.pop("labels")
+
+    def run(mode: str, restore: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = copy.deepcopy(full)
+        tracker = TPRngTracker()
+        tracker.seed_tensor_parallel(1234, rank)
+        apply_tensor_parallel(
+            model, group=group, tp_size=WORLD, tp_rank=rank, sequence_parallel=True, rng_tracker=tracker
+        )
+        if mode != "none":
+            apply_activation_checkpointing(model, mode, tracker if restore else None)
+        torch.manual_seed(1234)
+        loss = vocab_parallel_cross_entropy(model(**batch), labels, group, ignore_index=-100)
+        loss.backward()
+        strip = "._checkpoint_wrapped_module"
+        return loss.detach(), {n.replace(strip, ""): p.grad for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = run("none", True)
+    for mode in ("full", "selective"):
+        loss, grads = run(mode, True)
+        assert torch.equal(loss, ref_loss), f"{preset} {mode}: loss {loss} vs {ref_loss}"
+        for name, g in ref_grads.items():
+            assert torch.equal(grads[name], g), f"{preset} {mode}: gradient of {name} differs"
+    _, stale = run("full", False)
+    differs = [n for n, g in ref_grads.items() if not torch.equal(stale[n], g)]
+    assert differs, f"{preset}: recompute without the tracker's states matched: the test cannot fail"
+
+
 CASES: dict[str, Callable[[int, str], None]] = {
+    "checkpointing": _checkpointing_case,
     "layers": _layers_case,
     "cross_entropy": _cross_entropy_case,
     "model": _model_case,
@@ -328,6 +375,11 @@ def test_vocab_parallel_cross_entropy_matches_f_cross_entropy() -> None:
 def test_model_tp2_matches_one_process(preset: str) -> None:
     """Loss and every gathered gradient, with sequence parallelism off and on."""
     _spawn("model", preset)
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "t5-tiny"])
+def test_activation_checkpointing_replays_tensor_parallel_dropout(preset: str) -> None:
+    _spawn("checkpointing", preset)
 
 
 def test_indivisible_sizes_raise_one_error_naming_each() -> None:

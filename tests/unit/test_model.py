@@ -380,8 +380,9 @@ def test_padded_logits_match_hugging_face(family: str):
 # ----------------------------------------------------------------------------- activation checkpointing
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
-def test_activation_checkpointing_changes_nothing(preset: str):
+def test_activation_checkpointing_changes_nothing(preset: str, mode: str):
     cfg = model_config(preset, "model.dropout=0.1")  # dropout on: recompute must replay the same RNG
     torch.manual_seed(0)
     plain = GPT(cfg).train()
@@ -389,7 +390,8 @@ def test_activation_checkpointing_changes_nothing(preset: str):
     wrapped.load_state_dict(plain.state_dict())
     keys = list(plain.state_dict())
 
-    assert apply_activation_checkpointing(wrapped) == cfg.num_layers
+    # full: one wrapper per block; selective: one per attention core (GPT blocks have self-attention only)
+    assert apply_activation_checkpointing(wrapped, mode) == cfg.num_layers
     assert list(wrapped.state_dict()) == keys
 
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -407,6 +409,17 @@ def test_activation_checkpointing_changes_nothing(preset: str):
     grads = {n.replace(strip, ""): p.grad for n, p in wrapped.named_parameters()}
     for name, p in plain.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, grads[name]), name
+
+
+def test_activation_checkpointing_wraps_both_stacks_of_an_encoder_decoder():
+    cfg = model_config("t5-tiny")
+    model = build_model(cfg)
+    assert apply_activation_checkpointing(model, "full") == cfg.num_layers + cfg.decoder_layers
+    # one self-attention per block, plus the decoder's cross-attention
+    assert (
+        apply_activation_checkpointing(build_model(cfg), "selective")
+        == cfg.num_layers + 2 * cfg.decoder_layers
+    )
 
 
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])

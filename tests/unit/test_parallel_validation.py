@@ -19,10 +19,10 @@ BASE = [
 
 TABLE = {
     "zero2_with_pipeline": (1, ["parallel.zero_stage=2", "parallel.pp=2"], "supports ZeRO stage 0 or 1 only"),
-    "pipeline_not_for_t5": (
+    "pipeline_for_an_objective_network": (
         2,
-        ["parallel.pp=2", "model.family=t5"],
-        "parallel.pp=2: pipeline parallelism is available for model.family gpt and bert, not 't5'",
+        ["parallel.pp=2", "model.family=bert", "model.objective=electra"],
+        "model.objective='electra' builds its own network, which has no pipeline layers",
     ),
     "pipeline_with_shared_layers": (
         2,
@@ -63,6 +63,31 @@ TABLE = {
         4,
         ["train.global_batch_size=6"],
         "must be a multiple of train.micro_batch_size=2 x dp=4",
+    ),
+    "optimizer_offload_without_zero": (
+        2,
+        ["parallel.offload_optimizer=cpu"],
+        "parallel.offload_optimizer='cpu' with parallel.zero_stage=0: optimizer offload moves the ZeRO",
+    ),
+    "param_offload_below_zero3": (
+        2,
+        ["parallel.offload_param=cpu", "parallel.offload_optimizer=cpu", "parallel.zero_stage=2"],
+        "parallel.offload_param='cpu' with parallel.zero_stage=2: only ZeRO-3 partitions parameters",
+    ),
+    "offload_with_pipeline": (
+        4,
+        ["parallel.pp=2", "parallel.zero_stage=1", "parallel.offload_optimizer=cpu"],
+        "with parallel.pp=2: CPU offload is not verified with DeepSpeed's pipeline engine",
+    ),
+    "cpu_adam_without_offload": (
+        2,
+        ["parallel.zero_stage=2", "parallel.cpu_adam=true"],
+        "parallel.cpu_adam=true with parallel.offload_optimizer='none'",
+    ),
+    "offload_with_moe": (
+        2,
+        ["parallel.zero_stage=2", "parallel.offload_optimizer=cpu", "model.num_experts=2"],
+        "with model.num_experts=2: CPU offload is not verified with the MoE layers",
     ),
 }
 

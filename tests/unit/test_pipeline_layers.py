@@ -17,7 +17,19 @@ from parallel.pipeline import pipeline_inputs, pipeline_layers
 from pretrain.config import load_config
 from pretrain.models import build_model
 
-PRESETS = ["gpt-tiny", "llama-tiny", "palm-tiny", "gopher-tiny", "gpt3-tiny", "bert-tiny", "roberta-tiny"]
+PRESETS = [
+    "gpt-tiny",
+    "llama-tiny",
+    "palm-tiny",
+    "gopher-tiny",
+    "gpt3-tiny",
+    "bert-tiny",
+    "roberta-tiny",
+    "t5-tiny",
+    "bart-tiny",
+]
+# T5 v1.1's untied head and gated-GELU MLP, as overrides of t5-tiny.
+UNTIED_T5 = ["model.tie_embeddings=false", "model.activation=geglu"]
 
 
 def compose(specs: list) -> tuple[list, list]:
@@ -40,9 +52,15 @@ def compose(specs: list) -> tuple[list, list]:
     return funcs, modules
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_pipeline_layers_reproduce_the_model(preset):
-    cfg = load_config(None, [f"model.preset={preset}", "model.vocab_size=512"], validate=False).model
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [(p, []) for p in PRESETS] + [("t5-tiny", UNTIED_T5)],
+    ids=[*PRESETS, "t5-untied"],
+)
+def test_pipeline_layers_reproduce_the_model(preset, overrides):
+    cfg = load_config(
+        None, [f"model.preset={preset}", "model.vocab_size=512", *overrides], validate=False
+    ).model
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     funcs, modules = compose(pipeline_layers(model))
@@ -58,18 +76,28 @@ def test_pipeline_layers_reproduce_the_model(preset):
         mask[1, 12:] = 0  # padding travels with the activations through every block
         types = (torch.arange(16) >= 8).long().expand(2, 16) if cfg.type_vocab_size > 1 else ids * 0
         batch.update(attention_mask=mask, token_type_ids=types)
+    if cfg.family in ("t5", "bart"):
+        mask = torch.ones_like(ids)
+        mask[0, 11:] = 0  # the encoder's padding reaches every cross-attention through the pipeline
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "decoder_input_ids": ids[:, :10],
+            "labels": ids[:, :10],
+        }
     x, labels = pipeline_inputs(cfg.family, batch)
-    assert labels is ids
+    assert labels is batch["labels"]
     with torch.no_grad():
         for f in funcs:
             x = f(x)
         want = model(**{k: v for k, v in batch.items() if k != "labels"})
-    if cfg.family == "gpt":
-        # The same modules applied in the same order: identical floating-point operations.
+    if cfg.family in ("gpt", "t5"):
+        # The same modules applied in the same order: identical floating-point operations. (T5's
+        # relative-position table reaches the blocks as `table * 1`, which is exact.)
         assert torch.equal(x, want)
     else:
-        # BERT's output bias is added after the matmul instead of inside it (addmm): one rounding of
-        # |logit| < 10 per element, ~1e-6 at most.
+        # BERT's (and BART's) output bias is added after the matmul instead of inside it (addmm): one
+        # rounding of |logit| < 10 per element, ~1e-6 at most.
         torch.testing.assert_close(x, want, rtol=0, atol=2e-6)
 
 
