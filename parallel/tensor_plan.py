@@ -159,10 +159,18 @@ def _fork_rng_around(module: nn.Module, tracker: TPRngTracker) -> None:
         mod._tp_rng_fork = ctx  # type: ignore[assignment]
 
     def leave(mod: nn.Module, args: Any, out: Any) -> None:
-        mod.__dict__.pop("_tp_rng_fork").__exit__(None, None, None)
+        ctx = mod.__dict__.pop("_tp_rng_fork", None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
 
     module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave)
+    # always_call: leave the fork also when the forward is cut short by an exception. Activation
+    # checkpointing's recompute stops early that way, inside the last module that saved a tensor (under
+    # sequence parallelism a block's forked residual dropout). A fork left open was exited only when the
+    # next forward replaced it, by the garbage collector, which then restored the default generator state
+    # of the aborted recompute inside the new forked region: its dropout masks came from that stale state
+    # instead of the TP stream, and the losses differed from a run without checkpointing.
+    module.register_forward_hook(leave, always_call=True)
 
 
 def apply_tensor_parallel(
