@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="--task perplexity: token-weighted loss of the checkpoint's own objective and exp(loss) on a "
         "shards split. --task fewshot: in-context accuracy on a JSONL task (multiple choice "
         '{"context","choices","answer"} by log-likelihood, plain and per-token; completion '
-        '{"context","completion"} by greedy exact match) with k demonstrations per query.',
+        '{"context","completion"} by greedy exact match) with k demonstrations per query. In one process the '
+        "checkpoint is consolidated; under deepspeed/torchrun/srun (WORLD_SIZE > 1) it is loaded in place at "
+        "--tp x --pp (default: its own layout), dp = world / (tp x pp), and rank 0 prints the result.",
     )
     _checkpoint_args(p)
     p.add_argument("--task", choices=["perplexity", "fewshot"], required=True)
@@ -68,6 +70,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--separator", default="\n\n", help="fewshot: text between examples (default a blank line)"
     )
     p.add_argument("--limit", type=int, default=None, help="fewshot: evaluate only the first N examples")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="under a launcher: tensor-parallel degree to evaluate at (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--pp",
+        type=int,
+        default=None,
+        help="under a launcher: pipeline-parallel degree to evaluate at (default: the checkpoint's)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -178,14 +192,26 @@ def _tokenizer(args: argparse.Namespace, cfg: Any, checkpoint: Path) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pretrain.distributed import launched_world_size
     from pretrain.evaluate import PromptFormat, fewshot_eval, iter_shots, validation_loss
 
     try:
         if args.task == "fewshot" and args.data is None:
             return _fail("--task fewshot needs --data FILE.jsonl")
+        for name in ("tp", "pp", "batches", "micro_batch_size"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                return _fail(f"--{name.replace('_', '-')}={value} must be >= 1")
         shots = list(iter_shots(args.shots)) if args.task == "fewshot" else []
         fmt = PromptFormat(template=args.template, separator=args.separator)
         t0 = time.perf_counter()
+        if launched_world_size() > 1:
+            return _eval_in_place(args, shots, fmt, t0)
+        if (args.tp or 1) * (args.pp or 1) > 1:
+            return _fail(
+                f"--tp {args.tp or 1} --pp {args.pp or 1} needs {(args.tp or 1) * (args.pp or 1)} processes: "
+                "launch with deepspeed or torchrun (one process evaluates the consolidated weights)"
+            )
         model, cfg, checkpoint = _load(args)
         if args.task == "perplexity":
             result = validation_loss(
@@ -196,10 +222,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 num_batches=args.batches,
                 micro_batch_size=args.micro_batch_size,
             )
-            lines = [
-                f"{checkpoint} ({cfg.model.family}): {result['split']} loss {result['loss']:.4f}, perplexity "
-                f"{result['perplexity']:.2f} over {result['tokens']} target tokens in {result['batches']} batches"
-            ]
         else:
             if cfg.model.family != "gpt":
                 return _fail(f"--task fewshot needs a GPT checkpoint; {checkpoint} is {cfg.model.family!r}")
@@ -207,18 +229,82 @@ def cmd_eval(args: argparse.Namespace) -> int:
             result = fewshot_eval(
                 model, tok, args.data, shots=shots, pool=args.pool, seed=args.seed, fmt=fmt, limit=args.limit
             )
-            lines = [f"{checkpoint}: {result['kind']} task {args.data}, {result['n']} examples"]
-            for r in result["results"]:
-                line = f"  {r['shots']}-shot: acc {r['acc']:.3f} ± {r['acc_stderr']:.3f}"
-                if "acc_norm" in r:
-                    line += f", acc_norm {r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f}"
-                lines.append(line + (f" ({r['truncated']} prompts truncated)" if r["truncated"] else ""))
         result["checkpoint"] = str(checkpoint)
         result["seconds"] = time.perf_counter() - t0
     except (ValueError, NotImplementedError) as exc:
         return _fail(str(exc))
-    _report(args, result, lines)
+    _report(args, result, _eval_lines(args, result, checkpoint, cfg.model.family))
     return 0
+
+
+def _eval_in_place(args: argparse.Namespace, shots: list[int], fmt: Any, t0: float) -> int:
+    """`pretrain eval` under a launcher: every rank loads its shard of the checkpoint (`load_engine`) and
+    takes part; rank 0 prints the result."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.evaluate import distributed_validation_loss, fewshot_eval, load_engine, resolve_checkpoint
+    from pretrain.export import _checkpoint_config
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        family = _checkpoint_config(checkpoint).model.family
+        if args.task == "fewshot" and family != "gpt":
+            return _fail(f"--task fewshot needs a GPT checkpoint; {checkpoint} is {family!r}")
+        engine, cfg, topo = load_engine(checkpoint, tp=args.tp, pp=args.pp)
+        if args.task == "perplexity":
+            result = distributed_validation_loss(
+                engine,
+                cfg,
+                topo,
+                shards=args.shards,
+                split=args.split,
+                num_batches=args.batches,
+                micro_batch_size=args.micro_batch_size,
+            )
+        else:
+            if topo.dims.pp > 1:
+                return _fail(
+                    f"--task fewshot under a launcher needs pp=1 (this layout has pp={topo.dims.pp}); pass --pp 1 "
+                    "to evaluate a pipeline checkpoint at tp x dp (converted once; ZeRO 0, fp32 checkpoints)"
+                )
+            tok = _tokenizer(args, cfg, checkpoint)
+            model = engine.module.model  # the (tensor-parallel) network inside the loss wrapper
+            result = fewshot_eval(
+                model,
+                tok,
+                args.data,
+                shots=shots,
+                pool=args.pool,
+                seed=args.seed,
+                fmt=fmt,
+                limit=args.limit,
+                topology=topo,
+            )
+            result["layout"] = {"tp": topo.dims.tp, "pp": topo.dims.pp, "dp": topo.dims.dp}
+        result["checkpoint"] = str(checkpoint)
+        result["seconds"] = time.perf_counter() - t0
+    except (ValueError, NotImplementedError, CheckpointError) as exc:
+        return _fail(str(exc))
+    if topo.rank == 0:
+        _report(args, result, _eval_lines(args, result, checkpoint, cfg.model.family))
+    return 0
+
+
+def _eval_lines(args: argparse.Namespace, result: dict[str, Any], checkpoint: Path, family: str) -> list[str]:
+    where = ""
+    if "layout" in result:
+        where = " at " + " x ".join(f"{k}{v}" for k, v in result["layout"].items())
+    if args.task == "perplexity":
+        return [
+            f"{checkpoint} ({family}){where}: {result['split']} loss {result['loss']:.4f}, perplexity "
+            f"{result['perplexity']:.2f} over {result['tokens']} target tokens in {result['batches']} batches"
+        ]
+    lines = [f"{checkpoint}{where}: {result['kind']} task {args.data}, {result['n']} examples"]
+    for r in result["results"]:
+        line = f"  {r['shots']}-shot: acc {r['acc']:.3f} ± {r['acc_stderr']:.3f}"
+        if "acc_norm" in r:
+            line += f", acc_norm {r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f}"
+        lines.append(line + (f" ({r['truncated']} prompts truncated)" if r["truncated"] else ""))
+    return lines
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
