@@ -117,8 +117,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tune BERT (classify) or T5/BART (text2text), all parameters, and evaluate",
         description="--task classify (BERT): dropout + linear on the pooled <cls>; JSONL {text, label} or "
         "{text, text_pair, label}; accuracy and macro-F1. --task text2text (T5, BART): JSONL {input, target}, "
-        "teacher-forced training, greedy decoding; exact match and ROUGE-L. Writes OUT/model.safetensors, "
-        "OUT/config.yaml and OUT/metrics.json. One process, plain PyTorch (not the DeepSpeed engine).",
+        "teacher-forced training, greedy decoding; exact match and ROUGE-L. Runs through the DeepSpeed engine, "
+        "data parallel under deepspeed/torchrun/srun (--batch-size is the global batch); writes "
+        "OUT/checkpoints/step-N (resumed by default), OUT/metrics.jsonl, and at the end OUT/model.safetensors, "
+        "OUT/config.yaml and OUT/metrics.json.",
     )
     _checkpoint_args(p)
     p.add_argument("--task", choices=["classify", "text2text"], required=True)
@@ -143,6 +145,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--from-scratch",
         action="store_true",
         help="same architecture, random weights: the baseline that shows what pretraining contributed",
+    )
+    p.add_argument(
+        "--dropout", type=float, default=0.1, help="classify: dropout before the new head (default 0.1)"
+    )
+    p.add_argument(
+        "--grad-clip", type=float, default=1.0, help="global gradient-norm clip; 0 = off (default 1)"
+    )
+    p.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage 0, 1 or 2 (default 0)")
+    p.add_argument(
+        "--save-interval",
+        type=int,
+        default=0,
+        help="steps between checkpoints in OUT/checkpoints (default 0: after the last step only)",
+    )
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep; 0 keeps all (default 2)")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="'auto' (newest checkpoint in OUT/checkpoints, the default), 'never', or a checkpoint directory",
     )
     p.set_defaults(func=cmd_finetune)
 
@@ -358,6 +379,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import CheckpointError
     from pretrain.evaluate import read_jsonl
     from pretrain.finetune import TASKS, FinetuneOptions, finetune_classify, finetune_text2text
 
@@ -370,6 +392,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         max_target_len=args.max_target_len,
         num_beams=args.num_beams,
+        dropout=args.dropout,
+        grad_clip=args.grad_clip,
+        zero_stage=args.zero_stage,
+        save_interval=args.save_interval,
+        keep_last=args.keep_last,
+        resume=args.resume,
     )
     keys = ("text", "label") if args.task == "classify" else ("input", "target")
     try:
@@ -395,8 +423,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         run = finetune_classify if args.task == "classify" else finetune_text2text
         t0 = time.perf_counter()
         _, info = run(model, cfg, tok, train_rows, eval_rows, opts, out_dir=args.out, log=log)
-    except (ValueError, NotImplementedError) as exc:
+    except (ValueError, NotImplementedError, CheckpointError) as exc:
         return _fail(str(exc))
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0 if "stopped_early" not in info else _preempted()
     summary = {k: v for k, v in info.items() if k not in ("history", "options")}
     summary |= {
         "checkpoint": str(checkpoint),
@@ -404,10 +436,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "seconds": time.perf_counter() - t0,
     }
+    if "stopped_early" in info:
+        _report(
+            args,
+            summary,
+            [
+                f"stopped at step {info['steps']} of {info['total_steps']} ({info['stopped_early']}); rerun the "
+                f"same command to resume from {args.out / 'checkpoints'}"
+            ],
+        )
+        return _preempted()
     keys_shown = ("accuracy", "macro_f1", "exact_match", "rouge_l", "eval_loss")
     shown = ", ".join(f"{k} {summary[k]:.4f}" for k in keys_shown if k in summary)
     _report(args, summary, [f"fine-tuned {args.task} ({summary['init']} init): {shown}; wrote {args.out}"])
     return 0
+
+
+def _preempted() -> int:
+    from pretrain.preemption import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED
 
 
 def main(argv: list[str] | None = None) -> int:
