@@ -131,7 +131,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lr", type=float, default=None, help="peak learning rate (default 5e-5 classify, 3e-4 text2text)"
     )
-    p.add_argument("--batch-size", type=int, default=16, help="default 16")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="examples per step over all data-parallel ranks (default 16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--max-len", type=int, default=128, help="input tokens per example (default 128)")
     p.add_argument("--max-target-len", type=int, default=64, help="text2text: target tokens (default 64)")

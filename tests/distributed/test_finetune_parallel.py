@@ -6,7 +6,8 @@ BERT classification: 17 training examples in global batches of 8, so every epoch
 example, which leaves rank 1 without a row (it runs a placeholder with weight 0); the head's dropout (0.1)
 is drawn for the whole global batch on every rank, so DP2 applies the one-process masks. T5 text-to-text:
 each rank's share holds a different number of target tokens, so the ranks' losses are weighted by the
-global batch's tokens (an unweighted mean of the ranks' means would be off by several percent).
+global batch's tokens (an unweighted mean of the ranks' means would be off by several percent); its DP2 run
+uses ZeRO stage 1 (AdamW state partitioned over the two ranks) against the plain one-process engine.
 
 Tolerance: fp32 on CPU. DP2 computes each example's forward pass with the one-process arithmetic (rows
 padded to the global batch's widths), but the loss and the gradients are sums over two ranks' halves
@@ -94,7 +95,10 @@ def runs(setup, tmp_path_factory, run_pretrain_module):
         for nprocs in (1, 2):
             path = root / f"{task}-{nprocs}"
             launcher = "deepspeed" if nprocs > 1 else "python"
-            run_pretrain_module(_args(setup, task, path), launcher=launcher, nprocs=nprocs, timeout=TIMEOUT)
+            args = _args(setup, task, path)
+            if task == "text2text" and nprocs > 1:
+                args += ["--zero-stage", "1"]
+            run_pretrain_module(args, launcher=launcher, nprocs=nprocs, timeout=TIMEOUT)
             out[task, nprocs] = path
     return out
 
