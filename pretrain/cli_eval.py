@@ -266,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_in_place(args: argparse.Namespace, shots: list[int], fmt: Any, t0: float) -> int:
     """`pretrain eval` under a launcher: every rank loads its shard of the checkpoint (`load_engine`) and
     takes part; rank 0 prints the result."""
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import CheckpointError, read_manifest
     from pretrain.evaluate import distributed_validation_loss, fewshot_eval, load_engine, resolve_checkpoint
     from pretrain.export import _checkpoint_config
 
@@ -275,6 +275,12 @@ def _eval_in_place(args: argparse.Namespace, shots: list[int], fmt: Any, t0: flo
         family = _checkpoint_config(checkpoint).model.family
         if args.task == "fewshot" and family != "gpt":
             return _fail(f"--task fewshot needs a GPT checkpoint; {checkpoint} is {family!r}")
+        pp = args.pp or int((read_manifest(checkpoint).get("layout") or {}).get("pp", 1))
+        if args.task == "fewshot" and pp > 1:
+            return _fail(
+                f"--task fewshot under a launcher needs pp=1 ({checkpoint} was saved at pp={pp}); pass --pp 1 "
+                "to evaluate it at tp x dp (converted once; ZeRO 0, fp32 checkpoints)"
+            )
         engine, cfg, topo = load_engine(checkpoint, tp=args.tp, pp=args.pp)
         if args.task == "perplexity":
             result = distributed_validation_loss(
@@ -287,11 +293,6 @@ def _eval_in_place(args: argparse.Namespace, shots: list[int], fmt: Any, t0: flo
                 micro_batch_size=args.micro_batch_size,
             )
         else:
-            if topo.dims.pp > 1:
-                return _fail(
-                    f"--task fewshot under a launcher needs pp=1 (this layout has pp={topo.dims.pp}); pass --pp 1 "
-                    "to evaluate a pipeline checkpoint at tp x dp (converted once; ZeRO 0, fp32 checkpoints)"
-                )
             tok = _tokenizer(args, cfg, checkpoint)
             model = engine.module.model  # the (tensor-parallel) network inside the loss wrapper
             result = fewshot_eval(
