@@ -313,7 +313,7 @@ def _eval_in_place(args: argparse.Namespace, shots: list[int], fmt: Any, t0: flo
         return _fail(str(exc))
     if topo.rank == 0:
         _report(args, result, _eval_lines(args, result, checkpoint, cfg.model.family))
-    return 0
+    return _leave(0)
 
 
 def _eval_lines(args: argparse.Namespace, result: dict[str, Any], checkpoint: Path, family: str) -> list[str]:
@@ -434,7 +434,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
-        return 0 if "stopped_early" not in info else _preempted()
+        return _leave(_preempted() if "stopped_early" in info else 0)
+    return _leave(_finetune_report(args, info, checkpoint, t0))
+
+
+def _finetune_report(args: argparse.Namespace, info: dict[str, Any], checkpoint: Path, t0: float) -> int:
     summary = {k: v for k, v in info.items() if k not in ("history", "options")}
     summary |= {
         "checkpoint": str(checkpoint),
@@ -462,6 +466,27 @@ def _preempted() -> int:
     from pretrain.preemption import EXIT_PREEMPTED
 
     return EXIT_PREEMPTED
+
+
+def _leave(code: int) -> int:
+    """Under a launcher, after a verb's work is complete and written: every rank waits for the others, then
+    leaves without interpreter teardown (atexit handlers, such as the removal of the shared-memory
+    all-reduce buffer, still run). Destroying the engine's gloo groups during teardown aborted a rank now and
+    then (SIGABRT, "terminate called without an active exception": once in about a dozen 2-process
+    evaluations, after the result was printed), which the launcher then reports as a failed run; the same
+    as seen in tests/distributed/test_memory_measured.py. One process returns normally."""
+    import atexit
+    import os
+
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return code
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
