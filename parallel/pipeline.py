@@ -646,9 +646,18 @@ class PipelineStep:
 
 
 @torch.no_grad()
-def evaluate_pipeline(engine: Any, family: str, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean loss over `batches` (each dp rank its own; averaged over dp by the engine and broadcast from
-    the last stage to the whole pipeline). Collective over the world."""
+def evaluate_pipeline(engine: Any, family: str, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Each of `batches`' mean loss (this dp rank's own batches, not averaged over dp), on every stage of
+    the pipeline (broadcast from the last stage). Collective over the world: DeepSpeed's eval_batch starts
+    with a world barrier, so every rank calls it the same number of times."""
     pairs = [pipeline_inputs(family, b) for b in batches]
-    loss = engine.eval_batch(iter(pairs), num_micro_batches=len(pairs))
-    return float(loss)
+    losses = engine.eval_batch(
+        iter(pairs), num_micro_batches=len(pairs), reduce_output=None, bcast_loss=False
+    )
+    t = torch.zeros(len(pairs), dtype=torch.float64)
+    if engine.is_last_stage():
+        t.copy_(torch.stack([x.detach().double().reshape(()) for x in losses]))
+    torch.distributed.broadcast(
+        t, src=engine._loss_stage_global_rank(), group=engine.grid.get_pipe_parallel_group()
+    )
+    return t.tolist()

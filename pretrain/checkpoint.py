@@ -407,10 +407,13 @@ class Checkpointer:
             self._delete(old, step)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path, *, plan: str = "same") -> tuple[dict[str, Any], dict[str, Any]]:
+    def load(
+        self, path: Path, *, plan: str = "same", load_optimizer: bool = True
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restores engine and RNG; returns (this rank's state, meta). `plan` from `reshard_plan`: with
         'universal' the engine was initialized with load_universal and reads `step-N.universal/`; with
-        'reshard' `path` is the converted checkpoint from `prepare_reshard`."""
+        'reshard' `path` is the converted checkpoint from `prepare_reshard`. `load_optimizer=False` reads the
+        weights only (evaluation)."""
         problems = verify_checkpoint(path, hashes=self.verify_on_load)
         if problems:
             raise CheckpointError(f"{path}: will not load a damaged checkpoint:\n  " + "\n  ".join(problems))
@@ -424,7 +427,7 @@ class Checkpointer:
         load_path, _ = self.engine.load_checkpoint(
             str(source.parent),
             tag=source.name,
-            load_optimizer_states=True,
+            load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=False,
             load_module_strict=True,
         )

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from data_pipeline.batch_ramp import BatchSizeRamp
-from data_pipeline.loader import TrainLoader, eval_batches
+from data_pipeline.loader import TrainLoader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.objectives import build_objective
 from parallel.parallelize import parallelize, param_groups
@@ -73,14 +73,6 @@ def build_scheduler(optimizer: Any, cfg: Config) -> Any:
         wsd_decay_steps=o.wsd_decay_steps or None,
         lr_wsd_decay_style="linear" if o.decay_style == "WSD" else None,
     )
-
-
-def _mean_over(value: float, group: Any, size: int) -> float:
-    if size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t, group=group)
-    return t.item() / size
 
 
 def resolve_vocab_size(cfg: Config, tokenizer_vocab: int) -> list[str]:
@@ -505,27 +497,24 @@ def _grad_norm(module: nn.Module, topo: Topology) -> float:
 def evaluate(
     engine: Any, cfg: Config, objective: Any, eos_id: int, topo: Topology, *, shards: str | Path
 ) -> float | None:
-    """Mean loss over the first `train.eval_batches` micro batches of the validation split (None if absent)."""
+    """Token-weighted mean loss over the first `train.eval_batches` micro batches of the validation split,
+    shared out over the dp ranks (None if absent): the code `pretrain eval` runs (pretrain/evaluate.py)."""
+    from pretrain.evaluate import engine_validation, validation_batches
+
     try:
-        batches = list(
-            eval_batches(
-                shards,
-                objective,
-                split=cfg.data.eval_split,
-                micro_batch_size=cfg.train.micro_batch_size,
-                dp_rank=topo.dp_rank,
-                dp_size=topo.dims.dp,
-                eos_id=eos_id,
-                num_batches=cfg.train.eval_batches,
-            )
+        batches, counted = validation_batches(
+            shards,
+            objective,
+            split=cfg.data.eval_split,
+            micro_batch_size=cfg.train.micro_batch_size,
+            num_batches=cfg.train.eval_batches,
+            eos_id=eos_id,
+            dp_rank=topo.dp_rank,
+            dp_size=topo.dims.dp,
         )
     except ValueError:
         return None  # no validation shards (or too few tokens for one sample)
-    if topo.dims.pp > 1:
-        from parallel.pipeline import evaluate_pipeline
-
-        return evaluate_pipeline(engine, cfg.model.family, batches)
-    engine.eval()
-    losses = [engine(b).item() for b in batches]
-    engine.train()
-    return _mean_over(sum(losses) / len(losses), topo.dp_group, topo.dims.dp)
+    total, count, _ = engine_validation(
+        engine, topo, family=cfg.model.family, batches=batches, counted=counted
+    )
+    return total / count if count else None
