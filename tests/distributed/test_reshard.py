@@ -6,7 +6,7 @@ checkpoint resumes at TP1 x PP2 x DP2 through Tandem's own conversion (pretrain/
 
 The loader position is the global sample count, so no sample is skipped or repeated: the losses after the
 switch equal the uninterrupted run's within 1e-5 (fp32; only the gradient reduction order differs, as in
-tests/distributed/test_data_parallel.py)."""
+tests/distributed/test_parity_matrix.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 * A TP2 (and a TP2xPP2) run's checkpoint initializes a TP1 run whose step-0 validation loss is the
   source model's own validation loss at that checkpoint. The two computations differ only in fp32
   summation order (row-parallel partial sums and the vocab-parallel cross-entropy are added across 2
-  ranks): ~1e-7 relative (seen: 4e-8 from TP2xPP2), as in tests/distributed/test_tensor_parallel_train.py;
+  ranks): ~1e-7 relative (seen: 4e-8 from TP2xPP2), as in tests/distributed/test_parity_matrix.py;
   1e-5 is the project's parity bound (DESIGN.md).
 * Pipeline checkpoints hold one file per layer under the layer adapter's names; every name maps back to
   exactly one model parameter.
