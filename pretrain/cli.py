@@ -232,6 +232,7 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pretrain.cli_eval import _leave
     from pretrain.config import load_config
     from pretrain.train import train
 
@@ -261,13 +262,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"stopped at step {result.steps} ({result.stopped_early}); checkpoint {result.checkpoint}; "
                 "rerun with train.resume=auto to continue"
             )
-        return EXIT_PREEMPTED
+        return _leave(EXIT_PREEMPTED)
     if _is_rank0():
         print(
             f"trained {result.steps} steps: final loss {_fmt(result.final_loss)}, "
             f"{_fmt(result.tokens_per_s, '.0f')} tokens/s, checkpoint {result.checkpoint}"
         )
-    return 0
+    # Under a launcher: barrier, then leave without interpreter teardown of the gloo groups, which aborted
+    # a rank now and then after its work was written (see pretrain.cli_eval._leave).
+    return _leave(0)
 
 
 def _checkpoint_dirs(path: Path) -> list[Path]:
