@@ -9,7 +9,11 @@ SDPA-with-dense-bias path it replaces. Every row prints the ratio to the best SD
 On a machine without CUDA the script runs a small correctness check of the kernels (in Triton's
 interpreter) and says that timing was skipped.
 
+`--dropout P` times every kernel with attention dropout P (the same P for each SDPA backend; a backend
+without dropout shows '-').
+
 Usage: python bench/attention.py [--seqs 512,1024,...] [--head-dims 64,128] [--mode fwd|bwd|fwd_bwd]
+                                 [--dropout 0.1]
 Results belong in docs/benchmarks.md with date, command and machine.
 """
 
@@ -48,7 +52,7 @@ def _run(fn, q, k, v, mode: str):
     return lambda: fn(q, k, v).backward(dout)
 
 
-def sdpa_fn(backend_name: str, causal: bool):
+def sdpa_fn(backend_name: str, causal: bool, dropout_p: float = 0.0):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {
@@ -60,15 +64,18 @@ def sdpa_fn(backend_name: str, causal: bool):
 
     def fn(q, k, v):
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, dropout_p=dropout_p
+            )
 
     return fn
 
 
-def benchmark(seqs: list[int], head_dims: list[int], mode: str) -> None:
+def benchmark(seqs: list[int], head_dims: list[int], mode: str, dropout_p: float = 0.0) -> None:
     from pretrain.kernels import attention
 
-    print(f"# attention {mode}, bf16, TFLOP/s ({torch.cuda.get_device_name()})")
+    drop = f", dropout {dropout_p:g}" if dropout_p else ""
+    print(f"# attention {mode}, bf16{drop}, TFLOP/s ({torch.cuda.get_device_name()})")
     header = ["seq", "hd", "causal", "tandem", *SDPA_BACKENDS, "best sdpa", "ratio"]
     print(" | ".join(f"{h:>9}" for h in header))
     for head_dim in head_dims:
@@ -84,8 +91,10 @@ def benchmark(seqs: list[int], head_dims: list[int], mode: str) -> None:
                 )
                 flops = attention_flops(batch, seq, heads, head_dim, causal=causal, mode=mode)
                 results: dict[str, float | None] = {}
-                tandem = lambda q, k, v, c=causal: attention(q, k, v, causal=c, backend="triton")  # noqa: E731
-                candidates = {"tandem": tandem, **{b: sdpa_fn(b, causal) for b in SDPA_BACKENDS}}
+                tandem = lambda q, k, v, c=causal: attention(  # noqa: E731
+                    q, k, v, causal=c, dropout_p=dropout_p, backend="triton"
+                )
+                candidates = {"tandem": tandem, **{b: sdpa_fn(b, causal, dropout_p) for b in SDPA_BACKENDS}}
                 for name, fn in candidates.items():
                     if name == "math" and seq > 4096:
                         results[name] = None  # materializes (B, H, T, T): minutes and tens of GiB
@@ -170,12 +179,15 @@ def main() -> None:
     parser.add_argument("--seqs", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--mode", choices=["fwd", "bwd", "fwd_bwd"], default="fwd_bwd")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout for every kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         cpu_correctness_check()
         return
     seqs = [int(s) for s in args.seqs.split(",")]
-    benchmark(seqs, [int(d) for d in args.head_dims.split(",")], args.mode)
+    benchmark(seqs, [int(d) for d in args.head_dims.split(",")], args.mode, args.dropout)
+    if args.dropout:
+        return
     benchmark_t5_bias([s for s in seqs if s <= 4096], args.mode)
 
 

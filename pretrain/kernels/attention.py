@@ -11,7 +11,7 @@ softmax(q k^T * scale + position_bias + masks) v on one of two backends:
 `backend="auto"` (what models pass) resolves through the process-wide default, set by
 `set_default_backend(...)` or the environment variable TANDEM_ATTENTION_BACKEND (auto | triton | sdpa)
 read at import. A default of "auto" picks Triton for CUDA tensors whose shapes and dtypes the kernels
-support (no dropout, no dense bias tensor) and SDPA otherwise, so CPU runs use SDPA. Forcing "triton" on
+support (no dense bias tensor; attention dropout is fused) and SDPA otherwise, so CPU runs use SDPA. Forcing "triton" on
 a CPU tensor runs the kernels in Triton's interpreter, which needs TRITON_INTERPRET=1 set before
 Python imports triton (slow; for tests); without it the call raises a clear error.
 
@@ -76,7 +76,10 @@ def attention(
     position_bias: additive float bias broadcastable to (B, H, Tq, Tk), or a `T5Bias` (T5's bucketed
     relative position bias table, fused in the Triton kernel, gathered into a dense bias for SDPA).
     causal with Tq != Tk aligns the triangle to the bottom right (query i sees keys <= Tk - Tq + i), as
-    FlashAttention-2 and a KV cache do. scale defaults to 1/sqrt(D). dropout_p > 0 runs on SDPA only.
+    FlashAttention-2 and a KV cache do. scale defaults to 1/sqrt(D). dropout_p: dropout on the attention
+    probabilities, in [0, 1) (fused in the Triton kernels, which draw a Philox seed from PyTorch's
+    generator of q's device: reproducible under torch.manual_seed and under an activation-checkpointing
+    recompute, but not the same mask as SDPA's for the same seed).
     Returns (B, H, Tq, D). A query row that sees no key returns zeros on Triton (NaN on SDPA).
     """
     chosen = _validated_backend(backend, "backend")
@@ -102,6 +105,7 @@ def attention(
             key_padding_mask=key_padding_mask,
             t5_bias=position_bias,  # type: ignore[arg-type]
             scale=scale,
+            dropout_p=dropout_p,
         )
     if isinstance(position_bias, T5Bias):
         position_bias = t5_dense_bias(position_bias, q.shape[-2], k.shape[-2])
@@ -129,8 +133,8 @@ def _triton_unsupported(
     """Why the Triton kernels cannot take this call, or None when they can."""
     if cuda_only and q.device.type != "cuda":
         return f"tensors on {q.device.type}, not CUDA"
-    if dropout_p > 0.0:
-        return f"dropout_p={dropout_p} (the kernels have no dropout)"
+    if not 0.0 <= dropout_p < 1.0:
+        return f"dropout_p={dropout_p} outside [0, 1)"
     if position_bias is not None and not isinstance(position_bias, T5Bias):
         return "a dense position_bias tensor (only a fused T5Bias is supported)"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:

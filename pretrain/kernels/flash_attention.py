@@ -28,7 +28,15 @@ one atomic add per (tile, bucket) (order of additions is not deterministic on a 
 rounding). q_pos is
 bottom-right aligned like the causal mask (HF T5's positions with a KV cache).
 
-Dropout is not implemented here: `attention(..., dropout_p > 0)` runs on SDPA.
+Dropout on the attention probabilities (`dropout_p`), FlashAttention-style: the keep mask is never stored.
+Each score element (b, h, i, j) draws a uniform number from Triton's counter-based Philox generator at
+counter ((b * H + h) * LQ + i) * LK + j (LQ, LK: the grid's query and key lengths; 64-bit) under a seed
+drawn once per call from PyTorch's generator of the tensors' device; the forward and both backward kernels
+regenerate the same draw for the same element, whichever tile (or transposed tile) holds it. The softmax
+normaliser sums the undropped probabilities; kept ones are scaled by 1 / (1 - dropout_p) (the forward
+applies the factor once to the output rows). The backward uses delta = rowsum(dO * O), which still equals
+rowsum(P * dP) with the dropped and rescaled P. Because the seed comes from PyTorch's generator, a
+recompute under activation checkpointing (which restores the generator) redraws the same seed and mask.
 
 Mask-free inner loops (as in the Triton fused-attention tutorial): each key loop is split into the key
 blocks that need no masking at all (inside len_k, and when causal at or left of the diagonal of the
@@ -118,6 +126,15 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, rng_rows, offs_cols, p_drop, scale_keep):
+    """The dropout factor of a tile: scale_keep = 1 / (1 - p_drop) where the element is kept, 0 where it is
+    dropped. rng_rows: int64 Philox counters of the tile's query rows, ((b * H + h) * LQ + i) * LK; offs_cols:
+    the key columns j; both as 2-D index vectors that broadcast to the tile (transposed in the dK/dV kernel)."""
+    keep = tl.rand(seed, rng_rows + offs_cols) >= p_drop
+    return tl.where(keep, scale_keep, 0.0)
+
+
+@triton.jit
 def _masked_scores(
     s,
     q_idx,
@@ -195,13 +212,26 @@ def _unmasked_key_end(start_m, len_q, len_k, CAUSAL: tl.constexpr, HAS_KPM: tl.c
 
 
 @triton.jit
+def _dropout_stream(SEED, b, h, num_heads, offs_m, rng_len_q, rng_len_k, DROPOUT: tl.constexpr):
+    """The call's Philox seed and the int64 counters of query rows offs_m of (b, h): ((b * H + h) * LQ + i)
+    * LK, so element (i, j) draws at that plus j (unique while i < LQ and j < LK, the grid's lengths)."""
+    if DROPOUT:
+        seed = tl.load(SEED)
+        rng_rows = ((b * num_heads + h).to(tl.int64) * rng_len_q + offs_m) * rng_len_k
+    else:
+        seed = 0
+        rng_rows = offs_m.to(tl.int64)
+    return seed, rng_rows
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
     offs_m, offs_n0, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
-    scale_log2, max_distance, num_buckets_half,
+    scale_log2, max_distance, num_buckets_half, seed, rng_rows, p_drop,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_T5: tl.constexpr,
     T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Key blocks lo, lo + BLOCK_N, ... < hi through the online softmax. MASKED=False is the fast body, for
     blocks that every row sees whole: no validity mask, no -inf guard, no row mask on the loads."""
@@ -223,7 +253,9 @@ def _fwd_inner(
             m_sub = m_new
         p = tl.exp2(s - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts dropped probabilities too
+        if DROPOUT:  # zero the dropped ones; the 1 / (1 - p_drop) of the kept ones is applied at the end
+            p = tl.where(tl.rand(seed, rng_rows[:, None] + offs_n[None, :]) >= p_drop, p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -231,8 +263,8 @@ def _fwd_inner(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, KPM, CU_Q, CU_K, TABLE, LUT,
-    scale_log2,
+    Q, K, V, OUT, LSE, KPM, CU_Q, CU_K, TABLE, LUT, SEED,
+    scale_log2, p_drop, rng_len_q, rng_len_k,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -242,6 +274,7 @@ def _fwd_kernel(
     num_heads, group, dense_len_q, dense_len_k, HEAD_DIM: tl.constexpr, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -260,6 +293,7 @@ def _fwd_kernel(
     v_base = V + b * stride_vb + hk * stride_vh + start_k * stride_vt
     q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, HEAD_DIM, True, EVEN_D)  # (BLOCK_M, BLOCK_D)
     kpm_row = KPM + b * stride_mb
+    seed, rng_rows = _dropout_stream(SEED, b, h, num_heads, offs_m, rng_len_q, rng_len_k, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
@@ -272,18 +306,21 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, mid,
         offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-        scale_log2, max_distance, num_buckets_half,
-        False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+        scale_log2, max_distance, num_buckets_half, seed, rng_rows, p_drop,
+        False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, mid, hi,
         offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-        scale_log2, max_distance, num_buckets_half,
-        True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+        scale_log2, max_distance, num_buckets_half, seed, rng_rows, p_drop,
+        True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_N,
     )  # fmt: skip
 
     empty = l_i == 0.0  # the row sees no key: output 0, and LSE = +inf makes its backward p = 0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    denom = tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        denom = denom * (1.0 - p_drop)  # the kept probabilities' 1 / (1 - p_drop), once per row
+    acc = acc / denom[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     o_base = OUT + b * stride_ob + h * stride_oh + start_q * stride_ot
     _store_block(o_base, acc.to(OUT.dtype.element_ty), offs_m, offs_d, stride_ot, len_q, HEAD_DIM, EVEN_D)
@@ -294,10 +331,10 @@ def _fwd_kernel(
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, lo, hi,
     offs_m0, offs_n, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
-    scale_log2, max_distance, num_buckets_half,
+    scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_T5: tl.constexpr,
     T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Query blocks lo, lo + BLOCK_M, ... < hi of one query head into this key block's dK, dV. Works on the
     transposed tiles (s^T = k q^T, (BLOCK_N, BLOCK_M)) so P^T and dS^T, computed in registers, are the
@@ -319,8 +356,15 @@ def _dkdv_inner(
             lse = tl.load(LSE + row_base + offs_m)
             delta = tl.load(DELTA + row_base + offs_m)
         p_t = tl.exp2(s_t - lse[None, :])  # softmax probabilities P^T (BLOCK_N, BLOCK_M); 0 where masked
-        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
-        dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)  # dL/dP^T (BLOCK_N, BLOCK_M)
+        dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)  # dL/d(P after dropout)^T (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            # The forward's draws for these (i, j), on the transposed tile: rows j, columns i.
+            rng_rows_t = (rng_head + offs_m[None, :]) * rng_len_k
+            keep_t = _dropout_keep(seed, rng_rows_t, offs_n[:, None], p_drop, scale_keep)
+            dv += _dot((p_t * keep_t).to(do.dtype), do, PRECISION, UPCAST)
+            dp_t = dp_t * keep_t  # dL/dP^T
+        else:
+            dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])  # dL/d(score)^T in natural units, before the scale
         if MASKED:
             ds_t = tl.where(valid, ds_t, 0.0)
@@ -347,8 +391,8 @@ def _table_grad(DTABLE, bucket, valid, ds, h, num_heads):
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, TABLE, LUT, DTABLE,
-    scale_log2, scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, TABLE, LUT, DTABLE, SEED,
+    scale_log2, scale, p_drop, rng_len_q, rng_len_k,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -358,6 +402,7 @@ def _bwd_dkdv_kernel(
     num_heads, num_kv_heads, group, dense_len_q, dense_len_k, HEAD_DIM: tl.constexpr, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (key block, batch, kv head): dK, dV summed over the kv head's query-head group.
@@ -396,28 +441,34 @@ def _bwd_dkdv_kernel(
         full = lo
     mid = tl.maximum(lo, tl.minimum(first_full, full))
     full = tl.maximum(mid, full)
+    if DROPOUT:  # noqa: SIM108 (a statement-level constexpr branch: the form every Triton version compiles)
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    scale_keep = 1.0 / (1.0 - p_drop)
     for g in range(0, group):
         h = hk * group + g
+        rng_head = (b * num_heads + h).to(tl.int64) * rng_len_q  # + i, times LK: row i's counters
         q_base = Q + b * stride_qb + h * stride_qh + start_q * stride_qt
         do_base = DO + b * stride_ob + h * stride_oh + start_q * stride_ot
         row_base = b * stride_lb + h * stride_lh + start_q
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, lo, mid,
             offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half,
-            True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_M,
+            scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
+            True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, mid, full,
             offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half,
-            False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_M,
+            scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
+            False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, full, len_q,
             offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half,
-            True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_M,
+            scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
+            True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_M,
         )  # fmt: skip
     dk = dk * scale
     dk_base = DK + b * stride_kb + hk * stride_kh + start_k * stride_kt
@@ -430,10 +481,10 @@ def _bwd_dkdv_kernel(
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi,
     offs_m, offs_n0, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
-    scale_log2, max_distance, num_buckets_half,
+    scale_log2, max_distance, num_buckets_half, seed, rng_rows, p_drop, scale_keep,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_T5: tl.constexpr,
     T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Key blocks lo, lo + BLOCK_N, ... < hi into this query block's dQ; MASKED=False as in _fwd_inner."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -447,7 +498,9 @@ def _dq_inner(
                 max_distance, num_buckets_half, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR,
             )  # fmt: skip
         p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # dL/d(P after dropout)
+        if DROPOUT:
+            dp = dp * _dropout_keep(seed, rng_rows[:, None], offs_n[None, :], p_drop, scale_keep)
         ds = p * (dp - delta[:, None])
         if MASKED:
             ds = tl.where(valid, ds, 0.0)
@@ -457,8 +510,8 @@ def _dq_inner(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, TABLE, LUT,
-    scale_log2, scale,
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, TABLE, LUT, SEED,
+    scale_log2, scale, p_drop, rng_len_q, rng_len_k,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -468,6 +521,7 @@ def _bwd_dq_kernel(
     num_heads, group, dense_len_q, dense_len_k, HEAD_DIM: tl.constexpr, max_distance, num_buckets_half,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (query block, batch, head): dQ. DQ shares Q's strides."""
@@ -493,6 +547,8 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < len_q, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
     kpm_row = KPM + b * stride_mb
+    seed, rng_rows = _dropout_stream(SEED, b, h, num_heads, offs_m, rng_len_q, rng_len_k, DROPOUT)
+    scale_keep = 1.0 / (1.0 - p_drop)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = len_k
     if CAUSAL:
@@ -501,14 +557,14 @@ def _bwd_dq_kernel(
     dq = _dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, mid,
         offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-        scale_log2, max_distance, num_buckets_half,
-        False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+        scale_log2, max_distance, num_buckets_half, seed, rng_rows, p_drop, scale_keep,
+        False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_N,
     )  # fmt: skip
     dq = _dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, mid, hi,
         offs_m, offs_n0, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-        scale_log2, max_distance, num_buckets_half,
-        True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, BLOCK_N,
+        scale_log2, max_distance, num_buckets_half, seed, rng_rows, p_drop, scale_keep,
+        True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_N,
     )  # fmt: skip
     dq = dq * scale
     dq_base = DQ + b * stride_qb + h * stride_qh + start_q * stride_qt
@@ -551,7 +607,7 @@ CUDA_BWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
 ]
 INTERPRET_BLOCK = 16  # under TRITON_INTERPRET=1: small tiles so short test sequences cross block edges
-AUTOTUNE_KEY = ["dense_len_q", "dense_len_k", "HEAD_DIM", "CAUSAL", "HAS_T5", "VARLEN"]
+AUTOTUNE_KEY = ["dense_len_q", "dense_len_k", "HEAD_DIM", "CAUSAL", "HAS_T5", "VARLEN", "DROPOUT"]
 
 # TANDEM_ATTENTION_AUTOTUNE=0 launches the first config of each list without searching: every new
 # (shape, flags) combination otherwise compiles and times all of them, which dominates short test runs.
@@ -614,6 +670,7 @@ class _Problem:
     causal: bool
     scale: float
     t5: T5Bias | None
+    dropout_p: float = 0.0
 
 
 def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -633,6 +690,7 @@ def _row_strides(pb: _Problem, total_q: int) -> tuple[int, int]:
 def _common_args(pb: _Problem, kpm: torch.Tensor | None, dtype: torch.dtype) -> dict:
     t5 = pb.t5
     return dict(
+        DROPOUT=pb.dropout_p > 0.0,
         UPCAST=dtype == torch.bfloat16 and interpreting(),
         CAUSAL=pb.causal,
         VARLEN=pb.varlen,
@@ -667,7 +725,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, kpm, cu_q, cu_k, pb: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_dropout_seed(device: torch.device) -> torch.Tensor:
+    """int64 (1,) Philox seed for one attention call, drawn from PyTorch's generator of `device` (on the
+    device, so no host sync): reproducible under torch.manual_seed, forked by the tensor-parallel RNG
+    tracker, and redrawn identically by an activation-checkpointing recompute, which restores the generator."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def _forward(q, k, v, kpm, cu_q, cu_k, seed, pb: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
     device = q.device
     o = _empty(q.shape, device=device, dtype=q.dtype)  # contiguous: dO is made contiguous to match
     total_q = q.shape[0] if pb.varlen else 0
@@ -682,7 +747,8 @@ def _forward(q, k, v, kpm, cu_q, cu_k, pb: _Problem) -> tuple[torch.Tensor, torc
         kpm if kpm is not None else dummy,
         cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
         table if table is not None else dummy, lut if lut is not None else dummy,
-        pb.scale * LOG2E,
+        seed if seed is not None else dummy,
+        pb.scale * LOG2E, pb.dropout_p, pb.grid_len_q, pb.grid_len_k,
         *_strides(q, pb.varlen), *_strides(k, pb.varlen), *_strides(v, pb.varlen), *_strides(o, pb.varlen),
         *_row_strides(pb, total_q),
         kpm.stride(0) if kpm is not None else 0,
@@ -693,7 +759,7 @@ def _forward(q, k, v, kpm, cu_q, cu_k, pb: _Problem) -> tuple[torch.Tensor, torc
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, pb: _Problem):
+def _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, seed, pb: _Problem):
     device = q.device
     do = do.contiguous()  # the kernels read dO with O's (contiguous) strides
     # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij: the softmax backward's per-row term.
@@ -715,6 +781,7 @@ def _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, pb: _Problem):
         cu_k=cu_k if cu_k is not None else dummy,
         table=table if table is not None else dummy,
         lut=lut if lut is not None else dummy,
+        seed=seed if seed is not None else dummy,
     )
     strides = (
         *_strides(q, pb.varlen), *_strides(k, pb.varlen), *_strides(v, pb.varlen), *_strides(o, pb.varlen),
@@ -726,8 +793,8 @@ def _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, pb: _Problem):
     grid_kv = lambda meta: (triton.cdiv(pb.grid_len_k, meta["BLOCK_N"]), pb.batch * pb.num_kv_heads)  # noqa: E731
     kernel[grid_kv](
         q, k, v, do, lse, delta, dk, dv, ptrs["kpm"], ptrs["cu_q"], ptrs["cu_k"], ptrs["table"], ptrs["lut"],
-        dtable if dtable is not None else dummy,
-        pb.scale * LOG2E, pb.scale, *strides,
+        dtable if dtable is not None else dummy, ptrs["seed"],
+        pb.scale * LOG2E, pb.scale, pb.dropout_p, pb.grid_len_q, pb.grid_len_k, *strides,
         pb.num_heads, pb.num_kv_heads, group, pb.dense_len_q, pb.dense_len_k, pb.head_dim, max_distance, half,
         PRECISION=precision, **common, **blocks,
     )  # fmt: skip
@@ -735,7 +802,7 @@ def _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, pb: _Problem):
     grid_q = lambda meta: (triton.cdiv(pb.grid_len_q, meta["BLOCK_M"]), pb.batch * pb.num_heads)  # noqa: E731
     kernel[grid_q](
         q, k, v, do, lse, delta, dq, ptrs["kpm"], ptrs["cu_q"], ptrs["cu_k"], ptrs["table"], ptrs["lut"],
-        pb.scale * LOG2E, pb.scale, *strides,
+        ptrs["seed"], pb.scale * LOG2E, pb.scale, pb.dropout_p, pb.grid_len_q, pb.grid_len_k, *strides,
         pb.num_heads, group, pb.dense_len_q, pb.dense_len_k, pb.head_dim, max_distance, half,
         PRECISION=precision, **common, **blocks,
     )  # fmt: skip
@@ -745,16 +812,18 @@ def _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, pb: _Problem):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, kpm, cu_q, cu_k, pb: _Problem):  # type: ignore[override]
-        o, lse = _forward(q, k, v, kpm, cu_q, cu_k, pb)
-        ctx.save_for_backward(q, k, v, o, lse, kpm, cu_q, cu_k)
+        # The dropout mask is regenerated from this seed in the backward, never stored.
+        seed = draw_dropout_seed(q.device) if pb.dropout_p > 0.0 else None
+        o, lse = _forward(q, k, v, kpm, cu_q, cu_k, seed, pb)
+        ctx.save_for_backward(q, k, v, o, lse, kpm, cu_q, cu_k, seed)
         ctx.pb = pb
         return o
 
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
-        q, k, v, o, lse, kpm, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, o, lse, kpm, cu_q, cu_k, seed = ctx.saved_tensors
         pb: _Problem = ctx.pb
-        dq, dk, dv, dtable = _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, pb)
+        dq, dk, dv, dtable = _backward(q, k, v, o, lse, do, kpm, cu_q, cu_k, seed, pb)
         dtable = dtable.to(pb.t5.table.dtype) if dtable is not None and pb.t5 is not None else None
         return dq, dk, dv, dtable, None, None, None, None
 
@@ -784,10 +853,13 @@ def flash_attention(
     key_padding_mask: torch.Tensor | None = None,
     t5_bias: T5Bias | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Fused attention. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); key_padding_mask: (B, Tk) bool, True
-    = real key; t5_bias: T5's relative position bias fused in-kernel. Returns (B, H, Tq, D)."""
+    = real key; t5_bias: T5's relative position bias fused in-kernel; dropout_p: dropout on the attention
+    probabilities (seed from PyTorch's generator of q's device). Returns (B, H, Tq, D)."""
     _check(q, k, v, head_axis=1)
+    _check_dropout(dropout_p)
     b, h, tq, d = q.shape
     tk = k.shape[2]
     # The kernels assume unit stride along head_dim; anything else is copied once.
@@ -799,7 +871,7 @@ def flash_attention(
         kpm = key_padding_mask.to(torch.int8).contiguous()  # (B, Tk)
     _check_t5(t5_bias, h)
     pb = _Problem(b, h, k.shape[1], d, tq, tk, tq, tk, False, causal,
-                  scale if scale is not None else 1.0 / math.sqrt(d), t5_bias)  # fmt: skip
+                  scale if scale is not None else 1.0 / math.sqrt(d), t5_bias, float(dropout_p))  # fmt: skip
     table = t5_bias.table if t5_bias is not None else None
     return _FlashAttention.apply(q, k, v, table, kpm, None, None, pb)
 
@@ -816,13 +888,16 @@ def varlen_attention(
     causal: bool = False,
     t5_bias: T5Bias | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Fused attention over packed sequences (FlashAttention's varlen interface).
 
     q: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (num_seqs + 1,) cumulative lengths
     starting at 0; max_seqlen_*: the longest sequence (sizes the grid). Sequence i's queries attend only
-    to sequence i's keys; causal is bottom-right aligned per sequence. Returns (total_q, H, D)."""
+    to sequence i's keys; causal is bottom-right aligned per sequence; dropout_p as in `flash_attention`
+    (sequence i draws as batch row i at the max lengths). Returns (total_q, H, D)."""
     _check(q, k, v, head_axis=1)
+    _check_dropout(dropout_p)
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be 1-D and of the same length (num_seqs + 1)")
     _check_t5(t5_bias, q.shape[1])
@@ -830,7 +905,7 @@ def varlen_attention(
     d = q.shape[-1]
     pb = _Problem(cu_seqlens_q.numel() - 1, q.shape[1], k.shape[1], d, 0, 0, int(max_seqlen_q),
                   int(max_seqlen_k), True, causal, scale if scale is not None else 1.0 / math.sqrt(d),
-                  t5_bias)  # fmt: skip
+                  t5_bias, float(dropout_p))  # fmt: skip
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
     table = t5_bias.table if t5_bias is not None else None
@@ -850,3 +925,8 @@ def _check_t5(t5: T5Bias | None, num_heads: int) -> None:
         raise ValueError(
             f"T5Bias.table shape {tuple(t5.table.shape)} != (num_buckets, heads) = {(t5.num_buckets, num_heads)}"
         )
+
+
+def _check_dropout(dropout_p: float) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"Triton attention: dropout_p={dropout_p} must be in [0, 1)")

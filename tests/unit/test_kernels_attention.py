@@ -289,8 +289,9 @@ def test_dispatch_rules(monkeypatch: pytest.MonkeyPatch):
         assert calls == [1]
     finally:
         set_default_backend(previous)
-    with pytest.raises(ValueError, match="dropout"):
-        attention(q, q, q, dropout_p=0.1, backend="triton")
+    if DEVICE == "cpu":
+        attention(q, q, q, dropout_p=0.1)  # auto on CPU: SDPA, dropout or not
+        assert calls == [1]
     with pytest.raises(ValueError, match="dense position_bias"):
         attention(q, q, q, position_bias=torch.zeros(8, 8), backend="triton")
     with pytest.raises(ValueError, match="head_dim"):
@@ -394,3 +395,215 @@ def test_gpu_t5_bias_and_varlen_bf16():
     want = attention(q.float(), k.float(), v.float(), position_bias=bias, backend="sdpa")
     assert rel_err(out, want.detach()) < TOL[torch.bfloat16]
     assert table.grad is not None and torch.isfinite(table.grad).all()
+
+
+# ------------------------------------------------------------------------------------- attention dropout
+
+# The kernels draw each score element's keep/drop from a Philox seed taken from PyTorch's generator, so
+# resetting the generator to RNG_STATE before a call replays the call's mask exactly (whatever q, k, v are).
+DROPOUT_P = 0.3
+
+
+def rng_state() -> torch.Tensor:
+    """The state of the generator the kernels draw their seed from: the device's."""
+    return torch.cuda.get_rng_state() if DEVICE == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor) -> None:
+    (torch.cuda.set_rng_state if DEVICE == "cuda" else torch.set_rng_state)(state)
+
+
+def read_keep_mask(shape, *, causal, kpm, hkv, p, rng_state) -> torch.Tensor:
+    """(B, H, Tq, Tk) float 0/1: the keep mask of the Triton forward for this shape and flags, read from the
+    forward's own output, not from any code of the kernel module. With q = 0 (and no bias) every visible key
+    of row i gets the same probability 1/n_i, so with v = the identity on a chunk of D keys,
+    O[i, d] = keep[i, c·D + d] / (n_i (1 - p)); one call per chunk of D keys, each after the same reset of
+    the generator. Entries a row cannot see come back 0 (they carry no probability either way)."""
+    b, h, tq, tk, d = shape
+    visible = allowed_mask(tq, tk, causal=causal, kpm=kpm)  # (B or 1, 1, Tq, Tk)
+    n = visible.sum(-1, keepdim=True).clamp(min=1).double()  # (B or 1, 1, Tq, 1)
+    q = torch.zeros(b, h, tq, d, device=DEVICE)
+    chunks = []
+    for start in range(0, tk, d):
+        v = torch.zeros(b, hkv, tk, d, device=DEVICE)
+        width = min(d, tk - start)
+        v[:, :, start : start + width, :width] = torch.eye(width, device=DEVICE)
+        set_rng_state(rng_state)
+        with torch.no_grad():
+            out = attention(q, torch.zeros_like(v), v, causal=causal, key_padding_mask=kpm,
+                            dropout_p=p, backend="triton")  # fmt: skip
+        chunks.append(out[..., :width].double())
+    keep = torch.cat(chunks, dim=-1) * n * (1 - p)  # (B, H, Tq, Tk), 0 or 1 up to fp32 rounding
+    assert ((keep - keep.round()).abs() < 1e-4).all(), "the forward's kept weights are not 0 or 1/(1-p)"
+    return keep.round() * visible
+
+
+def allowed_mask(tq, tk, *, causal, kpm) -> torch.Tensor:
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=DEVICE)
+    if causal:
+        allowed = torch.arange(tk, device=DEVICE)[None] <= torch.arange(tq, device=DEVICE)[:, None] + tk - tq
+    allowed = allowed[None, None]
+    return allowed if kpm is None else allowed & kpm[:, None, None, :]
+
+
+def reference_dropout(q, k, v, keep, p, *, causal=False, kpm=None, bias=None) -> torch.Tensor:
+    """fp64 attention with dropout: softmax over every visible key, then P * keep / (1 - p), then @ v."""
+    qd, kd, vd = q.double(), k.double(), v.double()
+    group = qd.shape[1] // kd.shape[1]
+    kd, vd = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(qd.shape[-1])
+    if bias is not None:
+        s = s + bias.double()
+    allowed = allowed_mask(s.shape[-2], s.shape[-1], causal=causal, kpm=kpm)
+    probs = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs * keep / (1 - p)) @ vd
+
+
+DROPOUT_CASES = {
+    # name: (B, H, Hkv, Tq, Tk, D, causal, padding, t5 bidirectional)
+    "noncausal": (2, 2, 2, 37, 37, 32, False, False, None),
+    "causal_block_multiple": (1, 2, 2, 48, 48, 32, True, False, None),  # mask-free bodies
+    "causal_tq_gt_tk": (1, 2, 2, 45, 19, 32, True, False, None),  # rows that see nothing
+    "gqa_causal_padding": (2, 4, 2, 33, 33, 16, True, True, None),
+    "t5_bidirectional_padding": (2, 2, 2, 37, 37, 32, False, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_attention_dropout_forward_and_grads_match_fp64_with_the_kernels_mask(case: str):
+    """The mask read off the forward (read_keep_mask) makes the fp64 reference; the real call, after the same
+    generator reset, must match it in output and in every gradient, so the backward kernels regenerated
+    exactly the forward's mask (a wrong draw anywhere moves dq, dk, dv or the table gradient by O(1))."""
+    errs = run_dropout_case(*DROPOUT_CASES[case], dtype=torch.float32)
+    assert max(errs.values()) < TOL[torch.float32], errs
+
+
+def run_dropout_case(b, h, hkv, tq, tk, d, causal, padding, t5, *, dtype) -> dict[str, float]:
+    kpm = None
+    if padding:
+        kpm = torch.rand(b, tk, device=DEVICE) > 0.25
+        kpm[:, 0] = True
+    state = rng_state()
+    keep = read_keep_mask((b, h, tq, tk, d), causal=causal, kpm=kpm, hkv=hkv, p=DROPOUT_P, rng_state=state)
+    q = torch.randn(b, h, tq, d, device=DEVICE).to(dtype).requires_grad_()
+    k = torch.randn(b, hkv, tk, d, device=DEVICE).to(dtype).requires_grad_()
+    v = torch.randn(b, hkv, tk, d, device=DEVICE).to(dtype).requires_grad_()
+    bias = None
+    if t5 is not None:
+        bias = T5Bias(torch.randn(32, h, device=DEVICE, requires_grad=True), t5, 32, 20)
+    dout = torch.randn(b, h, tq, d, device=DEVICE).to(dtype)
+    set_rng_state(state)
+    out = attention(q, k, v, causal=causal, key_padding_mask=kpm, position_bias=bias, dropout_p=DROPOUT_P,
+                    backend="triton")  # fmt: skip
+    out.backward(dout)
+    inputs = [q, k, v] + ([bias.table] if bias is not None else [])
+    grads = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    dense = t5_dense_bias(bias, tq, tk) if bias is not None else None
+    want = reference_dropout(q, k, v, keep, DROPOUT_P, causal=causal, kpm=kpm, bias=dense)
+    want.backward(dout.double())
+    errs = {"out": rel_err(out, want)}
+    for name, got, x in zip(["dq", "dk", "dv", "dtable"], grads, inputs, strict=False):
+        errs[name] = rel_err(got, x.grad)
+    # The same call without dropout differs: the mask really was applied.
+    plain = reference(q, k, v, causal=causal, kpm=kpm, bias=dense)
+    assert rel_err(out.detach(), plain.detach()) > 1e-2
+    return errs
+
+
+def test_attention_dropout_mask_statistics():
+    """Keep rate 1 - p within 5 binomial standard deviations; heads, batch rows and successive calls draw
+    different masks (two independent masks agree on p² + (1 - p)² of their entries, not on all)."""
+    b, h, tq, tk, d = 2, 2, 40, 64, 32
+    state = rng_state()
+    keep = read_keep_mask((b, h, tq, tk, d), causal=False, kpm=None, hkv=h, p=DROPOUT_P, rng_state=state)
+    n = keep.numel()
+    sigma = math.sqrt(n * DROPOUT_P * (1 - DROPOUT_P))
+    assert abs(keep.sum().item() - n * (1 - DROPOUT_P)) < 5 * sigma, keep.mean().item()
+    agree = 1 - 2 * DROPOUT_P * (1 - DROPOUT_P)  # 0.58 at p = 0.3
+    for other in (keep[0, 1], keep[1, 0]):  # another head, another batch row
+        same = (keep[0, 0] == other).double().mean().item()
+        assert abs(same - agree) < 0.06, same  # 2560 entries: std of the rate ~0.01
+    # The same generator state replays the mask; a later state draws a new one.
+    assert torch.equal(keep, read_keep_mask((b, h, tq, tk, d), causal=False, kpm=None, hkv=h, p=DROPOUT_P,
+                                            rng_state=state))  # fmt: skip
+    torch.rand(1, device=DEVICE)
+    later = read_keep_mask((b, h, tq, tk, d), causal=False, kpm=None, hkv=h, p=DROPOUT_P,
+                           rng_state=rng_state())  # fmt: skip
+    assert abs((later == keep).double().mean().item() - agree) < 0.06
+
+
+def test_attention_dropout_under_activation_checkpointing_replays_the_mask():
+    """torch's checkpoint restores the generator before the recompute, so the kernel redraws the same seed:
+    the gradients equal those of the run without checkpointing, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = (torch.randn(1, 2, 21, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, 2, 21, 16, device=DEVICE)
+
+    def core(q, k, v):
+        return attention(q, k, v, causal=True, dropout_p=0.2, backend="triton") * 2.0
+
+    state = rng_state()
+    results = []
+    for wrap in (False, True):
+        set_rng_state(state)
+        out = checkpoint(core, q, k, v, use_reentrant=False) if wrap else core(q, k, v)
+        out.backward(dout)
+        results.append([out.detach().clone()] + [x.grad.clone() for x in (q, k, v)])
+        for x in (q, k, v):
+            x.grad = None
+    for plain, recomputed in zip(*results, strict=True):
+        assert torch.equal(plain, recomputed)
+
+
+def test_attention_dropout_rejects_bad_probability():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match=r"dropout_p=1\.0"):
+        attention(q, q, q, dropout_p=1.0, backend="triton")
+    with pytest.raises(ValueError, match=r"dropout_p=-0\.1"):
+        fa.flash_attention(q, q, q, dropout_p=-0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gpu_dropout_real_size_bf16(causal: bool):
+    """Real tile sizes (the autotuned blocks, 64-128 wide, not the interpreter's 16): the mask read off the
+    forward reproduces output and gradients through an fp64 reference, in bf16."""
+    errs = run_dropout_case(1, 4, 2, 1024, 1024, 128, causal, False, None, dtype=torch.bfloat16)
+    assert max(errs.values()) < TOL[torch.bfloat16], errs
+
+
+def test_varlen_dropout_draws_as_the_padded_dense_batch():
+    """Packed sequence i draws at batch row i of the (max_q, max_k) grid, so non-causal varlen attention with
+    dropout equals the dense call on the right-padded batch with a key padding mask (whose mask the test
+    above checks against fp64), rows < len_q_i, in output and gradients, after the same generator reset."""
+    lens_q, lens_k, h, d = [5, 20, 13], [9, 17, 30], 2, 16
+    mq, mk = max(lens_q), max(lens_k)
+    q, k, v = (torch.randn(3, h, t, d, device=DEVICE) for t in (mq, mk, mk))  # (B, H, T, D), padded
+    kpm = torch.arange(mk, device=DEVICE)[None] < torch.tensor(lens_k, device=DEVICE)[:, None]
+    dout = torch.randn(3, h, mq, d, device=DEVICE)
+    rows_q = torch.arange(mq, device=DEVICE)[None] < torch.tensor(lens_q, device=DEVICE)[:, None]  # (B, Tq)
+    dout = dout * rows_q[:, None, :, None]  # padded query rows carry no gradient
+    state = rng_state()
+    dense_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    set_rng_state(state)
+    dense = attention(*dense_in, key_padding_mask=kpm, dropout_p=DROPOUT_P, backend="triton")
+    dense.backward(dout)
+
+    def pack(x, lens):  # (B, H, T, D) -> (sum(lens), H, D)
+        return torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lens)])
+
+    packed_in = [pack(q, lens_q), pack(k, lens_k), pack(v, lens_k)]
+    packed_in = [x.clone().requires_grad_() for x in packed_in]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    set_rng_state(state)
+    packed = fa.varlen_attention(*packed_in, cu_q, cu_k, mq, mk, dropout_p=DROPOUT_P)
+    packed.backward(pack(dout, lens_q))
+    # Same draws, same scores; only the order of a few fp32 sums may differ: fp32 tolerance.
+    assert rel_err(packed, pack(dense, lens_q).double()) < TOL[torch.float32]
+    for got, x, lens in zip([p.grad for p in packed_in], dense_in, [lens_q, lens_k, lens_k], strict=True):
+        assert rel_err(got, pack(x.grad, lens).double()) < TOL[torch.float32]
