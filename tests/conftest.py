@@ -101,7 +101,8 @@ def tiny_overrides(shards: Path, out_dir: Path, **keys: object) -> list[str]:
 
 
 def _runner() -> Callable[..., subprocess.CompletedProcess]:
-    """Runs `pretrain ARGS` (optionally under the deepspeed launcher or torchrun) with a hard timeout."""
+    """Runs `pretrain ARGS` (optionally under the deepspeed launcher or torchrun) with a hard timeout;
+    `module=` runs another Python module the same way (tests.distributed.train_runs, say)."""
 
     def run(
         args: list[str],
@@ -112,6 +113,7 @@ def _runner() -> Callable[..., subprocess.CompletedProcess]:
         check: bool = True,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
+        module: str = "pretrain",
     ) -> subprocess.CompletedProcess:
         port = str(free_port())
         if launcher == "deepspeed":
@@ -124,7 +126,7 @@ def _runner() -> Callable[..., subprocess.CompletedProcess]:
                 "--master_port",
                 port,
                 "--module",
-                "pretrain",
+                module,
                 *args,
             ]
         elif launcher == "torchrun":
@@ -137,11 +139,11 @@ def _runner() -> Callable[..., subprocess.CompletedProcess]:
                 "--master_port",
                 port,
                 "-m",
-                "pretrain",
+                module,
                 *args,
             ]
         else:
-            cmd = [sys.executable, "-m", "pretrain", *args]
+            cmd = [sys.executable, "-m", module, *args]
         proc = subprocess.run(
             cmd,
             env=subprocess_env(**(env or {})),

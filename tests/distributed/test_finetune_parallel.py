@@ -52,13 +52,15 @@ def setup(shards_dir, tmp_path_factory, run_pretrain_module):
     """Tiny BERT and T5 checkpoints (2 steps, one process) and the task files."""
     root = tmp_path_factory.mktemp("finetune_dp")
     out = {}
-    for family in ("bert", "t5"):
+    runs = []
+    for family in ("bert", "t5"):  # both trained in one process (tests.distributed.train_runs)
         keys = {"train.steps": 2, "optimizer.warmup_steps": 1, "model.preset": f"{family}-tiny"}
-        run_pretrain_module(
-            ["train", "--config", str(SMOKE_CONFIG), *tiny_overrides(shards_dir, root / family, **keys)],
-            timeout=TIMEOUT,
+        runs.append(
+            {"config": str(SMOKE_CONFIG), "overrides": tiny_overrides(shards_dir, root / family, **keys)}
         )
         out[family] = root / family
+    (root / "runs.json").write_text(json.dumps(runs))
+    run_pretrain_module([str(root / "runs.json")], module="tests.distributed.train_runs", timeout=TIMEOUT)
     for task, n_train in (("classify", 17), ("text2text", 11)):
         for split, n, seed in (("train", n_train, 0), ("eval", 8, 1)):
             path = root / f"{task}-{split}.jsonl"

@@ -8,6 +8,11 @@ under the deepspeed launcher and TP2 x DP2 at ZeRO-1 (tensor parallelism outside
 engine the topology as `mpu=`, a path of its own). Activation checkpointing, full or selective, gives the
 floats of the run without it (test_activation_checkpointing_changes_nothing).
 
+One launch per layout trains the three families one after the other (tests/distributed/train_runs.py;
+each run seeds and builds everything from its own config), and the one-process references are one
+process: on 2 cores, process start-up (~3 s of imports per process) was most of the matrix's time, and
+this pays it once per layout instead of once per family.
+
 Every layout sees the same global batch of 8 samples cut into the same two micro batches of 4
 (train.micro_batch_size=4 and train.global_batch_size=8 everywhere): at dp=1 (one process, TP2, PP2,
 TP2 x PP2) each rank accumulates both, which a pipeline's 1F1B schedule keeps in flight together; at dp=2
@@ -90,16 +95,17 @@ LAYOUTS = {
 GPT_ONLY = ("dp2_zero0_ds_launcher", "tp2_dp2_zero1")
 
 
-def _case(family: str, layout: str) -> object:
-    return pytest.param(family, layout, id=f"{family}-{layout}")
+# GPT, BERT and T5 train one after the other in one launch per layout (tests/distributed/train_runs.py):
+# process start-up, not training, is most of a tiny run's time on 2 cores. The deepspeed-launcher case
+# goes through the `pretrain train` CLI on its own, so that path stays covered.
+LAYOUT_CASES = [pytest.param(name, id=name) for name in LAYOUTS]
 
 
-CASES = [
-    _case(family, name) for family in FAMILIES for name in LAYOUTS if family == "gpt" or name not in GPT_ONLY
-]
+def layout_families(layout: str) -> list[str]:
+    return ["gpt"] if layout in GPT_ONLY else list(FAMILIES)
 
 
-def train_args(shards: Path, out: Path, family: str, **keys: object) -> list[str]:
+def train_keys(shards: Path, out: Path, family: str, **keys: object) -> list[str]:
     keys = {
         "model.preset": FAMILIES[family],
         "train.steps": STEPS,
@@ -110,7 +116,22 @@ def train_args(shards: Path, out: Path, family: str, **keys: object) -> list[str
         "checkpoint.save_final": "false",
         **keys,
     }
-    return ["train", "--config", str(SMOKE_CONFIG), *tiny_overrides(shards, out, **keys)]
+    return tiny_overrides(shards, out, **keys)
+
+
+def train_args(shards: Path, out: Path, family: str, **keys: object) -> list[str]:
+    return ["train", "--config", str(SMOKE_CONFIG), *train_keys(shards, out, family, **keys)]
+
+
+def train_several(
+    runner, runs: dict[str, list[str]], tmp: Path, *, launcher: str, nprocs: int, timeout: float
+) -> None:
+    """Train every run of `runs` (name -> overrides) in one launch (tests.distributed.train_runs)."""
+    spec = tmp / "runs.json"
+    spec.write_text(json.dumps([{"config": str(SMOKE_CONFIG), "overrides": o} for o in runs.values()]))
+    runner(
+        [str(spec)], module="tests.distributed.train_runs", launcher=launcher, nprocs=nprocs, timeout=timeout
+    )
 
 
 def eval_losses(run_dir: Path) -> dict[int, float]:
@@ -120,20 +141,18 @@ def eval_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def reference(shards_dir, tmp_path_factory, run_pretrain_module):
-    """family -> (training records, validation losses) of the one-process run, run once per module."""
-    runs: dict[str, tuple[dict[int, dict], dict[int, float]]] = {}
-
-    def get(family: str) -> tuple[dict[int, dict], dict[int, float]]:
-        if family not in runs:
-            out = tmp_path_factory.mktemp(f"ref-{family}") / "run"
-            run_pretrain_module(train_args(shards_dir, out, family), timeout=300)
-            metrics = read_metrics(out)
-            # Clipping was active, so every layout's own norm-and-clip path is exercised, not bypassed.
-            assert max(r["grad_norm"] for r in metrics.values()) > 1.0, family
-            runs[family] = metrics, eval_losses(out)
-        return runs[family]
-
-    return get
+    """family -> (training records, validation losses) of the one-process runs: the three families trained
+    in one process, once per module."""
+    root = tmp_path_factory.mktemp("ref")
+    runs = {family: train_keys(shards_dir, root / family, family) for family in FAMILIES}
+    train_several(run_pretrain_module, runs, root, launcher="python", nprocs=1, timeout=400)
+    refs: dict[str, tuple[dict[int, dict], dict[int, float]]] = {}
+    for family in FAMILIES:
+        metrics = read_metrics(root / family)
+        # Clipping was active, so every layout's own norm-and-clip path is exercised, not bypassed.
+        assert max(r["grad_norm"] for r in metrics.values()) > 1.0, family
+        refs[family] = metrics, eval_losses(root / family)
+    return refs
 
 
 def relative_differences(
@@ -151,53 +170,77 @@ def relative_differences(
     return diffs
 
 
-@pytest.mark.parametrize(("family", "layout"), CASES)
-def test_layout_matches_one_process(family, layout, shards_dir, tmp_path, run_pretrain, reference):
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
+def test_layout_matches_one_process(layout, shards_dir, tmp_path, run_pretrain, reference):
     spec = LAYOUTS[layout]
-    out = tmp_path / "run"
-    proc = run_pretrain(
-        train_args(shards_dir, out, family, **spec.overrides()),
-        launcher=spec.launcher,
-        nprocs=spec.nprocs,
-        timeout=240 + 60 * spec.nprocs,  # seen: 12-30 s (2 processes) to 40 s (8) on 2 shared cores
-    )
+    families = layout_families(layout)
+    timeout = 240 + 60 * spec.nprocs * len(families)  # seen: 9 s (2 processes) to 45 s (8), 3 families
     if spec.launcher == "deepspeed":
+        (family,) = families
+        proc = run_pretrain(
+            train_args(shards_dir, tmp_path / family, family, **spec.overrides()),
+            launcher="deepspeed",
+            nprocs=spec.nprocs,
+            timeout=timeout,
+        )
         assert "--local_rank=1" in proc.stdout + proc.stderr  # the launcher really started two ranks
-    ref, ref_eval = reference(family)
-    diffs = relative_differences(read_metrics(out), ref, eval_losses(out), ref_eval)
-    worst = max(diffs, key=diffs.__getitem__)
-    print(f"parity {family} {layout}: max relative difference {diffs[worst]:.2e} ({worst})")
-    bad = {k: v for k, v in diffs.items() if v > RTOL}
-    assert not bad, f"{family} {layout}: relative differences above {RTOL:g}: {bad}"
+    else:
+        runs = {f: train_keys(shards_dir, tmp_path / f, f, **spec.overrides()) for f in families}
+        train_several(
+            run_pretrain, runs, tmp_path, launcher=spec.launcher, nprocs=spec.nprocs, timeout=timeout
+        )
+    failures = {}
+    for family in families:
+        ref, ref_eval = reference[family]
+        out = tmp_path / family
+        diffs = relative_differences(read_metrics(out), ref, eval_losses(out), ref_eval)
+        worst = max(diffs, key=diffs.__getitem__)
+        print(f"parity {family} {layout}: max relative difference {diffs[worst]:.2e} ({worst})")
+        bad = {k: v for k, v in diffs.items() if v > RTOL}
+        if bad:
+            failures[family] = bad
+    assert not failures, f"{layout}: relative differences above {RTOL:g}: {failures}"
 
 
-# (family, layout, modes compared with "none"). Selective recompute only at TP2 + SP, where its attention
+# (layout, families, modes compared with "none"). Selective recompute only at TP2 + SP, where its attention
 # core runs inside the forked TP RNG stream; one process checks full for every family.
 CHECKPOINTING_CASES = [
-    *[pytest.param(family, "one_process", ("full",), id=f"{family}-one_process") for family in FAMILIES],
-    pytest.param("gpt", "tp2_sp", ("full", "selective"), id="gpt-tp2_sp"),
+    pytest.param("one_process", tuple(FAMILIES), ("full",), id="one_process"),
+    pytest.param("tp2_sp", ("gpt",), ("full", "selective"), id="gpt-tp2_sp"),
 ]
 
 
-@pytest.mark.parametrize(("family", "layout", "modes"), CHECKPOINTING_CASES)
-def test_activation_checkpointing_changes_nothing(family, layout, modes, shards_dir, tmp_path, run_pretrain):
+@pytest.mark.parametrize(("layout", "families", "modes"), CHECKPOINTING_CASES)
+def test_activation_checkpointing_changes_nothing(
+    layout, families, modes, shards_dir, tmp_path, run_pretrain
+):
     """Dropout 0.1, so the recomputed forward must replay the dropout masks (at TP2 with sequence
     parallelism: the tensor-parallel RNG streams too). The same ops on the same numbers in the same order
     (CPU kernels are deterministic, and the recompute starts from the forward's RNG states), so every
-    loss and gradient norm over the 5 steps and the validation loss are bitwise equal."""
+    loss and gradient norm over the 5 steps and the validation loss are bitwise equal. Every run of a case
+    trains in one launch; each run seeds everything from its config, so no run inherits another's state."""
     spec = LAYOUTS.get(layout, Layout())
     runs = {}
-    for mode in ("none", *modes):
-        out = tmp_path / f"checkpointing-{mode}"
-        keys = {**spec.overrides(), "model.dropout": 0.1, CHECKPOINTING: mode}
-        run_pretrain(
-            train_args(shards_dir, out, family, **keys),
-            launcher="python" if spec.nprocs == 1 else spec.launcher,
-            nprocs=spec.nprocs,
-            timeout=240 + 60 * spec.nprocs,
-        )
-        metrics = read_metrics(out)
-        runs[mode] = [(r["loss"], r["grad_norm"]) for r in metrics.values()], eval_losses(out)
-    assert len(runs["none"][0]) == STEPS
-    for mode in modes:
-        assert runs[mode] == runs["none"], mode
+    for family in families:
+        for mode in ("none", *modes):
+            keys = {**spec.overrides(), "model.dropout": 0.1, CHECKPOINTING: mode}
+            runs[f"{family}-{mode}"] = train_keys(shards_dir, tmp_path / f"{family}-{mode}", family, **keys)
+    train_several(
+        run_pretrain,
+        runs,
+        tmp_path,
+        launcher="python" if spec.nprocs == 1 else spec.launcher,
+        nprocs=spec.nprocs,
+        timeout=240 + 60 * spec.nprocs * len(runs),
+    )
+    for family in families:
+        results = {}
+        for mode in ("none", *modes):
+            out = tmp_path / f"{family}-{mode}"
+            results[mode] = (
+                [(r["loss"], r["grad_norm"]) for r in read_metrics(out).values()],
+                eval_losses(out),
+            )
+        assert len(results["none"][0]) == STEPS, family
+        for mode in modes:
+            assert results[mode] == results["none"], (family, mode)

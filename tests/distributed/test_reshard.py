@@ -31,23 +31,26 @@ def args(shards, out, steps, zero):
 
 @pytest.mark.parametrize(("first", "second", "zero"), [(2, 1, 1), (1, 2, 1), (2, 1, 0)])
 def test_resume_at_another_dp_size(first, second, zero, shards_dir, tmp_path, run_pretrain):
+    """The uninterrupted run saves at step 3 on its way to step 6; a second run resumes from that
+    checkpoint at the other dp size and must give steps 4-6 as the uninterrupted run did (the same
+    checkpoint an interrupted run would have left: saving changes nothing in the run)."""
     full = tmp_path / "full"
     run_pretrain(
         args(shards_dir, full, 6, zero), launcher="deepspeed" if first > 1 else "python", nprocs=first
     )
     run = tmp_path / "run"
-    run_pretrain(
-        args(shards_dir, run, 3, zero), launcher="deepspeed" if first > 1 else "python", nprocs=first
-    )
+    step3 = full / "checkpoints" / "step-3"
     proc = run_pretrain(
-        args(shards_dir, run, 6, zero), launcher="deepspeed" if second > 1 else "python", nprocs=second
+        [*args(shards_dir, run, 6, zero), f"train.resume={step3}"],
+        launcher="deepspeed" if second > 1 else "python",
+        nprocs=second,
     )
     assert "at a new layout" in proc.stdout
     if zero:
-        assert (run / "checkpoints" / "step-3.universal" / "TANDEM_COMPLETE").is_file()
+        assert (full / "checkpoints" / "step-3.universal" / "TANDEM_COMPLETE").is_file()
     ref, got = read_metrics(full), read_metrics(run)
-    assert sorted(got) == list(range(1, 7))
-    for step in range(1, 7):
+    assert sorted(got) == list(range(4, 7))
+    for step in range(4, 7):
         assert got[step]["consumed_samples"] == ref[step]["consumed_samples"]  # no sample skipped or repeated
         a, b = got[step]["loss"], ref[step]["loss"]
         assert abs(a - b) <= RTOL * abs(b), f"step {step}: {a} vs {b}"
