@@ -277,6 +277,12 @@ class TrainConfig:
         "fp32", "training precision (bf16/fp16 keep fp32 masters)"
     )
     peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU; 0 looks the device up in a table")
+    attention_backend: Literal["auto", "triton", "sdpa"] = _f(
+        "auto",
+        "attention kernels: 'triton' (Tandem's fused kernels; on a CPU only under TRITON_INTERPRET=1, for "
+        "tests), 'sdpa' (PyTorch scaled_dot_product_attention), 'auto' (Triton for CUDA tensors it supports, "
+        "else SDPA; the environment variable TANDEM_ATTENTION_BACKEND, if set, decides instead)",
+    )
     progress: bool = _f(True, "console progress bar on rank 0")
     loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
     max_skipped_in_a_row: int = _f(10, "stop (after saving) when this many steps in a row were skipped")

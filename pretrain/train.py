@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ def train(cfg: Config) -> TrainResult:
     problems = problems or validation_problems(cfg, world_size=launched_world_size())  # now with the vocab
     if problems:
         raise ConfigError(problems)
+    _apply_attention_backend(t_cfg.attention_backend)
     rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     topo = Topology.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     dp, dp_rank = topo.dims.dp, topo.dp_rank
@@ -474,6 +476,26 @@ def train(cfg: Config) -> TrainResult:
 
 
 @torch.no_grad()
+def _apply_attention_backend(backend: str) -> None:
+    """train.attention_backend -> the process-wide default of pretrain.kernels.attention (what the models'
+    backend="auto" resolves to). 'auto' leaves the default alone, so TANDEM_ATTENTION_BACKEND still decides
+    when set. 'triton' without CUDA needs Triton's interpreter, which must be on before the kernels are
+    defined: refused here, before any process group, rather than at the first forward."""
+    from pretrain.kernels import set_default_backend
+
+    if backend == "auto":
+        return
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            [
+                "train.attention_backend='triton': no CUDA device here, and Triton's CPU interpreter is off "
+                "(set TRITON_INTERPRET=1 in the environment before starting: ~2000x slower than SDPA, for "
+                "tests), or use 'auto' or 'sdpa'"
+            ]
+        )
+    set_default_backend(backend)  # type: ignore[arg-type]
+
+
 def _grad_norm(module: nn.Module, topo: Topology) -> float:
     """Global L2 norm of the gradients: tensor-parallel shards summed over the tp group, replicated
     parameters counted once."""
