@@ -134,6 +134,22 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max().clamp(min=1.0)).item()
 
 
+def take_grads(inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The kernel's gradients of `inputs`, cleared from them so the reference's backward fills them anew."""
+    grads = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    return grads
+
+
+def errors_against(out, want, grads, inputs) -> dict[str, float]:
+    """rel_err of the kernel's output and of each gradient (dq, dk, dv, dtable) against the reference's."""
+    errs = {"out": rel_err(out, want)}
+    for name, got, x in zip(["dq", "dk", "dv", "dtable"], grads, inputs, strict=False):
+        errs[name] = rel_err(got, x.grad)
+    return errs
+
+
 CASES = {
     # name: (B, H, Hkv, Tq, Tk, D, causal, padding, t5 (bidirectional) or None, scale)
     "noncausal": (2, 2, 2, 37, 37, 32, False, False, None, None),
@@ -177,15 +193,11 @@ def run_case(case: str, dtype: torch.dtype) -> dict[str, float]:
     dout = torch.randn_like(out)
     out.backward(dout)
     inputs = [q, k, v] + ([bias.table] if bias is not None else [])
-    grads = [x.grad for x in inputs]
-    for x in inputs:
-        x.grad = None
+    grads = take_grads(inputs)
     dense = t5_dense_bias(bias, tq, tk) if bias is not None else None
     want = reference(q, k, v, causal=causal, kpm=kpm, bias=dense, scale=scale)
     want.backward(dout.double())
-    errs = {"out": rel_err(out, want)}
-    for name, got, x in zip(["dq", "dk", "dv", "dtable"], grads, inputs, strict=False):
-        errs[name] = rel_err(got, x.grad)
+    errs = errors_against(out, want, grads, inputs)
     if bias is not None and dtype != torch.float32:
         # Half precision: judge the table gradient against the terms it sums (see table_grad_terms), in
         # units of TABLE_TERMS_FACTOR x u, so the check passes at <= 1 whatever the cancellation.
@@ -497,15 +509,11 @@ def run_dropout_case(b, h, hkv, tq, tk, d, causal, padding, t5, *, dtype) -> dic
                     backend="triton")  # fmt: skip
     out.backward(dout)
     inputs = [q, k, v] + ([bias.table] if bias is not None else [])
-    grads = [x.grad for x in inputs]
-    for x in inputs:
-        x.grad = None
+    grads = take_grads(inputs)
     dense = t5_dense_bias(bias, tq, tk) if bias is not None else None
     want = reference_dropout(q, k, v, keep, DROPOUT_P, causal=causal, kpm=kpm, bias=dense)
     want.backward(dout.double())
-    errs = {"out": rel_err(out, want)}
-    for name, got, x in zip(["dq", "dk", "dv", "dtable"], grads, inputs, strict=False):
-        errs[name] = rel_err(got, x.grad)
+    errs = errors_against(out, want, grads, inputs)
     # The same call without dropout differs: the mask really was applied.
     plain = reference(q, k, v, causal=causal, kpm=kpm, bias=dense)
     assert rel_err(out.detach(), plain.detach()) > 1e-2
