@@ -490,6 +490,13 @@ def test_attention_dropout_forward_and_grads_match_fp64_with_the_kernels_mask(ca
     assert max(errs.values()) < TOL[torch.float32], errs
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_attention_dropout_half_precision(dtype: torch.dtype):
+    """The kept probabilities are rounded to the input dtype before P·V, like the plain kernel's (same TOL)."""
+    errs = run_dropout_case(*DROPOUT_CASES["gqa_causal_padding"], dtype=dtype)
+    assert max(errs.values()) < TOL[dtype], errs
+
+
 def run_dropout_case(b, h, hkv, tq, tk, d, causal, padding, t5, *, dtype) -> dict[str, float]:
     kpm = None
     if padding:
