@@ -10,10 +10,11 @@ softmax(q k^T * scale + position_bias + masks) v on one of two backends:
 
 `backend="auto"` (what models pass) resolves through the process-wide default, set by
 `set_default_backend(...)` or the environment variable TANDEM_ATTENTION_BACKEND (auto | triton | sdpa)
-read at import. A default of "auto" picks Triton for CUDA tensors whose shapes and dtypes the kernels
-support (no dense bias tensor; attention dropout is fused) and SDPA otherwise, so CPU runs use SDPA. Forcing "triton" on
-a CPU tensor runs the kernels in Triton's interpreter, which needs TRITON_INTERPRET=1 set before
-Python imports triton (slow; for tests); without it the call raises a clear error.
+read at import (a training run's `train.attention_backend` sets it too). A default of "auto" picks Triton
+for CUDA tensors whose shapes and dtypes the kernels support (no dense bias tensor; attention dropout is
+fused) and SDPA otherwise, so CPU runs use SDPA. Forcing "triton" on a CPU tensor runs the kernels in
+Triton's interpreter, which needs TRITON_INTERPRET=1 set before Python imports triton (slow; for tests);
+without it the call raises a clear error.
 
 Packed (varlen) sequences have their own entry point, `pretrain.kernels.varlen_attention`
 (FlashAttention's cu_seqlens interface, Triton only).
