@@ -478,12 +478,15 @@ def train(cfg: Config) -> TrainResult:
 @torch.no_grad()
 def _apply_attention_backend(backend: str) -> None:
     """train.attention_backend -> the process-wide default of pretrain.kernels.attention (what the models'
-    backend="auto" resolves to). 'auto' leaves the default alone, so TANDEM_ATTENTION_BACKEND still decides
-    when set. 'triton' without CUDA needs Triton's interpreter, which must be on before the kernels are
+    backend="auto" resolves to). 'auto' sets the default TANDEM_ATTENTION_BACKEND names (else 'auto'), so
+    the variable still decides when set, and a run never inherits an earlier run's choice in the same
+    process. 'triton' without CUDA needs Triton's interpreter, which must be on before the kernels are
     defined: refused here, before any process group, rather than at the first forward."""
     from pretrain.kernels import set_default_backend
+    from pretrain.kernels.attention import ENV_BACKEND
 
     if backend == "auto":
+        set_default_backend(os.environ.get(ENV_BACKEND, "auto"))  # type: ignore[arg-type]
         return
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(

@@ -622,3 +622,27 @@ def test_varlen_dropout_draws_as_the_padded_dense_batch():
     assert rel_err(packed, pack(dense, lens_q).double()) < TOL[torch.float32]
     for got, x, lens in zip([p.grad for p in packed_in], dense_in, [lens_q, lens_k, lens_k], strict=True):
         assert rel_err(got, pack(x.grad, lens).double()) < TOL[torch.float32]
+
+
+def test_train_attention_backend_sets_the_default_for_each_run(monkeypatch: pytest.MonkeyPatch):
+    """train.attention_backend: an explicit value becomes the default; 'auto' returns to what the environment
+    variable names (else auto), so a later run in the same process never inherits an earlier one's choice."""
+    from pretrain.config import ConfigError
+    from pretrain.train import _apply_attention_backend
+
+    previous = get_default_backend()
+    try:
+        _apply_attention_backend("sdpa")
+        assert get_default_backend() == "sdpa"
+        monkeypatch.delenv("TANDEM_ATTENTION_BACKEND", raising=False)
+        _apply_attention_backend("auto")
+        assert get_default_backend() == "auto"
+        monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "sdpa")
+        _apply_attention_backend("auto")
+        assert get_default_backend() == "sdpa"
+        if DEVICE == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "0")
+            with pytest.raises(ConfigError, match=r"train\.attention_backend='triton'"):
+                _apply_attention_backend("triton")
+    finally:
+        set_default_backend(previous)
