@@ -475,7 +475,6 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-@torch.no_grad()
 def _apply_attention_backend(backend: str) -> None:
     """train.attention_backend -> the process-wide default of pretrain.kernels.attention (what the models'
     backend="auto" resolves to). 'auto' sets the default TANDEM_ATTENTION_BACKEND names (else 'auto'), so
@@ -499,6 +498,7 @@ def _apply_attention_backend(backend: str) -> None:
     set_default_backend(backend)  # type: ignore[arg-type]
 
 
+@torch.no_grad()
 def _grad_norm(module: nn.Module, topo: Topology) -> float:
     """Global L2 norm of the gradients: tensor-parallel shards summed over the tp group, replicated
     parameters counted once."""

@@ -35,35 +35,21 @@ TIMEOUT = 300
 DATA = REPO / "tests" / "data"
 
 
-def _train_keys(shards, out, **keys: object) -> list[str]:
-    keys = {"train.steps": 2, "optimizer.warmup_steps": 1, "train.eval_interval": 2, **keys}
-    return tiny_overrides(shards, out, **keys)
-
-
 def _train(run_pretrain, shards, out, nprocs: int, **keys: object):
-    args = ["train", "--config", str(SMOKE_CONFIG), *_train_keys(shards, out, **keys)]
+    keys = {"train.steps": 2, "optimizer.warmup_steps": 1, "train.eval_interval": 2, **keys}
+    args = ["train", "--config", str(SMOKE_CONFIG), *tiny_overrides(shards, out, **keys)]
     run_pretrain(args, launcher="deepspeed", nprocs=nprocs, timeout=TIMEOUT)
     return out
 
 
 @pytest.fixture(scope="module")
 def gpt_runs(shards_dir, tmp_path_factory, run_pretrain_module):
-    """A GPT trained at TP2 and one at PP2: two runs in one 2-process launch (tests.distributed.train_runs)."""
+    # One launch each: tests/distributed/train_runs.py shares a launch only between runs of one layout.
     root = tmp_path_factory.mktemp("eval_in_place")
-    layouts = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2}}
-    runs = [
-        {"config": str(SMOKE_CONFIG), "overrides": _train_keys(shards_dir, root / name, **keys)}
-        for name, keys in layouts.items()
-    ]
-    (root / "runs.json").write_text(json.dumps(runs))
-    run_pretrain_module(
-        [str(root / "runs.json")],
-        module="tests.distributed.train_runs",
-        launcher="deepspeed",
-        nprocs=2,
-        timeout=TIMEOUT,
-    )
-    return {name: root / name for name in layouts}
+    return {
+        "tp2": _train(run_pretrain_module, shards_dir, root / "tp2", 2, **{"parallel.tp": 2}),
+        "pp2": _train(run_pretrain_module, shards_dir, root / "pp2", 2, **{"parallel.pp": 2}),
+    }
 
 
 def _eval(run_pretrain, run, nprocs: int, *extra: str) -> dict:

@@ -218,7 +218,7 @@ def test_activation_checkpointing_changes_nothing(
     parallelism: the tensor-parallel RNG streams too). The same ops on the same numbers in the same order
     (CPU kernels are deterministic, and the recompute starts from the forward's RNG states), so every
     loss and gradient norm over the 5 steps and the validation loss are bitwise equal. Every run of a case
-    trains in one launch; each run seeds everything from its config, so no run inherits another's state."""
+    trains in one launch (one layout); each run seeds everything from its config."""
     spec = LAYOUTS.get(layout, Layout())
     runs = {}
     for family in families:

@@ -4,7 +4,11 @@
 RUNS.json is a list of runs, each `{"config": PATH, "overrides": ["SECTION.KEY=VALUE", ...]}`, the same
 arguments `pretrain train --config PATH OVERRIDES...` takes. Every rank trains them in order through
 `pretrain.train.train`, which builds its own topology, process groups, engine and RNG streams and seeds
-everything from the config, so run n sees nothing of run n - 1; a barrier separates the runs.
+everything from the config; a barrier separates the runs.
+
+The runs of one launch must share their parallel layout (tp, pp, ep): DeepSpeed keeps some process groups
+in module globals once set (the model-parallel unit it is handed, the expert groups) and never clears
+them, so a later run at another layout could use an earlier run's groups. Mixed layouts are refused.
 
 Why: on 2 CPU cores a tiny 5-step run costs less than the launch around it. Each process spends ~3 s
 importing torch, torch._dynamo (which torch.optim pulls in), DeepSpeed and megatron-core before it
@@ -32,8 +36,13 @@ def main(argv: list[str]) -> int:
     from pretrain.distributed import barrier
     from pretrain.train import train
 
-    for run in runs:
-        cfg = load_config(Path(run["config"]), run["overrides"], validate=True)
+    configs = [load_config(Path(run["config"]), run["overrides"], validate=True) for run in runs]
+    layouts = {(c.parallel.tp, c.parallel.pp, c.parallel.ep) for c in configs}
+    if len(layouts) > 1:
+        print(f"{args[0]}: runs at several layouts (tp, pp, ep) {sorted(layouts)}: one launch per layout",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    for cfg in configs:
         train(cfg)
         barrier()
     # As `pretrain train` does: every rank leaves together, without the interpreter teardown of the gloo

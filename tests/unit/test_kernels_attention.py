@@ -446,8 +446,13 @@ def read_keep_mask(shape, *, causal, kpm, hkv, p, rng_state) -> torch.Tensor:
                             dropout_p=p, backend="triton")  # fmt: skip
         chunks.append(out[..., :width].double())
     keep = torch.cat(chunks, dim=-1) * n * (1 - p)  # (B, H, Tq, Tk), 0 or 1 up to fp32 rounding
-    assert ((keep - keep.round()).abs() < 1e-4).all(), "the forward's kept weights are not 0 or 1/(1-p)"
-    return keep.round() * visible
+    assert ((keep - keep.round()).abs() < 1e-4).all(), (
+        "the forward's kept weights are not multiples of 1/(1-p)"
+    )
+    keep = keep.round() * visible
+    # Exactly 0 or 1: a key counted twice (a block visited twice) would show as 2 and must not pass on.
+    assert ((keep == 0) | (keep == 1)).all(), "the forward's kept weights are not 0 or 1/(1-p)"
+    return keep
 
 
 def allowed_mask(tq, tk, *, causal, kpm) -> torch.Tensor:
