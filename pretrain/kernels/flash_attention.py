@@ -126,10 +126,28 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dropout_seed(SEED, DROPOUT: tl.constexpr):
+    """The call's Philox seed (a constant 0, never used, without dropout)."""
+    if DROPOUT:  # noqa: SIM108 (a statement-level constexpr branch: the form every Triton version compiles)
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    return seed
+
+
+@triton.jit
+def _rng_rows(b, h, num_heads, rows, rng_len_q, rng_len_k):
+    """int64 Philox counters of query rows `rows` (any shape) of (b, h): ((b * H + h) * LQ + i) * LK, so
+    element (i, j) draws at that plus j, unique while i < LQ and j < LK (the grid's lengths). The one
+    formula the forward and both backward kernels share, so all three draw the same mask."""
+    return ((b * num_heads + h).to(tl.int64) * rng_len_q + rows) * rng_len_k
+
+
+@triton.jit
 def _dropout_keep(seed, rng_rows, offs_cols, p_drop, scale_keep):
-    """The dropout factor of a tile: scale_keep = 1 / (1 - p_drop) where the element is kept, 0 where it is
-    dropped. rng_rows: int64 Philox counters of the tile's query rows, ((b * H + h) * LQ + i) * LK; offs_cols:
-    the key columns j; both as 2-D index vectors that broadcast to the tile (transposed in the dK/dV kernel)."""
+    """The dropout factor of a tile: scale_keep where the element is kept, 0 where it is dropped (keep iff its
+    uniform draw >= p_drop). rng_rows: `_rng_rows` of the tile's query rows; offs_cols: the key columns j;
+    both as 2-D index vectors that broadcast to the tile (transposed in the dK/dV kernel)."""
     keep = tl.rand(seed, rng_rows + offs_cols) >= p_drop
     return tl.where(keep, scale_keep, 0.0)
 
@@ -212,19 +230,6 @@ def _unmasked_key_end(start_m, len_q, len_k, CAUSAL: tl.constexpr, HAS_KPM: tl.c
 
 
 @triton.jit
-def _dropout_stream(SEED, b, h, num_heads, offs_m, rng_len_q, rng_len_k, DROPOUT: tl.constexpr):
-    """The call's Philox seed and the int64 counters of query rows offs_m of (b, h): ((b * H + h) * LQ + i)
-    * LK, so element (i, j) draws at that plus j (unique while i < LQ and j < LK, the grid's lengths)."""
-    if DROPOUT:
-        seed = tl.load(SEED)
-        rng_rows = ((b * num_heads + h).to(tl.int64) * rng_len_q + offs_m) * rng_len_k
-    else:
-        seed = 0
-        rng_rows = offs_m.to(tl.int64)
-    return seed, rng_rows
-
-
-@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
     offs_m, offs_n0, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
@@ -255,7 +260,7 @@ def _fwd_inner(
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts dropped probabilities too
         if DROPOUT:  # zero the dropped ones; the 1 / (1 - p_drop) of the kept ones is applied at the end
-            p = tl.where(tl.rand(seed, rng_rows[:, None] + offs_n[None, :]) >= p_drop, p, 0.0)
+            p = p * _dropout_keep(seed, rng_rows[:, None], offs_n[None, :], p_drop, 1.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -293,7 +298,8 @@ def _fwd_kernel(
     v_base = V + b * stride_vb + hk * stride_vh + start_k * stride_vt
     q = _load_block(q_base, offs_m, offs_d, stride_qt, len_q, HEAD_DIM, True, EVEN_D)  # (BLOCK_M, BLOCK_D)
     kpm_row = KPM + b * stride_mb
-    seed, rng_rows = _dropout_stream(SEED, b, h, num_heads, offs_m, rng_len_q, rng_len_k, DROPOUT)
+    seed = _dropout_seed(SEED, DROPOUT)
+    rng_rows = _rng_rows(b, h, num_heads, offs_m, rng_len_q, rng_len_k)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
@@ -331,7 +337,7 @@ def _fwd_kernel(
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, lo, hi,
     offs_m0, offs_n, offs_d, len_q, len_k, head_dim, h, num_heads, kpm_row_ptr, TABLE, LUT,
-    scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
+    scale_log2, max_distance, num_buckets_half, seed, b, rng_len_q, rng_len_k, p_drop, scale_keep,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_T5: tl.constexpr,
     T5_BIDIR: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -359,7 +365,7 @@ def _dkdv_inner(
         dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)  # dL/d(P after dropout)^T (BLOCK_N, BLOCK_M)
         if DROPOUT:
             # The forward's draws for these (i, j), on the transposed tile: rows j, columns i.
-            rng_rows_t = (rng_head + offs_m[None, :]) * rng_len_k
+            rng_rows_t = _rng_rows(b, h, num_heads, offs_m[None, :], rng_len_q, rng_len_k)
             keep_t = _dropout_keep(seed, rng_rows_t, offs_n[:, None], p_drop, scale_keep)
             dv += _dot((p_t * keep_t).to(do.dtype), do, PRECISION, UPCAST)
             dp_t = dp_t * keep_t  # dL/dP^T
@@ -441,33 +447,29 @@ def _bwd_dkdv_kernel(
         full = lo
     mid = tl.maximum(lo, tl.minimum(first_full, full))
     full = tl.maximum(mid, full)
-    if DROPOUT:  # noqa: SIM108 (a statement-level constexpr branch: the form every Triton version compiles)
-        seed = tl.load(SEED)
-    else:
-        seed = 0
+    seed = _dropout_seed(SEED, DROPOUT)
     scale_keep = 1.0 / (1.0 - p_drop)
     for g in range(0, group):
         h = hk * group + g
-        rng_head = (b * num_heads + h).to(tl.int64) * rng_len_q  # + i, times LK: row i's counters
         q_base = Q + b * stride_qb + h * stride_qh + start_q * stride_qt
         do_base = DO + b * stride_ob + h * stride_oh + start_q * stride_ot
         row_base = b * stride_lb + h * stride_lh + start_q
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, lo, mid,
             offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
+            scale_log2, max_distance, num_buckets_half, seed, b, rng_len_q, rng_len_k, p_drop, scale_keep,
             True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, mid, full,
             offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
+            scale_log2, max_distance, num_buckets_half, seed, b, rng_len_q, rng_len_k, p_drop, scale_keep,
             False, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE, DELTA, DTABLE, row_base, stride_qt, stride_ot, full, len_q,
             offs_m0, offs_n, offs_d, len_q, len_k, HEAD_DIM, h, num_heads, kpm_row, TABLE, LUT,
-            scale_log2, max_distance, num_buckets_half, seed, rng_head, rng_len_k, p_drop, scale_keep,
+            scale_log2, max_distance, num_buckets_half, seed, b, rng_len_q, rng_len_k, p_drop, scale_keep,
             True, CAUSAL, HAS_KPM, HAS_T5, T5_BIDIR, PRECISION, UPCAST, EVEN_D, DROPOUT, BLOCK_M,
         )  # fmt: skip
     dk = dk * scale
@@ -547,7 +549,8 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < len_q, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < len_q, other=0.0)
     kpm_row = KPM + b * stride_mb
-    seed, rng_rows = _dropout_stream(SEED, b, h, num_heads, offs_m, rng_len_q, rng_len_k, DROPOUT)
+    seed = _dropout_seed(SEED, DROPOUT)
+    rng_rows = _rng_rows(b, h, num_heads, offs_m, rng_len_q, rng_len_k)
     scale_keep = 1.0 / (1.0 - p_drop)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = len_k
