@@ -25,6 +25,7 @@ import random
 import pytest
 
 from tests.conftest import SMOKE_CONFIG, tiny_overrides
+from tests.distributed.train_runs import launch_runs
 
 pytestmark = pytest.mark.distributed
 RTOL = 1e-5
@@ -55,12 +56,9 @@ def setup(shards_dir, tmp_path_factory, run_pretrain_module):
     runs = []
     for family in ("bert", "t5"):  # both trained in one process (tests.distributed.train_runs)
         keys = {"train.steps": 2, "optimizer.warmup_steps": 1, "model.preset": f"{family}-tiny"}
-        runs.append(
-            {"config": str(SMOKE_CONFIG), "overrides": tiny_overrides(shards_dir, root / family, **keys)}
-        )
+        runs.append(tiny_overrides(shards_dir, root / family, **keys))
         out[family] = root / family
-    (root / "runs.json").write_text(json.dumps(runs))
-    run_pretrain_module([str(root / "runs.json")], module="tests.distributed.train_runs", timeout=TIMEOUT)
+    launch_runs(run_pretrain_module, SMOKE_CONFIG, runs, root / "runs.json", timeout=TIMEOUT)
     for task, n_train in (("classify", 17), ("text2text", 11)):
         for split, n, seed in (("train", n_train, 0), ("eval", 8, 1)):
             path = root / f"{task}-{split}.jsonl"

@@ -43,6 +43,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMOKE_CONFIG, read_metrics, tiny_overrides
+from tests.distributed.train_runs import launch_runs
 
 pytestmark = pytest.mark.distributed
 
@@ -123,17 +124,6 @@ def train_args(shards: Path, out: Path, family: str, **keys: object) -> list[str
     return ["train", "--config", str(SMOKE_CONFIG), *train_keys(shards, out, family, **keys)]
 
 
-def train_several(
-    runner, runs: dict[str, list[str]], tmp: Path, *, launcher: str, nprocs: int, timeout: float
-) -> None:
-    """Train every run of `runs` (name -> overrides) in one launch (tests.distributed.train_runs)."""
-    spec = tmp / "runs.json"
-    spec.write_text(json.dumps([{"config": str(SMOKE_CONFIG), "overrides": o} for o in runs.values()]))
-    runner(
-        [str(spec)], module="tests.distributed.train_runs", launcher=launcher, nprocs=nprocs, timeout=timeout
-    )
-
-
 def eval_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
@@ -144,8 +134,8 @@ def reference(shards_dir, tmp_path_factory, run_pretrain_module):
     """family -> (training records, validation losses) of the one-process runs: the three families trained
     in one process, once per module."""
     root = tmp_path_factory.mktemp("ref")
-    runs = {family: train_keys(shards_dir, root / family, family) for family in FAMILIES}
-    train_several(run_pretrain_module, runs, root, launcher="python", nprocs=1, timeout=400)
+    runs = [train_keys(shards_dir, root / family, family) for family in FAMILIES]
+    launch_runs(run_pretrain_module, SMOKE_CONFIG, runs, root / "runs.json", launcher="python", timeout=400)
     refs: dict[str, tuple[dict[int, dict], dict[int, float]]] = {}
     for family in FAMILIES:
         metrics = read_metrics(root / family)
@@ -185,10 +175,11 @@ def test_layout_matches_one_process(layout, shards_dir, tmp_path, run_pretrain, 
         )
         assert "--local_rank=1" in proc.stdout + proc.stderr  # the launcher really started two ranks
     else:
-        runs = {f: train_keys(shards_dir, tmp_path / f, f, **spec.overrides()) for f in families}
-        train_several(
-            run_pretrain, runs, tmp_path, launcher=spec.launcher, nprocs=spec.nprocs, timeout=timeout
-        )
+        runs = [train_keys(shards_dir, tmp_path / f, f, **spec.overrides()) for f in families]
+        launch_runs(
+            run_pretrain, SMOKE_CONFIG, runs, tmp_path / "runs.json", launcher=spec.launcher,
+            nprocs=spec.nprocs, timeout=timeout,
+        )  # fmt: skip
     failures = {}
     for family in families:
         ref, ref_eval = reference[family]
@@ -220,15 +211,16 @@ def test_activation_checkpointing_changes_nothing(
     loss and gradient norm over the 5 steps and the validation loss are bitwise equal. Every run of a case
     trains in one launch (one layout); each run seeds everything from its config."""
     spec = LAYOUTS.get(layout, Layout())
-    runs = {}
+    runs = []
     for family in families:
         for mode in ("none", *modes):
             keys = {**spec.overrides(), "model.dropout": 0.1, CHECKPOINTING: mode}
-            runs[f"{family}-{mode}"] = train_keys(shards_dir, tmp_path / f"{family}-{mode}", family, **keys)
-    train_several(
+            runs.append(train_keys(shards_dir, tmp_path / f"{family}-{mode}", family, **keys))
+    launch_runs(
         run_pretrain,
+        SMOKE_CONFIG,
         runs,
-        tmp_path,
+        tmp_path / "runs.json",
         launcher="python" if spec.nprocs == 1 else spec.launcher,
         nprocs=spec.nprocs,
         timeout=240 + 60 * spec.nprocs * len(runs),

@@ -22,6 +22,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def launch_runs(runner: Any, config: Path, overrides: list[list[str]], spec: Path, **launch: Any) -> None:
+    """From a test: write the runs (one `config`, each with its overrides) to `spec` and train them all in
+    one launch through `runner` (conftest's run_pretrain; `launch` takes its launcher, nprocs, timeout, env)."""
+    spec.write_text(json.dumps([{"config": str(config), "overrides": o} for o in overrides]))
+    runner([str(spec)], module="tests.distributed.train_runs", **launch)
 
 
 def main(argv: list[str]) -> int:

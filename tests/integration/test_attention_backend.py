@@ -14,11 +14,10 @@ relative is the project's parity bound (DESIGN.md)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.conftest import SMOKE_CONFIG, read_metrics, tiny_overrides
+from tests.distributed.train_runs import launch_runs
 
 pytestmark = pytest.mark.slow  # the interpreter runs each kernel program in numpy: ~1 min for the six runs
 RTOL = 1e-5
@@ -40,15 +39,9 @@ def test_triton_backend_trains_like_sdpa(shards_dir, tmp_path, run_pretrain):
                 "checkpoint.save_final": "false",
                 "train.attention_backend": backend,
             }
-            overrides = tiny_overrides(shards_dir, tmp_path / f"{family}-{backend}", **keys)
-            runs.append({"config": str(SMOKE_CONFIG), "overrides": overrides})
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    run_pretrain(
-        [str(tmp_path / "runs.json")],
-        module="tests.distributed.train_runs",
-        env={"TRITON_INTERPRET": "1"},
-        timeout=900,
-    )
+            runs.append(tiny_overrides(shards_dir, tmp_path / f"{family}-{backend}", **keys))
+    launch_runs(run_pretrain, SMOKE_CONFIG, runs, tmp_path / "runs.json", env={"TRITON_INTERPRET": "1"},
+                timeout=900)  # fmt: skip
     for family in FAMILIES:
         triton, sdpa = (read_metrics(tmp_path / f"{family}-{b}") for b in ("triton", "sdpa"))
         assert sorted(triton) == sorted(sdpa) == list(range(1, STEPS + 1))
