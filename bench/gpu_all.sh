@@ -33,4 +33,4 @@ part attention_fwd "${ATTN_LIMIT:-360}" $py bench/attention.py --mode fwd --head
 part attention_dropout "${ATTN_LIMIT:-360}" $py bench/attention.py --dropout 0.1 --head-dims 128 --seqs 2048,4096,8192
 part kernels 120 $py bench/kernels.py
 part memory 120 $py bench/activation_memory.py
-part mfu "${MFU_LIMIT:-480}" $py bench/mfu.py ${MFU_ARGS:-}
+part mfu "${MFU_LIMIT:-560}" $py bench/mfu.py ${MFU_ARGS:-}

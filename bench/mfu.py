@@ -1,8 +1,13 @@
-"""End-to-end training MFU of `pretrain train` on one GPU: Tandem's Triton attention against SDPA.
+"""End-to-end training MFU of `pretrain train` on one GPU: Tandem's fused kernels against PyTorch's.
 
 Each side is a real `python -m pretrain train` run in a subprocess (DeepSpeed engine, Tandem's loader,
-bf16, LR schedule, metrics) on the built-in sample corpus; only the attention backend differs
-(TANDEM_ATTENTION_BACKEND=triton | sdpa). The figures are read from the run's own metrics.jsonl:
+bf16, LR schedule, metrics) on the built-in sample corpus; only the kernels differ:
+
+* `sdpa`: PyTorch scaled_dot_product_attention, PyTorch norms, full logits then the cross-entropy;
+* `triton`: Tandem's Triton attention, otherwise as sdpa;
+* `fused`: Triton attention, Triton RMSNorm/LayerNorm (train.norm_backend=triton) and the LM head fused
+  into the loss (train.loss_chunk_size, default 4096 tokens a chunk: no (tokens x vocab) fp32 logits).
+ The figures are read from the run's own metrics.jsonl:
 tokens/s and MFU per logged window, the first window (compilation, autotuning, allocator warm-up)
 excluded, median over the rest. MFU is model FLOPs (pretrain/flops.py: 6·N + 12·L·H·d·T per token,
 PaLM's convention, attention not halved for causal) over the peak given by --peak-tflops (default 790:
@@ -13,7 +18,7 @@ GPT-2-sized vocabulary (50304, padded beyond the sample tokenizer's pieces, so t
 costs in a real run).
 
 Usage: python bench/mfu.py [--model-preset gpt-350m] [--seq-len 2048] [--micro-batch-size 16]
-       [--steps 40] [--backends triton,sdpa]
+       [--steps 40] [--backends fused,triton,sdpa] [--loss-chunk-size 4096]
 Needs CUDA; on a machine without it the script says so and exits 0. Results go to docs/benchmarks.md.
 """
 
@@ -34,8 +39,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG = REPO_ROOT / "configs" / "runs" / "smoke-gpt.yaml"
 
 
+def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    variants = {
+        "sdpa": ["train.attention_backend=sdpa", "train.norm_backend=torch", "train.loss_chunk_size=0"],
+        "triton": ["train.attention_backend=triton", "train.norm_backend=torch", "train.loss_chunk_size=0"],
+        "fused": [
+            "train.attention_backend=triton",
+            "train.norm_backend=triton",
+            f"train.loss_chunk_size={args.loss_chunk_size}",
+        ],
+    }
+    if name not in variants:
+        raise SystemExit(f"--backends: {name!r} is not one of {', '.join(variants)}")
+    return variants[name]
+
+
 def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) -> dict:
     overrides = [
+        *variant_overrides(backend, args),
         f"data.shards={shards}",
         f"model.preset={args.model_preset}",
         f"model.max_seq_len={args.seq_len}",
@@ -56,7 +77,9 @@ def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) ->
     ]
     cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(RUN_CONFIG)]
     cmd += overrides
-    env = dict(os.environ, TANDEM_ATTENTION_BACKEND=backend, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in ("TANDEM_ATTENTION_BACKEND", "TANDEM_NORM_BACKEND"):  # the config keys decide
+        env.pop(name, None)
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, text=True, capture_output=True, timeout=args.timeout)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
@@ -88,7 +111,10 @@ def main() -> None:
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none")
-    parser.add_argument("--backends", default="triton,sdpa")
+    parser.add_argument(
+        "--backends", default="fused,triton,sdpa", help="fused | triton | sdpa, the last is the base"
+    )
+    parser.add_argument("--loss-chunk-size", type=int, default=4096, help="train.loss_chunk_size of `fused`")
     parser.add_argument("--docs", type=int, default=20000)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per training run")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -105,7 +131,7 @@ def main() -> None:
     print(f"\n# pretrain train, {args.model_preset}, seq {args.seq_len}, micro batch {args.micro_batch_size}, "
           f"bf16, {torch.cuda.get_device_name()}, peak {args.peak_tflops:g} TFLOP/s")  # fmt: skip
     print(
-        f"{'attention':>10} | {'tokens/s':>10} | {'TFLOP/s':>8} | {'MFU':>6} | {'vs ' + base['backend']:>8} | loss"
+        f"{'kernels':>10} | {'tokens/s':>10} | {'TFLOP/s':>8} | {'MFU':>6} | {'vs ' + base['backend']:>8} | loss"
     )
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"]

@@ -283,6 +283,18 @@ class TrainConfig:
         "tests), 'sdpa' (PyTorch scaled_dot_product_attention), 'auto' (Triton for CUDA tensors it supports, "
         "else SDPA; the environment variable TANDEM_ATTENTION_BACKEND, if set, decides instead)",
     )
+    norm_backend: Literal["auto", "triton", "torch"] = _f(
+        "auto",
+        "RMSNorm/LayerNorm kernels: 'triton' (Tandem's fused forward+backward; on a CPU only under "
+        "TRITON_INTERPRET=1, for tests), 'torch' (PyTorch's), 'auto' (Triton for CUDA tensors, else PyTorch; "
+        "the environment variable TANDEM_NORM_BACKEND, if set, decides instead)",
+    )
+    loss_chunk_size: int = _f(
+        0,
+        "0: the model's logits, then the cross-entropy; N > 0: the output projection and the cross-entropy "
+        "fused, N labelled tokens at a time (Triton on CUDA), so the (tokens x vocab) fp32 logits are never "
+        "held (GPT, BERT, T5/BART with their plain objectives; tp=1, pp=1, zero_stage < 3, no z_loss)",
+    )
     progress: bool = _f(True, "console progress bar on rank 0")
     loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
     max_skipped_in_a_row: int = _f(10, "stop (after saving) when this many steps in a row were skipped")
@@ -560,6 +572,38 @@ def config_from_dict(
 # ----------------------------------------------------------------------------- validation
 
 
+def _loss_chunk_problems(cfg: Config) -> list[str]:
+    """train.loss_chunk_size > 0 fuses the output projection into the loss on the model's own head
+    (`lm_head_inputs`): the layouts and objectives that compute the loss elsewhere, or need the logits, are
+    refused rather than silently trained the other way."""
+    size, m, par = cfg.train.loss_chunk_size, cfg.model, cfg.parallel
+    if not _ints(size):
+        return []
+    if size < 0:
+        return [f"train.loss_chunk_size={size}: must be >= 0 (0 = full logits)"]
+    if size == 0:
+        return []
+    head = f"train.loss_chunk_size={size}"
+    p = []
+    if _ints(par.tp) and par.tp > 1:
+        p.append(f"{head} with parallel.tp={par.tp}: the vocabulary-parallel loss needs the logits; use 0")
+    if _ints(par.pp) and par.pp > 1:
+        p.append(
+            f"{head} with parallel.pp={par.pp}: the last pipeline stage computes the loss from logits; use 0"
+        )
+    if par.zero_stage == 3:
+        p.append(f"{head} with parallel.zero_stage=3: the head weight is read outside its module; use 0")
+    if _nums(m.z_loss) and m.z_loss > 0:
+        p.append(f"{head} with model.z_loss={m.z_loss}: the z-loss needs the logits; use 0")
+    from pretrain.models import OBJECTIVE_MODELS
+
+    if m.objective in OBJECTIVE_MODELS:
+        p.append(
+            f"{head} with model.objective={m.objective!r}: that objective computes its own losses; use 0"
+        )
+    return p
+
+
 def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[str]:
     """Every broken rule, each naming the field, its value and the rule."""
     p: list[str] = []
@@ -736,6 +780,7 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
         p += offload_problems(par, num_experts=m.num_experts)
 
     p += _moe_problems(cfg, world_size)
+    p += _loss_chunk_problems(cfg)
 
     positive("optimizer.lr", o.lr)
     nonneg("optimizer.min_lr", o.min_lr)

@@ -27,6 +27,7 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.config import (
     Config,
     ConfigError,
+    TrainConfig,
     config_to_dict,
     save_config,
     validation_problems,
@@ -122,7 +123,7 @@ def train(cfg: Config) -> TrainResult:
     problems = problems or validation_problems(cfg, world_size=launched_world_size())  # now with the vocab
     if problems:
         raise ConfigError(problems)
-    _apply_attention_backend(t_cfg.attention_backend)
+    _apply_kernel_backends(t_cfg)
     rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     topo = Topology.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     dp, dp_rank = topo.dims.dp, topo.dp_rank
@@ -217,7 +218,9 @@ def train(cfg: Config) -> TrainResult:
         topology=topo,
         ds_config=ds_config,
         make_optimizer=make_optimizer,
-        wrap=lambda m: LanguageModelLoss(m, tp_group=topo.tp_group, tp_size=topo.dims.tp),
+        wrap=lambda m: LanguageModelLoss(
+            m, tp_group=topo.tp_group, tp_size=topo.dims.tp, loss_chunk_size=t_cfg.loss_chunk_size
+        ),
         activation_checkpointing=cfg.parallel.activation_checkpointing,
         sequence_parallel=cfg.parallel.sequence_parallel,
         seed=t_cfg.seed,
@@ -475,27 +478,33 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-def _apply_attention_backend(backend: str) -> None:
-    """train.attention_backend -> the process-wide default of pretrain.kernels.attention (what the models'
-    backend="auto" resolves to). 'auto' sets the default TANDEM_ATTENTION_BACKEND names (else 'auto'), so
-    the variable still decides when set, and a run never inherits an earlier run's choice in the same
-    process. 'triton' without CUDA needs Triton's interpreter, which must be on before the kernels are
-    defined: refused here, before any process group, rather than at the first forward."""
-    from pretrain.kernels import set_default_backend
+def _apply_kernel_backends(t_cfg: TrainConfig) -> None:
+    """train.attention_backend and train.norm_backend -> the process-wide defaults the models' attention
+    and norm modules resolve through. 'auto' sets the default the environment variable names
+    (TANDEM_ATTENTION_BACKEND, TANDEM_NORM_BACKEND; else 'auto'), so the variable still decides when set,
+    and a run never inherits an earlier run's choice in the same process. 'triton' without CUDA needs
+    Triton's interpreter, which must be on before the kernels are defined: refused here, before any process
+    group, rather than at the first forward."""
+    from pretrain.kernels import set_default_backend, set_default_norm_backend
     from pretrain.kernels.attention import ENV_BACKEND
+    from pretrain.kernels.norm_layers import ENV_NORM_BACKEND
 
-    if backend == "auto":
-        set_default_backend(os.environ.get(ENV_BACKEND, "auto"))  # type: ignore[arg-type]
-        return
-    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(
-            [
-                "train.attention_backend='triton': no CUDA device here, and Triton's CPU interpreter is off "
-                "(set TRITON_INTERPRET=1 in the environment before starting: ~2000x slower than SDPA, for "
-                "tests), or use 'auto' or 'sdpa'"
-            ]
-        )
-    set_default_backend(backend)  # type: ignore[arg-type]
+    no_triton = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    keys = (
+        ("attention_backend", t_cfg.attention_backend, ENV_BACKEND, set_default_backend, "sdpa"),
+        ("norm_backend", t_cfg.norm_backend, ENV_NORM_BACKEND, set_default_norm_backend, "torch"),
+    )
+    problems = [
+        f"train.{key}='triton': no CUDA device here, and Triton's CPU interpreter is off (set "
+        f"TRITON_INTERPRET=1 in the environment before starting: orders of magnitude slower, for tests), "
+        f"or use 'auto' or '{other}'"
+        for key, value, _, _, other in keys
+        if value == "triton" and no_triton
+    ]
+    if problems:
+        raise ConfigError(problems)
+    for _, value, env, setter, _ in keys:
+        setter(os.environ.get(env, "auto") if value == "auto" else value)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

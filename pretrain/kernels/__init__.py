@@ -13,19 +13,33 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.kernels.attention import attention, get_default_backend, set_default_backend
+from pretrain.kernels.norm_layers import (
+    FusedLayerNorm,
+    FusedRMSNorm,
+    get_default_norm_backend,
+    set_default_norm_backend,
+)
 from pretrain.kernels.t5_bias import T5Bias
 
 _LAZY = {
     "varlen_attention": "pretrain.kernels.flash_attention",
     "rms_norm": "pretrain.kernels.norms",
     "layer_norm": "pretrain.kernels.norms",
-    "FusedRMSNorm": "pretrain.kernels.norms",
-    "FusedLayerNorm": "pretrain.kernels.norms",
     "fused_cross_entropy": "pretrain.kernels.cross_entropy",
     "linear_cross_entropy": "pretrain.kernels.cross_entropy",
 }
 
-__all__ = ["T5Bias", "attention", "get_default_backend", "set_default_backend", *_LAZY]
+__all__ = [
+    "FusedLayerNorm",
+    "FusedRMSNorm",
+    "T5Bias",
+    "attention",
+    "get_default_backend",
+    "get_default_norm_backend",
+    "set_default_backend",
+    "set_default_norm_backend",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

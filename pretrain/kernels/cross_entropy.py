@@ -7,8 +7,8 @@ Two entry points:
   (softmax - onehot) / n_valid in the same call, so the backward is one multiply by the incoming
   scalar. `inplace=True` writes that gradient over the logits buffer (no second (N, V) tensor); only
   use it when nothing else needs the logits afterwards.
-* `linear_cross_entropy(hidden, weight, targets, chunk_size=...)` — hidden (N, C), weight (V, C): the
-  LM head and the loss together. Tokens are processed in chunks of `chunk_size` rows: each chunk's fp32
+* `linear_cross_entropy(hidden, weight, targets, bias=None, chunk_size=...)` — hidden (N, C), weight
+  (V, C), bias (V,) or None: the LM head and the loss together (what `train.loss_chunk_size` trains with). Tokens are processed in chunks of `chunk_size` rows: each chunk's fp32
   logits (chunk, V) are formed, turned into loss and dlogits (by the kernel above in place, or PyTorch),
   and immediately folded into dhidden = dlogits @ W and dW += dlogits^T @ hidden (matmuls in the
   operands' dtype with fp32 accumulation, like F.linear; dW summed over chunks in fp32). The full (N, V) fp32
@@ -158,38 +158,54 @@ fused_cross_entropy = (
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, use_triton: bool):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden, weight, bias, targets, chunk_size: int, use_triton: bool, need_grads: bool
+    ):
         n = hidden.shape[0]
         n_valid = int((targets != IGNORE_INDEX).sum())
         scale = 1.0 / max(n_valid, 1)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        dhidden = torch.empty_like(hidden)
-        dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         # The matmuls run in the operands' dtype with fp32 accumulation, as F.linear does: bf16 weights
         # use the tensor cores (an fp32 matmul of the same size runs ~10x slower on an H100/H200). The
         # logits are rounded to fp32 once formed, and dlogits back to the operands' dtype for the two
-        # gradient matmuls, exactly where F.linear(h, w).float() + F.cross_entropy round them.
+        # gradient matmuls, exactly where F.linear(h, w, b).float() + F.cross_entropy round them.
         w = weight.to(hidden.dtype)
-        for start in range(0, n, chunk_size):
-            h = hidden[start : start + chunk_size]  # (chunk, C)
-            logits = (h @ w.t()).float()  # (chunk, V) fp32: the only logits ever held
-            losses, dlogits = _ce_rows(
-                logits, targets[start : start + chunk_size], scale, inplace=True, use_triton=use_triton
-            )
+        b = bias.to(hidden.dtype) if bias is not None else None
+        chunks = [
+            (s, hidden[s : s + chunk_size], targets[s : s + chunk_size]) for s in range(0, n, chunk_size)
+        ]
+        if not need_grads:  # evaluation: the loss only
+            for _, h, t in chunks:
+                logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
+                total += _ce_rows(logits, t, scale, inplace=True, use_triton=use_triton)[0].sum()
+            return total * scale
+        dhidden = torch.empty_like(hidden)
+        dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if bias is not None else None
+        for start, h, t in chunks:
+            logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
+            losses, dlogits = _ce_rows(logits, t, scale, inplace=True, use_triton=use_triton)
             total += losses.sum()
+            if dbias is not None:
+                dbias += dlogits.sum(0)  # fp32, before the rounding the matmuls see
             dlogits = dlogits.to(hidden.dtype)  # a no-op for fp32 operands
             dhidden[start : start + chunk_size] = dlogits @ w
             if dlogits.dtype == torch.float32:
                 dweight.addmm_(dlogits.t(), h)
             else:  # a half-precision product rounded once, summed over chunks in fp32
                 dweight += (dlogits.t() @ h).float()
-        ctx.save_for_backward(dhidden, dweight.to(weight.dtype))
+        ctx.save_for_backward(
+            dhidden, dweight.to(weight.dtype), dbias.to(bias.dtype) if dbias is not None else None
+        )
         return total * scale
 
     @staticmethod
     def backward(ctx, dloss):  # type: ignore[override]
-        dhidden, dweight = ctx.saved_tensors
-        return dhidden * dloss.to(dhidden.dtype), dweight * dloss.to(dweight.dtype), None, None, None
+        if not ctx.saved_tensors:  # the forward ran without gradients wanted
+            return None, None, None, None, None, None, None
+        dhidden, dweight, dbias = ctx.saved_tensors
+        grads = [g * dloss.to(g.dtype) if g is not None else None for g in (dhidden, dweight, dbias)]
+        return (*grads, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -197,24 +213,34 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
     chunk_size: int = 4096,
     backend: CEBackend = "auto",
 ) -> torch.Tensor:
-    """Mean cross-entropy of (hidden @ weight^T) against targets, never holding all the logits.
+    """Mean cross-entropy of F.linear(hidden, weight, bias) against targets, never holding all the logits.
 
-    hidden: (N, C) or (B, T, C); weight: (V, C) (the LM head / tied embedding); targets: (N,) or (B, T),
-    ignore_index=-100. Gradients for hidden and weight are computed during the forward, chunk by chunk."""
+    hidden: (N, C) or (B, T, C); weight: (V, C) (the LM head / tied embedding); bias: (V,) or None;
+    targets: (N,) or (B, T), ignore_index=-100. When gradients are wanted they are computed during the
+    forward, chunk by chunk (the backward only scales them); under torch.no_grad only the loss is."""
     c = hidden.shape[-1]
     hidden2, targets2 = hidden.reshape(-1, c), targets.reshape(-1)
-    if weight.dim() != 2 or weight.shape[1] != c or targets2.shape[0] != hidden2.shape[0]:
+    if (
+        weight.dim() != 2
+        or weight.shape[1] != c
+        or targets2.shape[0] != hidden2.shape[0]
+        or (bias is not None and bias.shape != weight.shape[:1])
+    ):
         raise ValueError(
-            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}: "
-            "need (N, C), (V, C), (N,)"
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
+            f"{'' if bias is None else f', bias {tuple(bias.shape)}'}: need (N, C), (V, C), (N,), bias (V,)"
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+    need_grads = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias)
+    )
     return _LinearCrossEntropy.apply(
-        hidden2, weight, targets2.contiguous(), chunk_size, _use_triton(hidden2, backend)
+        hidden2, weight, bias, targets2.contiguous(), chunk_size, _use_triton(hidden2, backend), need_grads
     )
 
 

@@ -4,8 +4,8 @@
 (..., N). The Triton forward reads each row once and saves only the per-row statistics (mean for
 LayerNorm, 1/rms) in fp32; the backward recomputes x_hat from them, writes dx per row and reduces the
 weight/bias gradients per program into an fp32 (programs, N) buffer that the host sums, which is
-deterministic (no atomics). `FusedRMSNorm` / `FusedLayerNorm` are drop-in subclasses of torch's modules
-(same parameters and state dict) that call these.
+deterministic (no atomics). The modules the models build, `FusedRMSNorm` / `FusedLayerNorm`
+(pretrain.kernels.norm_layers, drop-in subclasses of torch's), call these.
 
 backend="auto" uses Triton for CUDA tensors and PyTorch otherwise; "triton" forces the kernels (on a
 CPU tensor only under TRITON_INTERPRET=1, see pretrain.kernels.attention); "torch" forces the fallback.
@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import nn
 
 NormBackend = Literal["auto", "triton", "torch"]
 MAX_FUSED_N = 65536  # one row must fit one program's registers/SRAM
@@ -203,22 +202,3 @@ def layer_norm(
     if _use_triton(x, backend):
         return _FusedNorm.apply(x, weight, bias, eps, False)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
-class FusedRMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameters and state dict) running the fused kernel where available."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.normalized_shape) != 1:
-            return super().forward(x)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return rms_norm(x, self.weight, eps)
-
-
-class FusedLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state dict) running the fused kernel where available."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.normalized_shape) != 1:
-            return super().forward(x)
-        return layer_norm(x, self.weight, self.bias, self.eps)

@@ -26,15 +26,6 @@ from pretrain.config import ModelConfig
 from pretrain.models.blocks import TransformerBlock, init_weights, make_norm
 
 
-def _norm(cfg: ModelConfig, width: int) -> nn.Module:
-    """The model's norm over `width` features (the embedding width E may differ from hidden_size)."""
-    if width == cfg.hidden_size:
-        return make_norm(cfg)
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(width, eps=cfg.norm_eps)
-    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
-
-
 def _shared_blocks(cfg: ModelConfig, layers: LayerFactory) -> list[TransformerBlock]:
     """`num_layers` blocks with ALBERT's cross-layer sharing applied (the same modules in every block)."""
     if cfg.share_layers == "all":
@@ -62,14 +53,14 @@ class BERT(nn.Module):
         self.embed = layers.vocab_embedding(cfg.vocab_size, e)
         self.pos_embed = layers.embedding(cfg.max_seq_len + cfg.position_offset, e)
         self.type_embed = layers.embedding(cfg.type_vocab_size, e) if cfg.type_vocab_size else None
-        self.embed_norm = _norm(cfg, e)
+        self.embed_norm = make_norm(cfg, e)
         self.drop = nn.Dropout(cfg.dropout)
         self.embed_proj = nn.Linear(e, cfg.hidden_size) if e != cfg.hidden_size else None
         self.blocks = nn.ModuleList(_shared_blocks(cfg, layers))
         # Pre-norm stacks need a final norm; post-norm blocks end normalized already.
         self.final_norm = make_norm(cfg) if cfg.norm_position == "pre" else None
         self.mlm_dense = nn.Linear(cfg.hidden_size, e)
-        self.mlm_norm = _norm(cfg, e)
+        self.mlm_norm = make_norm(cfg, e)
         # The head's activation: exact GELU as BERT's, unless the model uses the tanh GELU (ALBERT's gelu_new).
         self.mlm_act = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
@@ -111,10 +102,23 @@ class BERT(nn.Module):
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, T, C) -> MLM logits (B, T, V)."""
+        return F.linear(*self._mlm_head(hidden))
+
+    def lm_head_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `forward` feeds its output projection: (MLM-transformed hidden (B, T, E), weight (V, E),
+        bias (V,)), so a loss can fuse the projection with the cross-entropy (train.loss_chunk_size)."""
+        return self._mlm_head(self.encode(input_ids, attention_mask, token_type_ids))
+
+    def _mlm_head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.mlm_norm(F.gelu(self.mlm_dense(hidden), approximate=self.mlm_act))  # (B, T, E)
         head = self.embed if self.lm_head is None else self.lm_head
         weight: torch.Tensor = head.weight  # type: ignore[assignment]
-        return F.linear(h, weight, self.mlm_bias)
+        return h, weight, self.mlm_bias
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, C): tanh(dense(h_<cls>)), the sentence representation for classification."""

@@ -17,14 +17,17 @@ from torch import nn
 
 from parallel.layers import LayerFactory
 from pretrain.config import ModelConfig
-from pretrain.kernels import attention
+from pretrain.kernels import FusedLayerNorm, FusedRMSNorm, attention
 from pretrain.kernels.t5_bias import T5Bias
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, width: int | None = None) -> nn.Module:
+    """The model's norm over `width` features (default hidden_size): subclasses of nn.RMSNorm /
+    nn.LayerNorm that run the fused Triton kernels when the norm backend says so (train.norm_backend)."""
+    width = cfg.hidden_size if width is None else width
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+        return FusedRMSNorm(width, eps=cfg.norm_eps)
+    return FusedLayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class RotaryEmbedding(nn.Module):

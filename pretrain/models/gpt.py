@@ -63,6 +63,19 @@ class GPT(nn.Module):
 
         With `cache` (from `new_cache()`), input_ids continue the cached sequence: positions start after the
         cached tokens and the cache is extended in place (greedy/sampled generation)."""
+        return F.linear(*self._trunk(input_ids, attention_mask, cache))  # (B, T, V)
+
+    def lm_head_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """What `forward` feeds its output projection: (hidden (B, T, C), weight (V, C), bias None), so a
+        loss can fuse the projection with the cross-entropy (train.loss_chunk_size)."""
+        return (*self._trunk(input_ids, attention_mask, None), None)
+
+    def _trunk(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: list[BlockCache] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything before the output projection: (final-normed hidden (B, T, C), head weight (V, C))."""
         past = cache[0].self_attn.length if cache else 0
         t = input_ids.shape[1]  # (B, T)
         if past + t > self.config.max_seq_len:
@@ -76,10 +89,9 @@ class GPT(nn.Module):
         padding = attention_mask.bool() if attention_mask is not None else None  # (B, T), True = real token
         for i, block in enumerate(self.blocks):
             x = block(x, self.rope, padding, cache=cache[i] if cache is not None else None)
-        x = self.final_norm(x)
         head = self.embed if self.lm_head is None else self.lm_head
         weight: torch.Tensor = head.weight  # type: ignore[assignment]
-        return F.linear(x, weight)  # (B, T, V)
+        return self.final_norm(x), weight
 
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

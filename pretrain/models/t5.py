@@ -105,6 +105,31 @@ class T5(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decoder_input_ids: (B, T), encoder_output: (B, S, C) -> logits (B, T, V)."""
+        hidden, weight, bias = self._decode_to_head(
+            decoder_input_ids, encoder_output, attention_mask, decoder_attention_mask
+        )
+        logits = F.linear(hidden, weight)
+        return logits + bias if bias is not None else logits
+
+    def lm_head_inputs(
+        self,
+        input_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What `forward` feeds its output projection: (decoder hidden (B, T, C), weight (V, C), bias (V,) or
+        None), so a loss can fuse the projection with the cross-entropy (train.loss_chunk_size)."""
+        encoded = self.encode(input_ids, attention_mask)
+        return self._decode_to_head(decoder_input_ids, encoded, attention_mask, decoder_attention_mask)
+
+    def _decode_to_head(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_output: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        decoder_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         y = self._embed(decoder_input_ids, self.decoder_pos, self.decoder_embed_norm)
         bias = self.decoder_bias() if self.decoder_bias is not None else None
         self_padding = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
@@ -116,12 +141,10 @@ class T5(nn.Module):
         if self.lm_head is None:
             # T5's tied head: rescale so the logits keep the scale of the (unit-RMS) decoder output.
             scale = self.config.hidden_size**-0.5 if self.rescale_tied_head else 1.0
-            logits = F.linear(y * scale if scale != 1.0 else y, self.embed.weight)
-        else:
-            logits = self.lm_head(y)
-        if self.final_logits_bias is not None:
-            logits = logits + self.final_logits_bias
-        return logits
+            y = y * scale if scale != 1.0 else y
+        head = self.embed if self.lm_head is None else self.lm_head
+        weight: torch.Tensor = head.weight  # type: ignore[assignment]
+        return y, weight, self.final_logits_bias
 
     def forward(
         self,

@@ -161,6 +161,28 @@ BAD_CONFIGS = {
     ),
     "override_with_three_parts": (["model.attn.heads=4"], ("model.attn.heads", "SECTION.KEY=VALUE")),
     "negative_count": (["checkpoint.keep_last=-1"], ("checkpoint.keep_last=-1", ">= 0")),
+    "norm_backend_choice": (["train.norm_backend=apex"], ("train.norm_backend='apex'", "'triton'")),
+    "loss_chunk_negative": (["train.loss_chunk_size=-1"], ("train.loss_chunk_size=-1", ">= 0")),
+    "loss_chunk_with_tp": (
+        ["train.loss_chunk_size=1024", "parallel.tp=2"],
+        ("train.loss_chunk_size=1024", "parallel.tp=2", "logits"),
+    ),
+    "loss_chunk_with_pp": (
+        ["train.loss_chunk_size=1024", "parallel.pp=2"],
+        ("train.loss_chunk_size=1024", "parallel.pp=2", "pipeline"),
+    ),
+    "loss_chunk_with_zero3": (
+        ["train.loss_chunk_size=1024", "parallel.zero_stage=3"],
+        ("train.loss_chunk_size=1024", "parallel.zero_stage=3"),
+    ),
+    "loss_chunk_with_z_loss": (
+        ["train.loss_chunk_size=1024", "model.z_loss=0.0001"],
+        ("train.loss_chunk_size=1024", "model.z_loss=0.0001", "logits"),
+    ),
+    "loss_chunk_with_own_losses": (
+        ["train.loss_chunk_size=1024", "model.preset=electra-tiny"],
+        ("train.loss_chunk_size=1024", "model.objective='electra'", "own losses"),
+    ),
 }
 
 

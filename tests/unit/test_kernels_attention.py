@@ -629,25 +629,33 @@ def test_varlen_dropout_draws_as_the_padded_dense_batch():
         assert rel_err(got, pack(x.grad, lens).double()) < TOL[torch.float32]
 
 
-def test_train_attention_backend_sets_the_default_for_each_run(monkeypatch: pytest.MonkeyPatch):
-    """train.attention_backend: an explicit value becomes the default; 'auto' returns to what the environment
-    variable names (else auto), so a later run in the same process never inherits an earlier one's choice."""
-    from pretrain.config import ConfigError
-    from pretrain.train import _apply_attention_backend
+def test_train_kernel_backends_set_the_defaults_for_each_run(monkeypatch: pytest.MonkeyPatch):
+    """train.attention_backend / train.norm_backend: an explicit value becomes the process default; 'auto'
+    returns to what the environment variable names (else auto), so a later run in the same process never
+    inherits an earlier one's choice."""
+    from pretrain.config import ConfigError, TrainConfig
+    from pretrain.kernels import get_default_norm_backend, set_default_norm_backend
+    from pretrain.train import _apply_kernel_backends
 
-    previous = get_default_backend()
+    previous = get_default_backend(), get_default_norm_backend()
     try:
-        _apply_attention_backend("sdpa")
-        assert get_default_backend() == "sdpa"
+        _apply_kernel_backends(TrainConfig(attention_backend="sdpa", norm_backend="torch"))
+        assert (get_default_backend(), get_default_norm_backend()) == ("sdpa", "torch")
         monkeypatch.delenv("TANDEM_ATTENTION_BACKEND", raising=False)
-        _apply_attention_backend("auto")
-        assert get_default_backend() == "auto"
+        monkeypatch.delenv("TANDEM_NORM_BACKEND", raising=False)
+        _apply_kernel_backends(TrainConfig())
+        assert (get_default_backend(), get_default_norm_backend()) == ("auto", "auto")
         monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "sdpa")
-        _apply_attention_backend("auto")
-        assert get_default_backend() == "sdpa"
+        monkeypatch.setenv("TANDEM_NORM_BACKEND", "torch")
+        _apply_kernel_backends(TrainConfig())
+        assert (get_default_backend(), get_default_norm_backend()) == ("sdpa", "torch")
         if DEVICE == "cpu":
             monkeypatch.setenv("TRITON_INTERPRET", "0")
-            with pytest.raises(ConfigError, match=r"train\.attention_backend='triton'"):
-                _apply_attention_backend("triton")
+            with pytest.raises(ConfigError) as err:
+                _apply_kernel_backends(TrainConfig(attention_backend="triton", norm_backend="triton"))
+            assert "train.attention_backend='triton'" in str(err.value)
+            assert "train.norm_backend='triton'" in str(err.value)
+            assert (get_default_backend(), get_default_norm_backend()) == ("sdpa", "torch")  # untouched
     finally:
-        set_default_backend(previous)
+        set_default_backend(previous[0])
+        set_default_norm_backend(previous[1])
