@@ -22,12 +22,12 @@ Packed (varlen) sequences have their own entry point, `pretrain.kernels.varlen_a
 
 from __future__ import annotations
 
-import os
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
+from pretrain.kernels.defaults import ProcessDefault
 from pretrain.kernels.t5_bias import T5Bias, t5_dense_bias
 
 Backend = Literal["auto", "triton", "sdpa"]
@@ -37,25 +37,16 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
-def _validated_backend(name: str, source: str) -> Backend:
-    if name not in get_args(Backend):
-        raise ValueError(f"{source}={name!r}: must be one of {get_args(Backend)}")
-    return name  # type: ignore[return-value]
-
-
-_default_backend: Backend = _validated_backend(os.environ.get(ENV_BACKEND, "auto"), ENV_BACKEND)
+_DEFAULT = ProcessDefault(ENV_BACKEND, get_args(Backend))
 
 
 def set_default_backend(backend: Backend) -> Backend:
     """Set what `backend="auto"` resolves to for every later call; returns the previous default."""
-    global _default_backend
-    previous = _default_backend
-    _default_backend = _validated_backend(backend, "backend")
-    return previous
+    return _DEFAULT.set(backend)  # type: ignore[return-value]
 
 
 def get_default_backend() -> Backend:
-    return _default_backend
+    return _DEFAULT.value  # type: ignore[return-value]
 
 
 def attention(
@@ -83,9 +74,9 @@ def attention(
     recompute, but not the same mask as SDPA's for the same seed).
     Returns (B, H, Tq, D). A query row that sees no key returns zeros on Triton (NaN on SDPA).
     """
-    chosen = _validated_backend(backend, "backend")
+    chosen = _DEFAULT.validated(backend, "backend")
     if chosen == "auto":
-        chosen = _default_backend
+        chosen = _DEFAULT.value
     if chosen == "auto":
         chosen = (
             "triton"

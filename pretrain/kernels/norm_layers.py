@@ -15,40 +15,32 @@ run never loads Triton at all.
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.kernels.defaults import ProcessDefault
+
 NormBackend = Literal["auto", "triton", "torch"]
 ENV_NORM_BACKEND = "TANDEM_NORM_BACKEND"
 
 
-def _validated(name: str, source: str) -> NormBackend:
-    if name not in get_args(NormBackend):
-        raise ValueError(f"{source}={name!r}: must be one of {get_args(NormBackend)}")
-    return name  # type: ignore[return-value]
-
-
-_default: NormBackend = _validated(os.environ.get(ENV_NORM_BACKEND, "auto"), ENV_NORM_BACKEND)
+_DEFAULT = ProcessDefault(ENV_NORM_BACKEND, get_args(NormBackend))
 
 
 def set_default_norm_backend(backend: NormBackend) -> NormBackend:
     """Set what the norm modules run from now on; returns the previous default."""
-    global _default
-    previous = _default
-    _default = _validated(backend, "norm backend")
-    return previous
+    return _DEFAULT.set(backend)  # type: ignore[return-value]
 
 
 def get_default_norm_backend() -> NormBackend:
-    return _default
+    return _DEFAULT.value  # type: ignore[return-value]
 
 
 def _fused(x: torch.Tensor) -> bool:
-    return _default == "triton" or (_default == "auto" and x.device.type == "cuda")
+    return _DEFAULT.value == "triton" or (_DEFAULT.value == "auto" and x.device.type == "cuda")
 
 
 def _kernels():
@@ -64,7 +56,7 @@ class FusedRMSNorm(nn.RMSNorm):
         if len(self.normalized_shape) != 1 or not _fused(x):
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return _kernels().rms_norm(x, self.weight, eps, backend=_default)
+        return _kernels().rms_norm(x, self.weight, eps, backend=_DEFAULT.value)
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -73,4 +65,4 @@ class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1 or not _fused(x):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return _kernels().layer_norm(x, self.weight, self.bias, self.eps, backend=_default)
+        return _kernels().layer_norm(x, self.weight, self.bias, self.eps, backend=_DEFAULT.value)

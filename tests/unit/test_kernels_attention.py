@@ -318,16 +318,23 @@ def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch: pytest.M
         fa.check_runnable(torch.device("cpu"))
 
 
-def test_env_var_sets_default_backend():
+@pytest.mark.parametrize(
+    ("getter", "var", "value"),
+    [
+        ("get_default_backend", "TANDEM_ATTENTION_BACKEND", "sdpa"),
+        ("get_default_norm_backend", "TANDEM_NORM_BACKEND", "torch"),
+    ],
+)
+def test_env_var_sets_default_backend(getter: str, var: str, value: str):
     import subprocess
 
-    code = "from pretrain.kernels import get_default_backend as g; print(g())"
-    env = {**os.environ, "TANDEM_ATTENTION_BACKEND": "sdpa"}
+    code = f"from pretrain.kernels import {getter} as g; print(g())"
+    env = {**os.environ, var: value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "sdpa"
-    env["TANDEM_ATTENTION_BACKEND"] = "bogus"
+    assert out.stdout.strip() == value
+    env[var] = "bogus"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "TANDEM_ATTENTION_BACKEND='bogus'" in bad.stderr
+    assert bad.returncode != 0 and f"{var}='bogus'" in bad.stderr
 
 
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
