@@ -286,8 +286,8 @@ class TrainConfig:
     norm_backend: Literal["auto", "triton", "torch"] = _f(
         "auto",
         "RMSNorm/LayerNorm kernels: 'triton' (Tandem's fused forward+backward; on a CPU only under "
-        "TRITON_INTERPRET=1, for tests), 'torch' (PyTorch's), 'auto' (Triton for CUDA tensors, else PyTorch; "
-        "the environment variable TANDEM_NORM_BACKEND, if set, decides instead)",
+        "TRITON_INTERPRET=1, for tests), 'torch' (PyTorch's), 'auto' (the environment variable "
+        "TANDEM_NORM_BACKEND if set, else 'torch' until the kernels are measured faster on a GPU)",
     )
     loss_chunk_size: int = _f(
         0,
@@ -592,7 +592,10 @@ def _loss_chunk_problems(cfg: Config) -> list[str]:
             f"{head} with parallel.pp={par.pp}: the last pipeline stage computes the loss from logits; use 0"
         )
     if par.zero_stage == 3:
-        p.append(f"{head} with parallel.zero_stage=3: the head weight is read outside its module; use 0")
+        p.append(
+            f"{head} with parallel.zero_stage=3: not verified under ZeRO-3's parameter partitioning (the "
+            "head's weight gradient is formed during the forward); use 0"
+        )
     if _nums(m.z_loss) and m.z_loss > 0:
         p.append(f"{head} with model.z_loss={m.z_loss}: the z-loss needs the logits; use 0")
     from pretrain.models import OBJECTIVE_MODELS

@@ -480,31 +480,31 @@ def train(cfg: Config) -> TrainResult:
 
 def _apply_kernel_backends(t_cfg: TrainConfig) -> None:
     """train.attention_backend and train.norm_backend -> the process-wide defaults the models' attention
-    and norm modules resolve through. 'auto' sets the default the environment variable names
-    (TANDEM_ATTENTION_BACKEND, TANDEM_NORM_BACKEND; else 'auto'), so the variable still decides when set,
-    and a run never inherits an earlier run's choice in the same process. 'triton' without CUDA needs
-    Triton's interpreter, which must be on before the kernels are defined: refused here, before any process
-    group, rather than at the first forward."""
-    from pretrain.kernels import set_default_backend, set_default_norm_backend
-    from pretrain.kernels.attention import ENV_BACKEND
-    from pretrain.kernels.norm_layers import ENV_NORM_BACKEND
+    and norm modules resolve through. 'auto' takes what the environment variable names now
+    (TANDEM_ATTENTION_BACKEND, TANDEM_NORM_BACKEND), else the built-in default (attention: 'auto', Triton on
+    CUDA; norms: 'torch'), so a run never inherits an earlier run's choice in the same process. 'triton'
+    without CUDA needs Triton's interpreter, which must be on before the kernels are defined: refused here,
+    before any process group, rather than at the first forward."""
+    from pretrain.kernels.attention import BACKEND_DEFAULT
+    from pretrain.kernels.norm_layers import NORM_BACKEND_DEFAULT
 
     no_triton = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
     keys = (
-        ("attention_backend", t_cfg.attention_backend, ENV_BACKEND, set_default_backend, "sdpa"),
-        ("norm_backend", t_cfg.norm_backend, ENV_NORM_BACKEND, set_default_norm_backend, "torch"),
+        ("attention_backend", t_cfg.attention_backend, BACKEND_DEFAULT, "sdpa"),
+        ("norm_backend", t_cfg.norm_backend, NORM_BACKEND_DEFAULT, "torch"),
     )
+    resolved = [default.configured() if value == "auto" else value for _, value, default, _ in keys]
     problems = [
-        f"train.{key}='triton': no CUDA device here, and Triton's CPU interpreter is off (set "
-        f"TRITON_INTERPRET=1 in the environment before starting: orders of magnitude slower, for tests), "
-        f"or use 'auto' or '{other}'"
-        for key, value, _, _, other in keys
-        if value == "triton" and no_triton
+        f"{f'train.{key}' if value == 'triton' else f'{default.env} (train.{key}=auto)'}='triton': no CUDA "
+        "device here, and Triton's CPU interpreter is off (set TRITON_INTERPRET=1 in the environment before "
+        f"starting: orders of magnitude slower, for tests), or use '{other}'"
+        for (key, value, default, other), chosen in zip(keys, resolved, strict=True)
+        if chosen == "triton" and no_triton
     ]
     if problems:
         raise ConfigError(problems)
-    for _, value, env, setter, _ in keys:
-        setter(os.environ.get(env, "auto") if value == "auto" else value)  # type: ignore[arg-type]
+    for (_, _, default, _), chosen in zip(keys, resolved, strict=True):
+        default.set(chosen)
 
 
 @torch.no_grad()

@@ -37,16 +37,16 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
-_DEFAULT = ProcessDefault(ENV_BACKEND, get_args(Backend))
+BACKEND_DEFAULT = ProcessDefault(ENV_BACKEND, get_args(Backend))
 
 
 def set_default_backend(backend: Backend) -> Backend:
     """Set what `backend="auto"` resolves to for every later call; returns the previous default."""
-    return _DEFAULT.set(backend)  # type: ignore[return-value]
+    return BACKEND_DEFAULT.set(backend)  # type: ignore[return-value]
 
 
 def get_default_backend() -> Backend:
-    return _DEFAULT.value  # type: ignore[return-value]
+    return BACKEND_DEFAULT.value  # type: ignore[return-value]
 
 
 def attention(
@@ -74,9 +74,9 @@ def attention(
     recompute, but not the same mask as SDPA's for the same seed).
     Returns (B, H, Tq, D). A query row that sees no key returns zeros on Triton (NaN on SDPA).
     """
-    chosen = _DEFAULT.validated(backend, "backend")
+    chosen = BACKEND_DEFAULT.validated(backend, "backend")
     if chosen == "auto":
-        chosen = _DEFAULT.value
+        chosen = BACKEND_DEFAULT.value
     if chosen == "auto":
         chosen = (
             "triton"

@@ -179,12 +179,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
                 total += _ce_rows(logits, t, scale, inplace=True, use_triton=use_triton)[0].sum()
             return total * scale
+        # The gradients are formed here unscaled, dlogits = softmax - onehot (|x| <= 1), and multiplied by
+        # dloss / n_valid only in the backward, in fp32: scaled here they would be rounded to fp16 before
+        # the loss scale reaches them (1e-4 / 16k tokens is below fp16's normal range), which is what the
+        # loss scale exists to prevent.
         dhidden = torch.empty_like(hidden)
         dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if bias is not None else None
         for start, h, t in chunks:
             logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
-            losses, dlogits = _ce_rows(logits, t, scale, inplace=True, use_triton=use_triton)
+            losses, dlogits = _ce_rows(logits, t, 1.0, inplace=True, use_triton=use_triton)
             total += losses.sum()
             if dbias is not None:
                 dbias += dlogits.sum(0)  # fp32, before the rounding the matmuls see
@@ -194,17 +198,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dweight.addmm_(dlogits.t(), h)
             else:  # a half-precision product rounded once, summed over chunks in fp32
                 dweight += (dlogits.t() @ h).float()
-        ctx.save_for_backward(
-            dhidden, dweight.to(weight.dtype), dbias.to(bias.dtype) if dbias is not None else None
-        )
+        ctx.save_for_backward(dhidden, dweight, dbias)
+        ctx.scale = scale
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total * scale
 
     @staticmethod
     def backward(ctx, dloss):  # type: ignore[override]
         if not ctx.saved_tensors:  # the forward ran without gradients wanted
             return None, None, None, None, None, None, None
-        dhidden, dweight, dbias = ctx.saved_tensors
-        grads = [g * dloss.to(g.dtype) if g is not None else None for g in (dhidden, dweight, dbias)]
+        factor = dloss.float() * ctx.scale  # fp32: an fp16 loss scale of 2^16 would overflow to inf
+        grads = [
+            (g.float() * factor).to(dtype) if g is not None else None
+            for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
+        ]
         return (*grads, None, None, None, None)
 
 

@@ -7,11 +7,15 @@ import os
 
 
 class ProcessDefault:
-    """One choice among `choices`, read from the environment variable `env` at import (else "auto")."""
+    """One choice among `choices`, read from the environment variable `env` at import (else `fallback`)."""
 
-    def __init__(self, env: str, choices: tuple[str, ...]):
-        self.env, self.choices = env, choices
-        self.value = self.validated(os.environ.get(env, "auto"), env)
+    def __init__(self, env: str, choices: tuple[str, ...], fallback: str = "auto"):
+        self.env, self.choices, self.fallback = env, choices, fallback
+        self.value = self.configured()
+
+    def configured(self) -> str:
+        """What the environment names now, else the fallback (a run's config value `auto` means this)."""
+        return self.validated(os.environ.get(self.env, self.fallback), self.env)
 
     def validated(self, name: str, source: str) -> str:
         if name not in self.choices:

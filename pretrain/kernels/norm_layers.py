@@ -3,9 +3,10 @@ parameters, same state dict, same `isinstance`), whose forward runs the fused Tr
 `pretrain.kernels.norms` or PyTorch's functional norm.
 
 Which one is a process-wide default, like the attention backend: `set_default_norm_backend("auto" |
-"triton" | "torch")`, or the environment variable TANDEM_NORM_BACKEND read at import (a training run's
-`train.norm_backend` sets it too). "auto" runs Triton on CUDA tensors and PyTorch otherwise; "triton" on
-a CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1, for tests).
+"triton" | "torch")`, or the environment variable TANDEM_NORM_BACKEND read at import, else "torch" (a
+training run's `train.norm_backend` sets it too). "auto" runs Triton on CUDA tensors and PyTorch
+otherwise; "triton" on a CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1, for tests). The
+default is PyTorch's norms until the kernels are measured faster on a GPU (docs/benchmarks.md).
 
 This module does not import Triton: the kernels module is imported at the first fused call, so building
 a model never fixes Triton's compile-or-interpret choice (see `pretrain/kernels/__init__.py`), and a CPU
@@ -27,20 +28,24 @@ NormBackend = Literal["auto", "triton", "torch"]
 ENV_NORM_BACKEND = "TANDEM_NORM_BACKEND"
 
 
-_DEFAULT = ProcessDefault(ENV_NORM_BACKEND, get_args(NormBackend))
+# Started from TANDEM_NORM_BACKEND, else "torch": the Triton norms time unsteadily against PyTorch's on
+# an H200 (0.63-1.30x, docs/benchmarks.md), so they are opted into until measured faster.
+NORM_BACKEND_DEFAULT = ProcessDefault(ENV_NORM_BACKEND, get_args(NormBackend), fallback="torch")
 
 
 def set_default_norm_backend(backend: NormBackend) -> NormBackend:
     """Set what the norm modules run from now on; returns the previous default."""
-    return _DEFAULT.set(backend)  # type: ignore[return-value]
+    return NORM_BACKEND_DEFAULT.set(backend)  # type: ignore[return-value]
 
 
 def get_default_norm_backend() -> NormBackend:
-    return _DEFAULT.value  # type: ignore[return-value]
+    return NORM_BACKEND_DEFAULT.value  # type: ignore[return-value]
 
 
 def _fused(x: torch.Tensor) -> bool:
-    return _DEFAULT.value == "triton" or (_DEFAULT.value == "auto" and x.device.type == "cuda")
+    return NORM_BACKEND_DEFAULT.value == "triton" or (
+        NORM_BACKEND_DEFAULT.value == "auto" and x.device.type == "cuda"
+    )
 
 
 def _kernels():
@@ -56,7 +61,7 @@ class FusedRMSNorm(nn.RMSNorm):
         if len(self.normalized_shape) != 1 or not _fused(x):
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return _kernels().rms_norm(x, self.weight, eps, backend=_DEFAULT.value)
+        return _kernels().rms_norm(x, self.weight, eps, backend=NORM_BACKEND_DEFAULT.value)
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -65,4 +70,4 @@ class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1 or not _fused(x):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return _kernels().layer_norm(x, self.weight, self.bias, self.eps, backend=_DEFAULT.value)
+        return _kernels().layer_norm(x, self.weight, self.bias, self.eps, backend=NORM_BACKEND_DEFAULT.value)

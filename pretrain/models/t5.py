@@ -105,11 +105,14 @@ class T5(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decoder_input_ids: (B, T), encoder_output: (B, S, C) -> logits (B, T, V)."""
-        hidden, weight, bias = self._decode_to_head(
-            decoder_input_ids, encoder_output, attention_mask, decoder_attention_mask
-        )
-        logits = F.linear(hidden, weight)
-        return logits + bias if bias is not None else logits
+        y = self._decoder_output(decoder_input_ids, encoder_output, attention_mask, decoder_attention_mask)
+        if self.lm_head is None:
+            logits = F.linear(self._tied_head_input(y), self.embed.weight)
+        else:
+            logits = self.lm_head(y)  # through the module: its hooks (ZeRO-3 gathers the weight) run
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        return logits
 
     def lm_head_inputs(
         self,
@@ -121,15 +124,24 @@ class T5(nn.Module):
         """What `forward` feeds its output projection: (decoder hidden (B, T, C), weight (V, C), bias (V,) or
         None), so a loss can fuse the projection with the cross-entropy (train.loss_chunk_size)."""
         encoded = self.encode(input_ids, attention_mask)
-        return self._decode_to_head(decoder_input_ids, encoded, attention_mask, decoder_attention_mask)
+        y = self._decoder_output(decoder_input_ids, encoded, attention_mask, decoder_attention_mask)
+        head = self.embed if self.lm_head is None else self.lm_head
+        weight: torch.Tensor = head.weight  # type: ignore[assignment]
+        hidden = self._tied_head_input(y) if self.lm_head is None else y
+        return hidden, weight, self.final_logits_bias
 
-    def _decode_to_head(
+    def _tied_head_input(self, y: torch.Tensor) -> torch.Tensor:
+        """T5's tied head rescales the (unit-RMS) decoder output so the logits keep its scale."""
+        return y * self.config.hidden_size**-0.5 if self.rescale_tied_head else y
+
+    def _decoder_output(
         self,
         decoder_input_ids: torch.Tensor,
         encoder_output: torch.Tensor,
         attention_mask: torch.Tensor | None,
         decoder_attention_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
+        """The decoder stack's final hidden states (B, T, C), before the output projection."""
         y = self._embed(decoder_input_ids, self.decoder_pos, self.decoder_embed_norm)
         bias = self.decoder_bias() if self.decoder_bias is not None else None
         self_padding = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
@@ -138,13 +150,7 @@ class T5(nn.Module):
             y = block(y, None, self_padding, bias, encoder_output, context_padding)
         if self.decoder_norm is not None:
             y = self.drop(self.decoder_norm(y))
-        if self.lm_head is None:
-            # T5's tied head: rescale so the logits keep the scale of the (unit-RMS) decoder output.
-            scale = self.config.hidden_size**-0.5 if self.rescale_tied_head else 1.0
-            y = y * scale if scale != 1.0 else y
-        head = self.embed if self.lm_head is None else self.lm_head
-        weight: torch.Tensor = head.weight  # type: ignore[assignment]
-        return y, weight, self.final_logits_bias
+        return y
 
     def forward(
         self,

@@ -650,8 +650,8 @@ def test_train_kernel_backends_set_the_defaults_for_each_run(monkeypatch: pytest
         assert (get_default_backend(), get_default_norm_backend()) == ("sdpa", "torch")
         monkeypatch.delenv("TANDEM_ATTENTION_BACKEND", raising=False)
         monkeypatch.delenv("TANDEM_NORM_BACKEND", raising=False)
-        _apply_kernel_backends(TrainConfig())
-        assert (get_default_backend(), get_default_norm_backend()) == ("auto", "auto")
+        _apply_kernel_backends(TrainConfig())  # the built-in defaults: Triton attention on CUDA, torch norms
+        assert (get_default_backend(), get_default_norm_backend()) == ("auto", "torch")
         monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "sdpa")
         monkeypatch.setenv("TANDEM_NORM_BACKEND", "torch")
         _apply_kernel_backends(TrainConfig())
@@ -663,6 +663,11 @@ def test_train_kernel_backends_set_the_defaults_for_each_run(monkeypatch: pytest
             assert "train.attention_backend='triton'" in str(err.value)
             assert "train.norm_backend='triton'" in str(err.value)
             assert (get_default_backend(), get_default_norm_backend()) == ("sdpa", "torch")  # untouched
+            monkeypatch.setenv("TANDEM_NORM_BACKEND", "triton")  # `auto` defers to it: refused just the same
+            with pytest.raises(
+                ConfigError, match=r"TANDEM_NORM_BACKEND \(train\.norm_backend=auto\)='triton'"
+            ):
+                _apply_kernel_backends(TrainConfig())
     finally:
         set_default_backend(previous[0])
         set_default_norm_backend(previous[1])

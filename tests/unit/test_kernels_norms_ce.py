@@ -245,6 +245,31 @@ def test_linear_cross_entropy_without_grad_is_the_loss_only():
     assert rel_err(loss, want) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_linear_cross_entropy_fp16_under_a_loss_scale(backend: str):
+    """fp16 training multiplies the loss by a scale (DeepSpeed starts at 2^16) so that small gradients
+    survive fp16. The fused loss forms its gradients in the forward: it must round them to fp16 unscaled
+    (|softmax - onehot| <= 1) and apply dloss / n_valid in fp32 in the backward; scaled by 1/n_valid first
+    they fall below fp16's normal range (~1e-3 / 2048 here), and 2^16 itself is inf in fp16.
+
+    Tolerance: relative to each gradient's largest element (they are ~1e-3, so the usual max(1, .) floor
+    would hide everything): fp16 rounding of dlogits and of the result, 2^-11 each, with fp32 sums: 4e-3."""
+    n, c, v = 2048, 32, 300
+    hidden = torch.randn(n, c, device=DEVICE).half().requires_grad_()
+    weight = (torch.randn(v, c, device=DEVICE) * 0.3).half().requires_grad_()
+    targets = make_targets(n, v)
+    loss = ce.linear_cross_entropy(hidden, weight, targets, chunk_size=512, backend=backend)
+    (loss * 2.0**16).backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = ce_reference(h64 @ w64.t(), targets)
+    want.backward()
+    assert rel_err(loss, want) < TOL[torch.float16]
+    for got, ref in ((hidden.grad, h64.grad), (weight.grad, w64.grad)):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        err = ((got.double() / 2.0**16 - ref).abs().max() / ref.abs().max()).item()
+        assert err < TOL[torch.float16], err
+
+
 def test_linear_cross_entropy_bf16_matches_fp64():
     """bf16 operands: the matmuls run in bf16 with fp32 accumulation (as F.linear), dW summed in fp32."""
     n, c, v = 40, 32, 300
@@ -279,16 +304,29 @@ def test_gpu_real_size_norms_and_ce_bf16():
 
 # ----------------------------------------------------------------------------- the models on these paths
 
-MODEL_PRESETS = ["gpt-tiny", "llama-tiny", "gpt-moe-tiny", "bert-tiny", "t5-tiny", "bart-tiny"]
+# (preset, extra overrides): tied and untied heads of every family, biases on the head (BERT's MLM bias,
+# BART's final_logits_bias), MoE auxiliary losses, and dropout (masks drawn in the same order on both paths).
+MODEL_CASES = {
+    "gpt-tied": ("gpt-tiny", ["model.dropout=0.1"]),
+    "llama-untied": ("llama-tiny", []),
+    "gpt-moe": ("gpt-moe-tiny", []),
+    "bert-tied": ("bert-tiny", ["model.dropout=0.1"]),
+    "bert-untied": ("bert-tiny", ["model.tie_embeddings=false"]),
+    "t5-tied": ("t5-tiny", []),
+    "t5-untied": ("t5-tiny", ["model.tie_embeddings=false", "model.dropout=0.1"]),
+    "bart-tied": ("bart-tiny", []),
+}
 
 
-def tiny_model_and_batch(preset: str, seed: int):
-    """A tiny model of the preset (vocab 96) and one batch of its objective's shape: causal LM labels
+def tiny_model_and_batch(case: str, seed: int):
+    """A tiny model of the case (vocab 96) and one batch of its objective's shape: causal LM labels
     (GPT), 15% masked labels (BERT), a target sequence (T5/BART); some labels are IGNORE (-100)."""
     from pretrain.config import load_config
     from pretrain.models import build_model
 
-    cfg = load_config(None, ["data.shards=unused", f"model.preset={preset}", "model.vocab_size=96"]).model
+    preset, extra = MODEL_CASES[case]
+    overrides = ["data.shards=unused", f"model.preset={preset}", "model.vocab_size=96", *extra]
+    cfg = load_config(None, overrides).model
     torch.manual_seed(seed)
     model = build_model(cfg).to(DEVICE)
     b, t = 2, 12
@@ -307,53 +345,71 @@ def tiny_model_and_batch(preset: str, seed: int):
     return model, batch
 
 
-def loss_and_grads(model, batch, **loss_kw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(model, batch, seed: int, **loss_kw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from pretrain.losses import LanguageModelLoss
 
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks on both paths
     loss = LanguageModelLoss(model, **loss_kw)(batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # fp32 against fp32 with the same operations in another order (chunked dW sums, unlabelled rows dropped
-# before the head, the norm kernels' row reductions): ~1e-7 relative per value; 1e-5 is the project's
-# parity bound (DESIGN.md) and leaves that margin.
+# before the head, the norm kernels' row reductions): seen up to 2e-6 (T5's gradients, through two stacks
+# and the cross-attention) over several seeds, 1e-7 typical. Each gradient is compared
+# relative to its own largest element (these gradients are ~1e-2, so rel_err's floor of 1 would make the
+# bound absolute), with a floor of 1e-3 x the model's largest gradient for tensors whose gradient is
+# nearly zero (a key bias's is exactly 0 in exact arithmetic). 1e-5 is the project's parity bound.
 MODEL_TOL = 1e-5
 
 
-@pytest.mark.parametrize("preset", MODEL_PRESETS)
-def test_chunked_loss_trains_like_full_logits(preset: str, seed: int):
+def grad_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    assert sorted(got) == sorted(want)
+    floor = 1e-3 * max(g.abs().max().item() for g in want.values())
+    return {
+        n: ((got[n].double() - want[n].double()).abs().max() / max(want[n].abs().max().item(), floor)).item()
+        for n in want
+    }
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs() / want.double().abs()).item()
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_chunked_loss_trains_like_full_logits(case: str, seed: int):
     """train.loss_chunk_size: the output projection fused into the loss (5 labelled tokens a chunk) gives
     the loss and every parameter gradient of logits-then-cross-entropy: tied and untied heads, T5's
-    rescaled tied head, BERT's MLM bias, BART's final_logits_bias, the MoE auxiliary losses."""
-    model, batch = tiny_model_and_batch(preset, seed)
-    want_loss, want = loss_and_grads(model, batch)
-    got_loss, got = loss_and_grads(model, batch, loss_chunk_size=5)
-    assert sorted(got) == sorted(want)
-    assert rel_err(got_loss, want_loss) < MODEL_TOL
-    errs = {n: rel_err(got[n], want[n]) for n in want}
-    assert max(errs.values()) < MODEL_TOL, max(errs.items(), key=lambda kv: kv[1])
+    rescaled tied head, BERT's MLM bias, BART's final_logits_bias, the MoE auxiliary losses, dropout."""
     from pretrain.losses import LanguageModelLoss
 
+    model, batch = tiny_model_and_batch(case, seed)
+    want_loss, want = loss_and_grads(model, batch, seed)
+    got_loss, got = loss_and_grads(model, batch, seed, loss_chunk_size=5)
+    assert rel(got_loss, want_loss) < MODEL_TOL
+    errs = grad_errors(got, want)
+    assert max(errs.values()) < MODEL_TOL, max(errs.items(), key=lambda kv: kv[1])
+    model.eval()
     with torch.no_grad():  # validation: the loss only (no gradient formed), same value
-        assert rel_err(LanguageModelLoss(model, loss_chunk_size=5)(batch), want_loss) < MODEL_TOL
+        full = LanguageModelLoss(model)(batch)
+        assert rel(LanguageModelLoss(model, loss_chunk_size=5)(batch), full) < MODEL_TOL
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "bert-tiny", "t5-tiny", "bart-tiny"])
-def test_fused_norms_train_like_torch_norms(preset: str, seed: int):
+@pytest.mark.parametrize("case", ["llama-untied", "bert-untied", "t5-tied", "bart-tied"])
+def test_fused_norms_train_like_torch_norms(case: str, seed: int):
     """train.norm_backend=triton: every RMSNorm (Llama, T5) / LayerNorm (BERT, BART: embedding, block,
     MLM-head norms) of the model runs the kernels (interpreted on CPU); loss and gradients as torch's."""
     from pretrain.kernels import set_default_norm_backend
 
-    model, batch = tiny_model_and_batch(preset, seed)
-    want_loss, want = loss_and_grads(model, batch)
+    model, batch = tiny_model_and_batch(case, seed)
+    want_loss, want = loss_and_grads(model, batch, seed)
     previous = set_default_norm_backend("triton")
     try:
-        got_loss, got = loss_and_grads(model, batch)
+        got_loss, got = loss_and_grads(model, batch, seed)
     finally:
         set_default_norm_backend(previous)
-    assert rel_err(got_loss, want_loss) < MODEL_TOL
-    errs = {n: rel_err(got[n], want[n]) for n in want}
+    assert rel(got_loss, want_loss) < MODEL_TOL
+    errs = grad_errors(got, want)
     assert max(errs.values()) < MODEL_TOL, max(errs.items(), key=lambda kv: kv[1])
     assert any(not torch.equal(got[n], want[n]) for n in want)  # other sums: the kernels really ran
