@@ -26,7 +26,12 @@ dropout-free models scale these: see activation_bytes_per_layer):
     full recompute:      2·s·b·h                               with SP: 2·s·b·h/t
 Full recompute also needs one layer's un-recomputed activations while that layer is recomputed (added
 as `recompute_working`). The last stage keeps the output layer's 4·s·b·h/t·(1 + v/h) (final norm,
-logits, cross-entropy; §4.3). With 1F1B pipelining the first stage holds min(pp, m) micro-batches in
+logits, cross-entropy; §4.3: the norm's and the head's 16-bit inputs, 2·2·s·b·h, and the fp32 logits;
+fp32 training keeps those inputs at 4 bytes). With the LM head fused into the loss (`loss_chunk_size`
+c > 0, tp = 1), the s·b·v fp32 logits give way to one chunk's, 4·c·v (plus the 16-bit product they are
+rounded from, 2·c·v), and to the gradients the fused loss forms in its forward and keeps for the
+backward: dhidden (s·b·h values, in place of the head's input, which it does not keep) and dweight in
+fp32 (4·v·h). With 1F1B pipelining the first stage holds min(pp, m) micro-batches in
 flight (§4.2.3: p micro-batches); without pipelining, one.
 
 Step time is a coarse model for ranking layouts, not a prediction: compute at `efficiency`·peak, the
@@ -118,6 +123,7 @@ class Layout:
     recompute: Recompute = "none"
     offload_optimizer: bool = False
     offload_params: bool = False
+    loss_chunk_size: int = 0  # > 0: the LM head fused into the loss, this many tokens a chunk (tp = 1)
 
     @property
     def world_size(self) -> int:
@@ -125,6 +131,8 @@ class Layout:
 
     def describe(self) -> str:
         extras = ["sp" if self.sequence_parallel else "", f"recompute={self.recompute}"]
+        if self.loss_chunk_size:
+            extras.append(f"loss-chunk={self.loss_chunk_size}")
         if self.offload_optimizer:
             extras.append("offload-opt")
         if self.offload_params:
@@ -302,7 +310,18 @@ def estimate_memory(shape: ModelShape, layout: Layout, *, precision: Precision =
             bytes_per_value=value_bytes,
             dropout=shape.dropout,
         )
-    output = 4.0 * sbh / t * (1.0 + shape.vocab_size / shape.hidden_size)
+    if layout.loss_chunk_size > 0:
+        if t > 1 or p > 1:
+            raise PlanError(f"loss_chunk_size={layout.loss_chunk_size} needs tp=1 and pp=1 (tp={t}, pp={p})")
+        chunk = min(layout.loss_chunk_size, shape.seq_len * layout.micro_batch_size)
+        logit_bytes = 4 + (value_bytes if value_bytes < 4 else 0)  # fp32 logits (+ the 16-bit product)
+        output = (
+            2.0 * value_bytes * sbh  # the final norm's input, and dhidden in place of the head's input
+            + float(logit_bytes) * chunk * shape.vocab_size
+            + 4.0 * shape.vocab_size * shape.hidden_size  # dweight, fp32
+        )
+    else:  # the final norm's and the head's inputs, and the fp32 logits
+        output = (2.0 * value_bytes * sbh + 4.0 * sbh * shape.vocab_size / shape.hidden_size) / t
     in_flight = {"first": min(p, layout.num_micro_batches) if p > 1 else 1, "last": 1}
     best: MemoryEstimate | None = None
     for stage in ("first", "last") if p > 1 else ("first",):

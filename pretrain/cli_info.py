@@ -153,6 +153,7 @@ def _memory(cfg: Any, *, seq_len: int, dp: int, notes: list[str]) -> tuple[dict,
         num_micro_batches=micro_batches,
         sequence_parallel=par.sequence_parallel,
         recompute=par.activation_checkpointing,
+        loss_chunk_size=train.loss_chunk_size,
     )
     described = {
         "tp": par.tp,
@@ -164,6 +165,7 @@ def _memory(cfg: Any, *, seq_len: int, dp: int, notes: list[str]) -> tuple[dict,
         "sequence_parallel": par.sequence_parallel,
         "recompute": layout.recompute,
         "precision": train.precision,
+        "loss_chunk_size": train.loss_chunk_size,
     }
     try:
         shape = model_shape(cfg.model, seq_len=seq_len)
@@ -194,6 +196,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
         f"layout            tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} zero={lay['zero_stage']} "
         f"micro_batch={lay['micro_batch_size']} micro_batches={lay['num_micro_batches']} "
         f"sp={'on' if lay['sequence_parallel'] else 'off'} recompute={lay['recompute']} {lay['precision']}"
+        + (f" loss_chunk={lay['loss_chunk_size']}" if lay.get("loss_chunk_size") else "")
     )
     mem = info.get("memory_gb")
     if mem is not None:
