@@ -293,7 +293,7 @@ class TrainConfig:
         0,
         "0: the model's logits, then the cross-entropy; N > 0: the output projection and the cross-entropy "
         "fused, N labelled tokens at a time (Triton on CUDA), so the (tokens x vocab) fp32 logits are never "
-        "held (GPT, BERT, T5/BART with their plain objectives; tp=1, pp=1, zero_stage < 3, no z_loss)",
+        "held (GPT, BERT, T5/BART with their plain objectives, z-loss included; tp=1, pp=1, zero_stage < 3)",
     )
     progress: bool = _f(True, "console progress bar on rank 0")
     loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
@@ -596,8 +596,6 @@ def _loss_chunk_problems(cfg: Config) -> list[str]:
             f"{head} with parallel.zero_stage=3: not verified under ZeRO-3's parameter partitioning (the "
             "head's weight gradient is formed during the forward); use 0"
         )
-    if _nums(m.z_loss) and m.z_loss > 0:
-        p.append(f"{head} with model.z_loss={m.z_loss}: the z-loss needs the logits; use 0")
     from pretrain.models import OBJECTIVE_MODELS
 
     if m.objective in OBJECTIVE_MODELS:

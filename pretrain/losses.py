@@ -41,19 +41,24 @@ def fused_token_cross_entropy(
     labels: torch.Tensor,
     *,
     chunk_size: int,
-) -> torch.Tensor:
+    z_loss: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_cross_entropy(F.linear(hidden, weight, bias), labels)` with the output projection fused into
     the loss, `chunk_size` tokens at a time (pretrain.kernels.linear_cross_entropy: the (tokens x vocab) fp32
-    logits never exist). Only the labelled positions reach the projection, which is exact (the others add
-    neither loss nor gradient) and saves most of the head's FLOPs for masked LM (~15% of tokens labelled).
-    hidden: (..., C); weight: (V, C); bias: (V,) or None; labels: (...)."""
+    logits never exist), plus `z_loss` times the z-loss (see `z_loss` below) of the same logits. Only the
+    labelled positions reach the projection, which is exact (the others add neither loss nor gradient) and
+    saves most of the head's FLOPs for masked LM (~15% of tokens labelled).
+    hidden: (..., C); weight: (V, C); bias: (V,) or None; labels: (...). Returns (loss, the z-loss metric:
+    mean log(Z)^2 before the coefficient, not differentiable)."""
     from pretrain.kernels.cross_entropy import linear_cross_entropy
 
     hidden2, labels2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     keep = (labels2 != IGNORE_INDEX).nonzero().squeeze(1)
     if keep.numel() < labels2.numel():
         hidden2, labels2 = hidden2.index_select(0, keep), labels2.index_select(0, keep)
-    return linear_cross_entropy(hidden2, weight, labels2, bias=bias, chunk_size=chunk_size)
+    return linear_cross_entropy(  # type: ignore[return-value]
+        hidden2, weight, labels2, bias=bias, chunk_size=chunk_size, z_loss=z_loss, return_z=True
+    )
 
 
 def add_moe_losses(model: nn.Module, loss: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
@@ -106,19 +111,25 @@ class LanguageModelLoss(nn.Module):
             return loss
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         self.metrics = {}
+        # The z-loss is a training regularizer: validation loss stays the cross-entropy.
+        z_coef = (
+            float(getattr(getattr(self.model, "config", None), "z_loss", 0.0) or 0.0)
+            if self.training
+            else 0.0
+        )
         if self.loss_chunk_size > 0:
             hidden, weight, bias = self.model.lm_head_inputs(**inputs)  # type: ignore[operator]
-            loss = fused_token_cross_entropy(
-                hidden, weight, bias, batch["labels"], chunk_size=self.loss_chunk_size
+            loss, z = fused_token_cross_entropy(
+                hidden, weight, bias, batch["labels"], chunk_size=self.loss_chunk_size, z_loss=z_coef
             )
-            return add_moe_losses(self.model, loss, self.metrics) if self.training else loss
-        logits = self.model(**inputs)  # (B, T, V), or (B, T, V/tp) under tensor parallelism
-        loss = token_cross_entropy(logits, batch["labels"], tp_group=self.tp_group, tp_size=self.tp_size)
-        z_coef = float(getattr(getattr(self.model, "config", None), "z_loss", 0.0) or 0.0)
-        if z_coef > 0 and self.training:  # a training regularizer: validation loss stays the cross-entropy
-            z = z_loss(logits, batch["labels"], tp_size=self.tp_size)
+        else:
+            logits = self.model(**inputs)  # (B, T, V), or (B, T, V/tp) under tensor parallelism
+            loss = token_cross_entropy(logits, batch["labels"], tp_group=self.tp_group, tp_size=self.tp_size)
+            if z_coef > 0:
+                z = z_loss(logits, batch["labels"], tp_size=self.tp_size)
+                loss = loss + z_coef * z
+        if z_coef > 0:
             self.metrics = {"z_loss": float(z.detach())}
-            loss = loss + z_coef * z
         if self.training:  # like the z-loss, a training regularizer: validation loss stays the CE
             loss = add_moe_losses(self.model, loss, self.metrics)
         return loss

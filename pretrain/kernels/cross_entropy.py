@@ -34,12 +34,14 @@ IGNORE_INDEX = -100
 
 @triton.jit
 def _ce_kernel(
-    LOGITS, GRAD, TARGETS, LOSS,
-    stride_l, stride_g, n_cols, grad_scale, ignore_index,
+    LOGITS, GRAD, TARGETS, LOSS, LSE,
+    stride_l, stride_g, n_cols, grad_scale, z_coef, ignore_index,
     BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Row r: LOSS[r] = logsumexp(logits_r) - logits_r[t]; GRAD[r] = (softmax(logits_r) - onehot(t)) *
-    grad_scale; both 0 for an ignored row. GRAD may alias LOGITS (each block is read before written)."""
+    """Row r: LOSS[r] = logsumexp(logits_r) - logits_r[t], LSE[r] = logsumexp(logits_r); GRAD[r] =
+    (softmax(logits_r) * (1 + 2 z_coef LSE[r]) - onehot(t)) * grad_scale, the gradient of the loss plus
+    z_coef * LSE[r]^2 (PaLM's z-loss); all 0 for an ignored row. GRAD may alias LOGITS (each block is read
+    before written)."""
     row = tl.program_id(0)
     target = tl.load(TARGETS + row)
     cols0 = tl.arange(0, BLOCK_V)
@@ -51,6 +53,7 @@ def _ce_kernel(
             tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(GRAD.dtype.element_ty),
                      mask=cols < n_cols)  # fmt: skip
         tl.store(LOSS + row, 0.0)
+        tl.store(LSE + row, 0.0)
     else:
         m = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)  # per-lane running max
         s = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane running sum of exp(x - m)
@@ -65,10 +68,12 @@ def _ce_kernel(
         lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
         x_target = tl.load(logits_row + target).to(tl.float32)
         tl.store(LOSS + row, lse - x_target)
+        tl.store(LSE + row, lse)
+        p_scale = 1.0 + 2.0 * z_coef * lse  # d(z lse^2)/dx = 2 z lse softmax(x)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + cols0
             x = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            g = tl.exp(x - lse) * p_scale - tl.where(cols == target, 1.0, 0.0)
             tl.store(grad_row + cols, (g * grad_scale).to(GRAD.dtype.element_ty), mask=cols < n_cols)
 
 
@@ -81,33 +86,44 @@ def _empty(shape, *, dtype: torch.dtype, device: torch.device, stride=None) -> t
 
 
 def _ce_rows(
-    logits: torch.Tensor, targets: torch.Tensor, grad_scale: float, *, inplace: bool, use_triton: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses (N,) fp32 and dlogits (N, V) = (softmax - onehot) * grad_scale, 0 on ignored rows."""
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    grad_scale: float,
+    *,
+    inplace: bool,
+    use_triton: bool,
+    z_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,) and log-sum-exps (N,), fp32, and dlogits (N, V) = (softmax (1 + 2 z_coef lse) -
+    onehot) * grad_scale (the gradient of loss + z_coef lse^2); all 0 on ignored rows."""
     if use_triton:
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
         grad = logits if inplace else _empty(logits.shape, device=logits.device, dtype=logits.dtype)
         losses = _empty((logits.shape[0],), device=logits.device, dtype=torch.float32)
+        lse = _empty((logits.shape[0],), device=logits.device, dtype=torch.float32)
         block_v = min(triton.next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
         opts = {"num_warps": 8} if logits.is_cuda else {}  # untuned
         _ce_kernel[(logits.shape[0],)](
-            logits, grad, targets, losses, logits.stride(0), grad.stride(0), logits.shape[1],
-            grad_scale, IGNORE_INDEX, BLOCK_V=block_v, **opts,
+            logits, grad, targets, losses, lse, logits.stride(0), grad.stride(0), logits.shape[1],
+            grad_scale, z_coef, IGNORE_INDEX, BLOCK_V=block_v, **opts,
         )  # fmt: skip
-        return losses, grad
+        return losses, grad, lse
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)  # (N,)
     keep = targets != IGNORE_INDEX
+    lse = torch.logsumexp(x, dim=-1)  # (N,)
     safe_t = targets.clamp(min=0)
     losses = (lse - x.gather(1, safe_t[:, None]).squeeze(1)) * keep
     grad = torch.exp(x - lse[:, None])
+    if z_coef:
+        grad *= 1.0 + 2.0 * z_coef * lse[:, None]
+    lse = lse * keep
     grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(grad[:, :1]))
     grad = grad * (keep[:, None] * grad_scale)
     if inplace:
         logits.copy_(grad)
-        return losses, logits
-    return losses, grad.to(logits.dtype)
+        return losses, logits, lse
+    return losses, grad.to(logits.dtype), lse
 
 
 def _use_triton(x: torch.Tensor, backend: CEBackend) -> bool:
@@ -126,7 +142,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, inplace: bool, use_triton: bool):  # type: ignore[override]
         n_valid = int((targets != IGNORE_INDEX).sum())
-        losses, grad = _ce_rows(
+        losses, grad, _ = _ce_rows(
             logits, targets, 1.0 / max(n_valid, 1), inplace=inplace, use_triton=use_triton
         )
         ctx.save_for_backward(grad)
@@ -159,12 +175,15 @@ fused_cross_entropy = (
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, hidden, weight, bias, targets, chunk_size: int, use_triton: bool, need_grads: bool
+        ctx, hidden, weight, bias, targets, chunk_size: int, use_triton: bool, need_grads: bool, z_coef: float
     ):
+        """-> (mean CE + z_coef * mean lse^2, mean lse^2), both over the non-ignored rows; the second is a
+        metric (not differentiable)."""
         n = hidden.shape[0]
         n_valid = int((targets != IGNORE_INDEX).sum())
         scale = 1.0 / max(n_valid, 1)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        z_total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         # The matmuls run in the operands' dtype with fp32 accumulation, as F.linear does: bf16 weights
         # use the tensor cores (an fp32 matmul of the same size runs ~10x slower on an H100/H200). The
         # logits are rounded to fp32 once formed, and dlogits back to the operands' dtype for the two
@@ -174,22 +193,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunks = [
             (s, hidden[s : s + chunk_size], targets[s : s + chunk_size]) for s in range(0, n, chunk_size)
         ]
-        if not need_grads:  # evaluation: the loss only
-            for _, h, t in chunks:
-                logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
-                total += _ce_rows(logits, t, scale, inplace=True, use_triton=use_triton)[0].sum()
-            return total * scale
-        # The gradients are formed here unscaled, dlogits = softmax - onehot (|x| <= 1), and multiplied by
-        # dloss / n_valid only in the backward, in fp32: scaled here they would be rounded to fp16 before
-        # the loss scale reaches them (1e-4 / 16k tokens is below fp16's normal range), which is what the
-        # loss scale exists to prevent.
-        dhidden = torch.empty_like(hidden)
-        dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if bias is not None else None
+        # The gradients are formed here unscaled, dlogits = softmax (1 + 2 z lse) - onehot (|x| <= 1 + 2 z
+        # lse), and multiplied by dloss / n_valid only in the backward, in fp32: scaled here they would be
+        # rounded to fp16 before the loss scale reaches them (1e-4 / 16k tokens is below fp16's normal
+        # range), which is what the loss scale exists to prevent.
+        dhidden = torch.empty_like(hidden) if need_grads else None
+        dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grads else None
+        dbias = (
+            torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
+            if need_grads and bias is not None
+            else None
+        )
         for start, h, t in chunks:
             logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
-            losses, dlogits = _ce_rows(logits, t, 1.0, inplace=True, use_triton=use_triton)
+            losses, dlogits, lse = _ce_rows(
+                logits, t, 1.0, inplace=True, use_triton=use_triton, z_coef=z_coef
+            )
             total += losses.sum()
+            z_total += lse.square().sum()
+            if dhidden is None or dweight is None:  # evaluation: the loss only
+                continue
             if dbias is not None:
                 dbias += dlogits.sum(0)  # fp32, before the rounding the matmuls see
             dlogits = dlogits.to(hidden.dtype)  # a no-op for fp32 operands
@@ -198,21 +221,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dweight.addmm_(dlogits.t(), h)
             else:  # a half-precision product rounded once, summed over chunks in fp32
                 dweight += (dlogits.t() @ h).float()
-        ctx.save_for_backward(dhidden, dweight, dbias)
-        ctx.scale = scale
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return total * scale
+        z_mean = z_total * scale
+        ctx.mark_non_differentiable(z_mean)
+        if dhidden is not None:
+            ctx.save_for_backward(dhidden, dweight, dbias)
+            ctx.scale = scale
+            ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total * scale + z_coef * z_mean, z_mean
 
     @staticmethod
-    def backward(ctx, dloss):  # type: ignore[override]
+    def backward(ctx, dloss, _dz):  # type: ignore[override]
         if not ctx.saved_tensors:  # the forward ran without gradients wanted
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         factor = dloss.float() * ctx.scale  # fp32: an fp16 loss scale of 2^16 would overflow to inf
         grads = [
             (g.float() * factor).to(dtype) if g is not None else None
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -223,12 +249,17 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_size: int = 4096,
     backend: CEBackend = "auto",
-) -> torch.Tensor:
+    z_loss: float = 0.0,
+    return_z: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of F.linear(hidden, weight, bias) against targets, never holding all the logits.
 
     hidden: (N, C) or (B, T, C); weight: (V, C) (the LM head / tied embedding); bias: (V,) or None;
-    targets: (N,) or (B, T), ignore_index=-100. When gradients are wanted they are computed during the
-    forward, chunk by chunk (the backward only scales them); under torch.no_grad only the loss is."""
+    targets: (N,) or (B, T), ignore_index=-100. `z_loss` > 0 adds z_loss * mean(logsumexp^2) (PaLM's z-loss)
+    over the same rows, its gradient folded into the same pass; `return_z=True` also returns that mean
+    (before the coefficient, not differentiable) as a second value. When gradients are wanted they are
+    computed during the forward, chunk by chunk (the backward only scales them); under torch.no_grad only
+    the loss is."""
     c = hidden.shape[-1]
     hidden2, targets2 = hidden.reshape(-1, c), targets.reshape(-1)
     if (
@@ -243,12 +274,16 @@ def linear_cross_entropy(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+    if z_loss < 0:
+        raise ValueError(f"z_loss={z_loss}: must be >= 0")
     need_grads = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias)
     )
-    return _LinearCrossEntropy.apply(
-        hidden2, weight, bias, targets2.contiguous(), chunk_size, _use_triton(hidden2, backend), need_grads
-    )
+    loss, z_mean = _LinearCrossEntropy.apply(
+        hidden2, weight, bias, targets2.contiguous(), chunk_size, _use_triton(hidden2, backend), need_grads,
+        float(z_loss),
+    )  # fmt: skip
+    return (loss, z_mean) if return_z else loss
 
 
 def reference_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -175,10 +175,6 @@ BAD_CONFIGS = {
         ["train.loss_chunk_size=1024", "parallel.zero_stage=3"],
         ("train.loss_chunk_size=1024", "parallel.zero_stage=3"),
     ),
-    "loss_chunk_with_z_loss": (
-        ["train.loss_chunk_size=1024", "model.z_loss=0.0001"],
-        ("train.loss_chunk_size=1024", "model.z_loss=0.0001", "logits"),
-    ),
     "loss_chunk_with_own_losses": (
         ["train.loss_chunk_size=1024", "model.preset=electra-tiny"],
         ("train.loss_chunk_size=1024", "model.objective='electra'", "own losses"),

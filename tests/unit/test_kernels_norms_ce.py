@@ -212,6 +212,30 @@ def test_linear_cross_entropy_with_bias_matches_fp64(backend: str):
     assert max(errs) < TOL[torch.float32], errs
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_linear_cross_entropy_with_z_loss_matches_fp64(backend: str):
+    """PaLM's z-loss folded into the same pass: loss = CE + c * mean(lse^2) over the non-ignored rows, its
+    gradient 2 c lse softmax added to the CE's; the metric is mean(lse^2). c = 0.3 (PaLM uses 1e-4) so
+    the z-term carries a visible share of every gradient."""
+    n, c, v, coef = 21, 16, 70, 0.3
+    hidden = torch.randn(n, c, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(v, c, device=DEVICE) * 0.5).requires_grad_()
+    targets = make_targets(n, v)
+    loss, z = ce.linear_cross_entropy(
+        hidden, weight, targets, chunk_size=8, backend=backend, z_loss=coef, return_z=True
+    )
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    logits = h64 @ w64.t()
+    keep = targets != -100
+    z_want = (torch.logsumexp(logits, -1)[keep] ** 2).mean()
+    want = ce_reference(logits, targets) + coef * z_want
+    want.backward()
+    assert z.grad_fn is None and rel_err(z, z_want) < TOL[torch.float32]
+    errs = [rel_err(loss, want), rel_err(hidden.grad, h64.grad), rel_err(weight.grad, w64.grad)]
+    assert max(errs) < TOL[torch.float32], errs
+
+
 def test_linear_cross_entropy_without_grad_is_the_loss_only():
     """Under torch.no_grad (validation) only the logits matmul runs, one per chunk (with gradients wanted
     there are three: logits, dhidden, dweight); the loss is the same."""
@@ -315,6 +339,7 @@ MODEL_CASES = {
     "t5-tied": ("t5-tiny", []),
     "t5-untied": ("t5-tiny", ["model.tie_embeddings=false", "model.dropout=0.1"]),
     "bart-tied": ("bart-tiny", []),
+    "palm-z-loss": ("palm-tiny", ["model.z_loss=0.1"]),  # 1e-4 in the preset; 0.1 to weigh in the gradients
 }
 
 
@@ -345,14 +370,19 @@ def tiny_model_and_batch(case: str, seed: int):
     return model, batch
 
 
-def loss_and_grads(model, batch, seed: int, **loss_kw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model, batch, seed: int, **loss_kw
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """The loss, every parameter's gradient, and the loss's extra metrics (z_loss, MoE routing)."""
     from pretrain.losses import LanguageModelLoss
 
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the same dropout masks on both paths
-    loss = LanguageModelLoss(model, **loss_kw)(batch)
+    wrapped = LanguageModelLoss(model, **loss_kw)
+    loss = wrapped(batch)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, dict(wrapped.metrics)
 
 
 # fp32 against fp32 with the same operations in another order (chunked dW sums, unlabelled rows dropped
@@ -381,13 +411,21 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_chunked_loss_trains_like_full_logits(case: str, seed: int):
     """train.loss_chunk_size: the output projection fused into the loss (5 labelled tokens a chunk) gives
     the loss and every parameter gradient of logits-then-cross-entropy: tied and untied heads, T5's
-    rescaled tied head, BERT's MLM bias, BART's final_logits_bias, the MoE auxiliary losses, dropout."""
+    rescaled tied head, BERT's MLM bias, BART's final_logits_bias, the MoE auxiliary losses, PaLM's z-loss
+    (and the metrics they report), dropout."""
     from pretrain.losses import LanguageModelLoss
 
     model, batch = tiny_model_and_batch(case, seed)
-    want_loss, want = loss_and_grads(model, batch, seed)
-    got_loss, got = loss_and_grads(model, batch, seed, loss_chunk_size=5)
+    want_loss, want, want_metrics = loss_and_grads(model, batch, seed)
+    got_loss, got, got_metrics = loss_and_grads(model, batch, seed, loss_chunk_size=5)
     assert rel(got_loss, want_loss) < MODEL_TOL
+    assert sorted(got_metrics) == sorted(want_metrics)
+    for key, value in want_metrics.items():
+        assert abs(got_metrics[key] - value) <= MODEL_TOL * max(abs(value), 1e-6), (
+            key,
+            got_metrics[key],
+            value,
+        )
     errs = grad_errors(got, want)
     assert max(errs.values()) < MODEL_TOL, max(errs.items(), key=lambda kv: kv[1])
     model.eval()
@@ -403,10 +441,10 @@ def test_fused_norms_train_like_torch_norms(case: str, seed: int):
     from pretrain.kernels import set_default_norm_backend
 
     model, batch = tiny_model_and_batch(case, seed)
-    want_loss, want = loss_and_grads(model, batch, seed)
+    want_loss, want, _ = loss_and_grads(model, batch, seed)
     previous = set_default_norm_backend("triton")
     try:
-        got_loss, got = loss_and_grads(model, batch, seed)
+        got_loss, got, _ = loss_and_grads(model, batch, seed)
     finally:
         set_default_norm_backend(previous)
     assert rel(got_loss, want_loss) < MODEL_TOL
