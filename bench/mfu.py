@@ -6,7 +6,9 @@ bf16, LR schedule, metrics) on the built-in sample corpus; only the kernels diff
 * `sdpa`: PyTorch scaled_dot_product_attention, PyTorch norms, full logits then the cross-entropy;
 * `triton`: Tandem's Triton attention, otherwise as sdpa;
 * `fused`: Triton attention, Triton RMSNorm/LayerNorm (train.norm_backend=triton) and the LM head fused
-  into the loss (train.loss_chunk_size, default 4096 tokens a chunk: no (tokens x vocab) fp32 logits).
+  into the loss (train.loss_chunk_size, default 4096 tokens a chunk: no (tokens x vocab) fp32 logits);
+* `sdpa-loop`: as sdpa with AdamW's for-loop kernels (optimizer.implementation=for-loop, what the
+  2026-11-26 figures ran) instead of the fused AdamW every other variant gets on a GPU.
  The figures are read from the run's own metrics.jsonl:
 tokens/s and MFU per logged window, the first window (compilation, autotuning, allocator warm-up)
 excluded, median over the rest. MFU is model FLOPs (pretrain/flops.py: 6·N + 12·L·H·d·T per token,
@@ -18,7 +20,7 @@ GPT-2-sized vocabulary (50304, padded beyond the sample tokenizer's pieces, so t
 costs in a real run).
 
 Usage: python bench/mfu.py [--model-preset gpt-350m] [--seq-len 2048] [--micro-batch-size 16]
-       [--steps 40] [--backends fused,triton,sdpa] [--loss-chunk-size 4096]
+       [--steps 40] [--backends fused,sdpa,sdpa-loop] [--loss-chunk-size 4096]
 Needs CUDA; on a machine without it the script says so and exits 0. Results go to docs/benchmarks.md.
 """
 
@@ -42,6 +44,12 @@ RUN_CONFIG = REPO_ROOT / "configs" / "runs" / "smoke-gpt.yaml"
 def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
     variants = {
         "sdpa": ["train.attention_backend=sdpa", "train.norm_backend=torch", "train.loss_chunk_size=0"],
+        "sdpa-loop": [
+            "train.attention_backend=sdpa",
+            "train.norm_backend=torch",
+            "train.loss_chunk_size=0",
+            "optimizer.implementation=for-loop",
+        ],
         "triton": ["train.attention_backend=triton", "train.norm_backend=torch", "train.loss_chunk_size=0"],
         "fused": [
             "train.attention_backend=triton",

@@ -248,6 +248,12 @@ class OptimizerConfig:
     weight_decay_end: float | None = _f(None, "weight decay at the end of the ramp; null means constant")
     weight_decay_style: Literal["constant", "linear", "cosine"] = _f("constant", "weight-decay ramp shape")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables")
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = _f(
+        "auto",
+        "torch AdamW's kernels: 'fused' (one kernel per step over each tensor), 'foreach' (multi-tensor ops), "
+        "'for-loop' (a few elementwise ops per tensor); 'auto' = fused on CUDA, for-loop elsewhere (parallel."
+        "cpu_adam runs DeepSpeed's CPU Adam instead)",
+    )
 
 
 @dataclass

@@ -228,7 +228,7 @@ def _run(
     from pretrain.distributed import init_distributed
     from pretrain.metrics import MetricsLogger
     from pretrain.preemption import StopFlag
-    from pretrain.train import build_scheduler
+    from pretrain.train import adamw, build_scheduler
 
     rank, world, _ = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     topo = Topology.build(tp=1, pp=1)
@@ -257,16 +257,7 @@ def _run(
     optimizers: list[torch.optim.Optimizer] = []
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-        o = ft.optimizer
-        optimizers.append(
-            torch.optim.AdamW(
-                param_groups(module, o.weight_decay),
-                lr=o.lr,
-                betas=(o.beta1, o.beta2),
-                eps=o.eps,
-                foreach=False,
-            )
-        )
+        optimizers.append(adamw(param_groups(module, ft.optimizer.weight_decay), ft.optimizer))
         return optimizers[-1]
 
     engine, _ = parallelize(

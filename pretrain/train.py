@@ -27,6 +27,7 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.config import (
     Config,
     ConfigError,
+    OptimizerConfig,
     TrainConfig,
     config_to_dict,
     save_config,
@@ -157,13 +158,7 @@ def train(cfg: Config) -> TrainResult:
                 adamw_mode=True,
             )
         else:
-            optimizer = torch.optim.AdamW(
-                param_groups(module, o.weight_decay),
-                lr=o.lr,
-                betas=(o.beta1, o.beta2),
-                eps=o.eps,
-                foreach=False,
-            )
+            optimizer = adamw(param_groups(module, o.weight_decay), o)
         gates.append(OptimizerGate(optimizer))
         return optimizer
 
@@ -505,6 +500,21 @@ def _apply_kernel_backends(t_cfg: TrainConfig) -> None:
         raise ConfigError(problems)
     for (_, _, default, _), chosen in zip(keys, resolved, strict=True):
         default.set(chosen)
+
+
+def adamw(groups: list[dict], o: OptimizerConfig) -> torch.optim.AdamW:
+    """torch AdamW with optimizer.implementation's kernels. 'auto' is fused when DeepSpeed trains on a GPU
+    (the parameters are still on the host here; the engine moves them): one kernel per tensor instead of
+    ~10 elementwise ones, which matters most for the flattened fp32 master weights DeepSpeed's ZeRO/bf16
+    optimizers hand it. Elsewhere the for-loop stays the default: the bare-PyTorch baseline
+    (bench/train_throughput.py) and the CPU parity and resume checks were set up with it."""
+    impl = o.implementation
+    if impl == "auto":
+        from deepspeed.accelerator import get_accelerator
+
+        impl = "fused" if get_accelerator().device_name() == "cuda" else "for-loop"
+    kernels = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernels)
 
 
 @torch.no_grad()
