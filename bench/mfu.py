@@ -120,7 +120,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none")
     parser.add_argument(
-        "--backends", default="fused,triton,sdpa", help="fused | triton | sdpa, the last is the base"
+        "--backends",
+        default="fused,sdpa,sdpa-loop",
+        help="fused | triton | sdpa | sdpa-loop; the last is the base",
     )
     parser.add_argument("--loss-chunk-size", type=int, default=4096, help="train.loss_chunk_size of `fused`")
     parser.add_argument("--docs", type=int, default=20000)

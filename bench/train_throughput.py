@@ -11,7 +11,8 @@ every run. This script measures that cost directly, in one invocation:
   TensorBoard writes happen after a window's clock stops, as in `pretrain.train.train`.
 * **bare PyTorch**: another subprocess (this file with `--bare-worker`) builds the same model with
   `pretrain.models.build_model` from the same config and seed, `torch.optim.AdamW` with the same two
-  parameter groups, lr, betas and eps (`foreach=False`, as Tandem), `clip_grad_norm_`, the same fp32
+  parameter groups, lr, betas and eps (`foreach=False`; Tandem is pinned to the same for-loop AdamW,
+  `optimizer.implementation=for-loop`), `clip_grad_norm_`, the same fp32
   cross-entropy and gradient accumulation. It trains on the *same* batches as Tandem, produced by
   Tandem's loader but pre-loaded into memory before the clock starts, so data loading is excluded
   from the baseline and the ratio is conservative (it charges Tandem for its loader).
@@ -78,6 +79,7 @@ def config_overrides(args: argparse.Namespace, shards: Path) -> list[str]:
         f"train.steps={args.log_interval + args.steps}",
         f"train.log_interval={args.log_interval}",
         "train.precision=fp32",
+        "optimizer.implementation=for-loop",  # the bare side's AdamW (foreach=False), also on a GPU
         "parallel.zero_stage=0",
         # A constant lr makes both sides do identical arithmetic (Tandem still runs its scheduler).
         "optimizer.warmup_steps=0",

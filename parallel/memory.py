@@ -31,7 +31,7 @@ fp32 training keeps those inputs at 4 bytes). With the LM head fused into the lo
 c > 0, tp = 1), the s·b·v fp32 logits give way to one chunk's, 4·c·v (plus the 16-bit product they are
 rounded from, 2·c·v), and to the gradients the fused loss forms in its forward and keeps for the
 backward: dhidden (s·b·h values, in place of the head's input, which it does not keep) and dweight in
-fp32 (4·v·h). With 1F1B pipelining the first stage holds min(pp, m) micro-batches in
+fp32 (4·v·h, plus a 16-bit product buffer, 2·v·h, while the loss runs). With 1F1B pipelining the first stage holds min(pp, m) micro-batches in
 flight (§4.2.3: p micro-batches); without pipelining, one.
 
 Step time is a coarse model for ranking layouts, not a prediction: compute at `efficiency`·peak, the
@@ -318,7 +318,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, *, precision: Precision =
         output = (
             2.0 * value_bytes * sbh  # the final norm's input, and dhidden in place of the head's input
             + float(logit_bytes) * chunk * shape.vocab_size
-            + 4.0 * shape.vocab_size * shape.hidden_size  # dweight, fp32
+            # dweight summed in fp32, and with 16-bit operands the buffer each chunk's product lands in
+            + float(4 + (value_bytes if value_bytes < 4 else 0)) * shape.vocab_size * shape.hidden_size
         )
     else:  # the final norm's and the head's inputs, and the fp32 logits
         output = (2.0 * value_bytes * sbh + 4.0 * sbh * shape.vocab_size / shape.hidden_size) / t

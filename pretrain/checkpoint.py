@@ -433,6 +433,8 @@ class Checkpointer:
         )
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed found no engine state to load")
+        if load_optimizer:
+            place_fused_optimizer_steps(self.engine.optimizer)
         if plan == "reshard":
             _check_optimizer_shapes(self.engine, path)
         # Loader position, schedule and counters are the same on every rank; after a layout change a rank
@@ -444,3 +446,23 @@ class Checkpointer:
         own = torch.load(own_file, weights_only=True)
         set_rng_state(own["rng"])
         return own["state"], meta
+
+
+def place_fused_optimizer_steps(optimizer: Any) -> None:
+    """Moves each Adam `step` counter onto its parameter's device in groups that run torch's fused AdamW
+    (optimizer.implementation=fused), which requires it there. torch's own `load_state_dict` does this, but
+    DeepSpeed's universal-checkpoint load writes the optimizer state directly, with tensors loaded to the
+    host. `optimizer` may be DeepSpeed's wrapper (its `.optimizer` is unwrapped) or the torch optimizer."""
+    inner = optimizer
+    while inner is not None and not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        return
+    for group in inner.param_groups:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            state = inner.state.get(p, {})
+            step = state.get("step")
+            if torch.is_tensor(step) and step.device != p.device:
+                state["step"] = step.to(p.device)

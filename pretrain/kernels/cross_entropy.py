@@ -12,8 +12,9 @@ Two entry points:
   logits (chunk, V) are formed, turned into loss and dlogits (by the kernel above in place, or PyTorch),
   and immediately folded into dhidden = dlogits @ W and dW += dlogits^T @ hidden (matmuls in the
   operands' dtype with fp32 accumulation, like F.linear; dW summed over chunks in fp32). The full (N, V) fp32
-  logits never exist; peak extra memory is chunk x V x 4 bytes (chunk 4096 x 50k vocab = 800 MiB,
-  against 6.4 GiB for N = 32k tokens at once).
+  logits never exist: one chunk's are, 4 x chunk x V bytes (4096 x 50k = 800 MiB, against 6.4 GiB for
+  N = 32k tokens at once), plus, with 16-bit operands, their 16-bit product or copy (2 x chunk x V) and
+  the (V, C) fp32 dW sum and 16-bit product buffer (6 x V x C).
 
 With no non-ignored target the loss is 0 with zero gradients (PyTorch's mean would give NaN): a
 fully padded micro batch must not poison a run.
@@ -109,21 +110,24 @@ def _ce_rows(
             grad_scale, z_coef, IGNORE_INDEX, BLOCK_V=block_v, **opts,
         )  # fmt: skip
         return losses, grad, lse
+    # In place on one fp32 (N, V) buffer, as the kernel: the logits themselves when they are fp32 and may be
+    # overwritten, else one copy.
     x = logits.float()
     keep = targets != IGNORE_INDEX
     lse = torch.logsumexp(x, dim=-1)  # (N,)
     safe_t = targets.clamp(min=0)
     losses = (lse - x.gather(1, safe_t[:, None]).squeeze(1)) * keep
-    grad = torch.exp(x - lse[:, None])
+    grad = x if (inplace and x is logits) or x is not logits else x.clone()
+    grad.sub_(lse[:, None]).exp_()  # softmax
     if z_coef:
-        grad *= 1.0 + 2.0 * z_coef * lse[:, None]
-    lse = lse * keep
+        grad.mul_(1.0 + 2.0 * z_coef * lse[:, None])
     grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(grad[:, :1]))
-    grad = grad * (keep[:, None] * grad_scale)
-    if inplace:
+    grad.mul_(keep[:, None] * grad_scale)
+    lse = lse * keep
+    if inplace and grad is not logits:
         logits.copy_(grad)
         return losses, logits, lse
-    return losses, grad.to(logits.dtype), lse
+    return losses, grad if grad.dtype == logits.dtype else grad.to(logits.dtype), lse
 
 
 def _use_triton(x: torch.Tensor, backend: CEBackend) -> bool:
@@ -204,6 +208,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_grads and bias is not None
             else None
         )
+        # Half-precision operands: each chunk's dW product lands in this one buffer, then is added to the fp32
+        # sum in place (no fresh (V, C) product and fp32 copy per chunk).
+        product = (
+            torch.empty(weight.shape, device=weight.device, dtype=hidden.dtype)
+            if need_grads and hidden.dtype != torch.float32
+            else None
+        )
         for start, h, t in chunks:
             logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
             losses, dlogits, lse = _ce_rows(
@@ -212,15 +223,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += losses.sum()
             z_total += lse.square().sum()
             if dhidden is None or dweight is None:  # evaluation: the loss only
+                del logits, dlogits  # before the next chunk's are formed
                 continue
             if dbias is not None:
                 dbias += dlogits.sum(0)  # fp32, before the rounding the matmuls see
             dlogits = dlogits.to(hidden.dtype)  # a no-op for fp32 operands
+            del (
+                logits
+            )  # the fp32 chunk goes before the matmuls (for fp32 operands dlogits is the same tensor)
             dhidden[start : start + chunk_size] = dlogits @ w
-            if dlogits.dtype == torch.float32:
+            if product is None:
                 dweight.addmm_(dlogits.t(), h)
             else:  # a half-precision product rounded once, summed over chunks in fp32
-                dweight += (dlogits.t() @ h).float()
+                torch.mm(dlogits.t(), h, out=product)
+                dweight += product
+            del dlogits
         z_mean = z_total * scale
         ctx.mark_non_differentiable(z_mean)
         if dhidden is not None:

@@ -75,6 +75,7 @@ def test_adamw_implementations_train_alike(shards_dir, tmp_path, implementation,
 
 def test_adamw_implementation_picks_the_kernels():
     import torch
+    from deepspeed.accelerator import get_accelerator
 
     from pretrain.config import OptimizerConfig
     from pretrain.train import adamw
@@ -88,5 +89,31 @@ def test_adamw_implementation_picks_the_kernels():
         "fused": (True, False),
         "foreach": (False, True),
         "for-loop": (False, False),
-        "auto": (False, False) if not torch.cuda.is_available() else (True, False),
+        "auto": (True, False) if get_accelerator().device_name() == "cuda" else (False, False),
     }
+
+
+def test_fused_adamw_step_counters_follow_their_parameters_after_a_load():
+    """DeepSpeed's universal-checkpoint load writes Adam's `step` counters as loaded (on the host); the
+    fused kernels need them on the parameter's device. Simulated without a GPU: parameters on the "meta"
+    device (standing for the GPU), counters on the host, behind a wrapper like DeepSpeed's: moved for a
+    fused group, left alone for a for-loop group."""
+    import torch
+
+    from pretrain.checkpoint import place_fused_optimizer_steps
+
+    fused_p, loop_p = (torch.nn.Parameter(torch.zeros(3, device="meta")) for _ in range(2))
+    fused = torch.optim.AdamW([fused_p], foreach=False)
+    fused.param_groups[0]["fused"] = True  # torch refuses fused=True for meta tensors at construction
+    loop = torch.optim.AdamW([loop_p], foreach=False)
+    fused.state[fused_p]["step"] = torch.tensor(7.0)
+    loop.state[loop_p]["step"] = torch.tensor(7.0)
+
+    class Wrapper:  # DeepSpeed's ZeRO / bf16 optimizers keep the torch optimizer as `.optimizer`
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    place_fused_optimizer_steps(Wrapper(fused))
+    place_fused_optimizer_steps(loop)
+    assert fused.state[fused_p]["step"].device.type == "meta"
+    assert loop.state[loop_p]["step"].device.type == "cpu"
