@@ -314,12 +314,13 @@ def estimate_memory(shape: ModelShape, layout: Layout, *, precision: Precision =
         if t > 1 or p > 1:
             raise PlanError(f"loss_chunk_size={layout.loss_chunk_size} needs tp=1 and pp=1 (tp={t}, pp={p})")
         chunk = min(layout.loss_chunk_size, shape.seq_len * layout.micro_batch_size)
-        logit_bytes = 4 + (value_bytes if value_bytes < 4 else 0)  # fp32 logits (+ the 16-bit product)
+        # An fp32 buffer and, with 16-bit operands, a 16-bit one of the same shape: for one chunk's logits
+        # (the product they are rounded from) and for dweight (the buffer each chunk's product lands in).
+        fp32_and_16bit = 4.0 + (value_bytes if value_bytes < 4 else 0)
         output = (
             2.0 * value_bytes * sbh  # the final norm's input, and dhidden in place of the head's input
-            + float(logit_bytes) * chunk * shape.vocab_size
-            # dweight summed in fp32, and with 16-bit operands the buffer each chunk's product lands in
-            + float(4 + (value_bytes if value_bytes < 4 else 0)) * shape.vocab_size * shape.hidden_size
+            + fp32_and_16bit * chunk * shape.vocab_size
+            + fp32_and_16bit * shape.vocab_size * shape.hidden_size
         )
     else:  # the final norm's and the head's inputs, and the fp32 logits
         output = (2.0 * value_bytes * sbh + 4.0 * sbh * shape.vocab_size / shape.hidden_size) / t

@@ -454,7 +454,7 @@ def place_fused_optimizer_steps(optimizer: Any) -> None:
     DeepSpeed's universal-checkpoint load writes the optimizer state directly, with tensors loaded to the
     host. `optimizer` may be DeepSpeed's wrapper (its `.optimizer` is unwrapped) or the torch optimizer."""
     inner = optimizer
-    while inner is not None and not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer):
         return

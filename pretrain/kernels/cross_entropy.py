@@ -117,7 +117,7 @@ def _ce_rows(
     lse = torch.logsumexp(x, dim=-1)  # (N,)
     safe_t = targets.clamp(min=0)
     losses = (lse - x.gather(1, safe_t[:, None]).squeeze(1)) * keep
-    grad = x if (inplace and x is logits) or x is not logits else x.clone()
+    grad = x.clone() if x is logits and not inplace else x  # the caller's fp32 logits stay as they were
     grad.sub_(lse[:, None]).exp_()  # softmax
     if z_coef:
         grad.mul_(1.0 + 2.0 * z_coef * lse[:, None])
@@ -127,7 +127,7 @@ def _ce_rows(
     if inplace and grad is not logits:
         logits.copy_(grad)
         return losses, logits, lse
-    return losses, grad if grad.dtype == logits.dtype else grad.to(logits.dtype), lse
+    return losses, grad.to(logits.dtype), lse
 
 
 def _use_triton(x: torch.Tensor, backend: CEBackend) -> bool:
@@ -228,9 +228,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if dbias is not None:
                 dbias += dlogits.sum(0)  # fp32, before the rounding the matmuls see
             dlogits = dlogits.to(hidden.dtype)  # a no-op for fp32 operands
-            del (
-                logits
-            )  # the fp32 chunk goes before the matmuls (for fp32 operands dlogits is the same tensor)
+            # The fp32 chunk goes before the matmuls (for fp32 operands dlogits is the same tensor).
+            del logits
             dhidden[start : start + chunk_size] = dlogits @ w
             if product is None:
                 dweight.addmm_(dlogits.t(), h)

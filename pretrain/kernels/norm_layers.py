@@ -19,7 +19,6 @@ import importlib
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pretrain.kernels.defaults import ProcessDefault
@@ -69,5 +68,5 @@ class FusedLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1 or not _fused(x):
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return super().forward(x)
         return _kernels().layer_norm(x, self.weight, self.bias, self.eps, backend=NORM_BACKEND_DEFAULT.value)
