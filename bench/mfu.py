@@ -7,6 +7,10 @@ bf16, LR schedule, metrics) on the built-in sample corpus; only the kernels diff
 * `triton`: Tandem's Triton attention, otherwise as sdpa;
 * `fused`: Triton attention, Triton RMSNorm/LayerNorm (train.norm_backend=triton) and the LM head fused
   into the loss (train.loss_chunk_size, default 4096 tokens a chunk: no (tokens x vocab) fp32 logits);
+* `compiled`: each Transformer block under torch.compile (train.compile=blocks: TorchInductor fuses the
+  norms, GELU, bias and residual adds around the matmuls, SDPA inside the graph) and the LM head fused
+  into the loss as in `fused`;
+* `fused-compiled`: as compiled, but with Triton attention (an opaque call between two compiled graphs);
 * `sdpa-loop`: as sdpa with AdamW's for-loop kernels (optimizer.implementation=for-loop, what the
   2026-11-26 figures ran) instead of the fused AdamW every other variant gets on a GPU.
  The figures are read from the run's own metrics.jsonl:
@@ -20,8 +24,10 @@ GPT-2-sized vocabulary (50304, padded beyond the sample tokenizer's pieces, so t
 costs in a real run).
 
 Usage: python bench/mfu.py [--model-preset gpt-350m] [--seq-len 2048] [--micro-batch-size 16]
-       [--steps 40] [--backends fused,sdpa,sdpa-loop] [--loss-chunk-size 4096]
-Needs CUDA; on a machine without it the script says so and exits 0. Results go to docs/benchmarks.md.
+       [--steps 40] [--backends compiled,fused-compiled,fused,sdpa] [--loss-chunk-size 4096]
+Needs CUDA; on a machine without it the script says so and exits 0, unless --cpu asks for the CPU
+(`python bench/mfu.py --cpu --precision fp32 --backends compiled,sdpa --model-preset gpt-mini ...`: the
+throughput ratio of the variants there, no MFU). Results go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -56,6 +62,18 @@ def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
             "train.norm_backend=triton",
             f"train.loss_chunk_size={args.loss_chunk_size}",
         ],
+        "compiled": [
+            "train.attention_backend=sdpa",
+            "train.norm_backend=torch",
+            f"train.loss_chunk_size={args.loss_chunk_size}",
+            "train.compile=blocks",
+        ],
+        "fused-compiled": [
+            "train.attention_backend=triton",
+            "train.norm_backend=torch",
+            f"train.loss_chunk_size={args.loss_chunk_size}",
+            "train.compile=blocks",
+        ],
     }
     if name not in variants:
         raise SystemExit(f"--backends: {name!r} is not one of {', '.join(variants)}")
@@ -76,8 +94,8 @@ def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) ->
         f"train.steps={args.steps}",
         f"train.log_interval={args.log_interval}",
         "train.eval_interval=0",
-        "train.precision=bf16",
-        f"train.peak_tflops={args.peak_tflops}",
+        f"train.precision={args.precision}",
+        f"train.peak_tflops={0.0 if args.cpu else args.peak_tflops}",
         f"parallel.activation_checkpointing={args.activation_checkpointing}",
         f"train.out_dir={out}",
         "checkpoint.interval=0",
@@ -86,6 +104,8 @@ def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) ->
     cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(RUN_CONFIG)]
     cmd += overrides
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.cpu:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     for name in ("TANDEM_ATTENTION_BACKEND", "TANDEM_NORM_BACKEND"):  # the config keys decide
         env.pop(name, None)
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, text=True, capture_output=True, timeout=args.timeout)
@@ -93,14 +113,14 @@ def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) ->
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
         raise SystemExit(f"{backend}: pretrain train exited {proc.returncode}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    windows = [r for r in records if r.get("mfu") is not None][1:]  # first window: warm-up
+    windows = [r for r in records if "tokens_per_s" in r][1:]  # first window: warm-up (and compilation)
     if not windows:
         raise SystemExit(f"{backend}: no timed window after the warm-up in {out / 'metrics.jsonl'}")
     return {
         "backend": backend,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
         "tflops": statistics.median(r["tflops_per_device"] for r in windows),
-        "mfu": statistics.median(r["mfu"] for r in windows),
+        "mfu": statistics.median(r["mfu"] for r in windows) if windows[0]["mfu"] is not None else None,
         "loss": windows[-1]["loss"],
         "windows": len(windows),
         "memory_gb": max((r.get("memory_gb") or 0.0) for r in records) or None,
@@ -118,11 +138,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="train on the CPU (tokens/s and the ratios only: no peak, so no MFU); the variants without "
+        "Triton kernels (compiled, sdpa, sdpa-loop) run there",
+    )
     parser.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none")
     parser.add_argument(
         "--backends",
-        default="fused,sdpa,sdpa-loop",
-        help="fused | triton | sdpa | sdpa-loop; the last is the base",
+        default="compiled,fused-compiled,fused,sdpa",
+        help="compiled | fused-compiled | fused | triton | sdpa | sdpa-loop; the last is the base",
     )
     parser.add_argument("--loss-chunk-size", type=int, default=4096, help="train.loss_chunk_size of `fused`")
     parser.add_argument("--docs", type=int, default=20000)
@@ -131,21 +158,28 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if not args.cpu and not torch.cuda.is_available():
         print("bench/mfu.py: no CUDA device on this machine; MFU is a GPU measurement, skipped")
         return
     with tempfile.TemporaryDirectory(prefix="tandem-mfu-") as tmp:
         shards = prepare_data(Path(tmp), docs=args.docs, vocab_size=1024, workers=4)
-        results = [run_side(b, args, shards, Path(tmp) / f"run-{b}") for b in args.backends.split(",")]
+        results = []
+        for b in args.backends.split(","):
+            results.append(run_side(b, args, shards, Path(tmp) / f"run-{b}"))
+            # Each run's figures as soon as it ends, so a time limit that stops the script keeps them.
+            print(json.dumps(results[-1]), flush=True)
     base = results[-1]
+    device = f"CPU ({os.cpu_count()} cores)" if args.cpu else torch.cuda.get_device_name()
+    peak = "" if args.cpu else f", peak {args.peak_tflops:g} TFLOP/s"
     print(f"\n# pretrain train, {args.model_preset}, seq {args.seq_len}, micro batch {args.micro_batch_size}, "
-          f"bf16, {torch.cuda.get_device_name()}, peak {args.peak_tflops:g} TFLOP/s")  # fmt: skip
+          f"{args.precision}, {device}{peak}")  # fmt: skip
     print(
-        f"{'kernels':>10} | {'tokens/s':>10} | {'TFLOP/s':>8} | {'MFU':>6} | {'vs ' + base['backend']:>8} | loss"
+        f"{'kernels':>14} | {'tokens/s':>10} | {'TFLOP/s':>8} | {'MFU':>6} | {'vs ' + base['backend']:>8} | loss"
     )
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
-        print(f"{r['backend']:>10} | {r['tokens_per_s']:10,.0f} | {r['tflops']:8.1f} | {r['mfu']:6.1%} | "
+        mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6}"
+        print(f"{r['backend']:>14} | {r['tokens_per_s']:10,.0f} | {r['tflops']:8.1f} | {mfu} | "
               f"{ratio:8.3f} | {r['loss']:.3f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

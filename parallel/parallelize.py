@@ -4,6 +4,7 @@
    nothing to do at tp=1),
 2. activation checkpointing (`full`: each Transformer block of `model.*.blocks`; `selective`: each
    attention core), replaying the TP RNG stream on recompute,
+   then torch.compile of each block (`train.compile=blocks`),
 3. the training wrapper (loss) and the optimizer, built on the final, sharded parameters,
 4. the DeepSpeed wrap (`deepspeed.initialize`): data parallelism, ZeRO, mixed precision, accumulation;
    with tp > 1 the topology is passed as `mpu=` so gradients are averaged over dp only; with pp > 1 the
@@ -70,20 +71,74 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", rng_tra
         )
     kwargs: dict[str, Any] = {"context_fn": tracker_restoring_context(rng_tracker)} if rng_tracker else {}
     wrapped = 0
+    if mode == "full":
+        for blocks, i in transformer_blocks(model):
+            blocks[i] = checkpoint_wrapper(blocks[i], **kwargs)
+            wrapped += 1
+        return wrapped
     for name, module in list(model.named_modules()):
-        if mode == "full":
-            # GPT/BERT `blocks`; T5/BART `encoder_blocks` and `decoder_blocks`
-            for attr, blocks in list(module.named_children()):
-                if attr.endswith("blocks") and isinstance(blocks, nn.ModuleList):
-                    for i, block in enumerate(blocks):
-                        blocks[i] = checkpoint_wrapper(block, **kwargs)
-                        wrapped += 1
-        elif mode == "selective" and name.rsplit(".", 1)[-1] in ("attn", "cross_attn"):
+        if mode == "selective" and name.rsplit(".", 1)[-1] in ("attn", "cross_attn"):
             core = getattr(module, "core", None)
             if isinstance(core, nn.Module):
                 module.core = checkpoint_wrapper(core, **kwargs)
                 wrapped += 1
     return wrapped
+
+
+COMPILE = ("none", "blocks")
+RECOMPILE_LIMIT = 32
+
+
+def compile_counts() -> dict[str, int]:
+    """This process's TorchDynamo totals so far: graphs compiled and graph breaks (a run reports the
+    difference across its training, `train.compile`)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
+def transformer_blocks(model: nn.Module) -> Iterator[tuple[nn.ModuleList, int]]:
+    """(list, index) of every Transformer block: the entries of each ModuleList named `blocks` (GPT, BERT),
+    `encoder_blocks` or `decoder_blocks` (T5/BART) anywhere in the model."""
+    for module in list(model.modules()):
+        for attr, blocks in list(module.named_children()):
+            if attr.endswith("blocks") and isinstance(blocks, nn.ModuleList):
+                for i in range(len(blocks)):
+                    yield blocks, i
+
+
+def apply_compile(model: nn.Module, mode: str = "blocks") -> int:
+    """torch.compile each Transformer block in place (`nn.Module.compile`: the module's call is compiled,
+    so parameter names, the state dict and checkpoints are unchanged). Returns the blocks compiled.
+
+    Regional rather than whole-model: a block's forward is one code object, so blocks of the same shape
+    and flags share their compiled graphs (compile time is a block's, not the model's), and the embedding,
+    loss and DeepSpeed's engine stay eager. A block under full activation checkpointing is compiled
+    inside its checkpoint wrapper, so the recompute replays the compiled code. Call after tensor
+    parallelism and activation checkpointing have rebuilt the blocks, before the engine wraps the model."""
+    if mode not in COMPILE:
+        raise ValueError(f"train.compile={mode!r}: must be one of {COMPILE}")
+    if mode == "none":
+        return 0
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    # Each distinct call of a block is a variant of the same code objects: encoder and decoder, self- and
+    # cross-attention, training and evaluation (dropout and autograd differ). With the Triton kernels as
+    # graph breaks, the frames resumed after them count their own variants: a T5 reached 6 (seen on CPU
+    # with every kernel forced). Past Dynamo's default limit of 8 a variant would run eagerly, silently.
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    compiled = 0
+    for blocks, i in transformer_blocks(model):
+        block = blocks[i]
+        if isinstance(block, CheckpointWrapper):
+            block = block._checkpoint_wrapped_module
+        block.compile()
+        compiled += 1
+    return compiled
 
 
 def parallelize(
@@ -94,6 +149,7 @@ def parallelize(
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     activation_checkpointing: str = "none",
+    compile_blocks: str = "none",
     sequence_parallel: bool = False,
     seed: int = 0,
     expert_parallel: int = 1,
@@ -125,6 +181,7 @@ def parallelize(
         apply_expert_parallel(model, expert_parallel)
     if activation_checkpointing != "none":
         apply_activation_checkpointing(model, activation_checkpointing, tracker)
+    apply_compile(model, compile_blocks)
     if topology.dims.pp > 1:
         # Pipeline stages (parallel/pipeline.py) take the sharded, checkpoint-wrapped modules as layers;
         # `pipeline_loss(logits, labels)` runs on the last stage, so `wrap` is not used.

@@ -301,6 +301,13 @@ class TrainConfig:
         "fused, N labelled tokens at a time (Triton on CUDA), so the (tokens x vocab) fp32 logits are never "
         "held (GPT, BERT, T5/BART with their plain objectives, z-loss included; tp=1, pp=1, zero_stage < 3)",
     )
+    compile: Literal["none", "blocks"] = _f(
+        "none",
+        "'blocks': torch.compile each Transformer block (regional compilation, as torchtitan does: blocks of "
+        "one shape share a compiled graph; TorchInductor fuses the norms, activations, bias adds, dropout and "
+        "residual adds around the matmuls; Tandem's Triton kernels stay opaque calls inside). The first steps "
+        "pay the compilation (a C++ compiler is needed on a CPU). 'none': eager",
+    )
     progress: bool = _f(True, "console progress bar on rank 0")
     loss_spike_factor: float = _f(0.0, "skip a step whose loss exceeds this x the running mean; 0 disables")
     max_skipped_in_a_row: int = _f(10, "stop (after saving) when this many steps in a row were skipped")
@@ -611,6 +618,20 @@ def _loss_chunk_problems(cfg: Config) -> list[str]:
     return p
 
 
+def _compile_problems(cfg: Config) -> list[str]:
+    """train.compile: the layouts where compiling each block would not be what it claims."""
+    mode, par = cfg.train.compile, cfg.parallel
+    if mode in (None, "none"):
+        return []
+    if par.zero_stage == 3:
+        return [
+            f"train.compile={mode!r} with parallel.zero_stage=3: ZeRO-3 gathers each submodule's parameters "
+            "in hooks TorchDynamo cannot trace, which cut every block into per-layer graphs with nothing left "
+            "to fuse (seen: 95 frames for a 2-layer GPT); use zero_stage <= 2 or compile=none"
+        ]
+    return []
+
+
 def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[str]:
     """Every broken rule, each naming the field, its value and the rule."""
     p: list[str] = []
@@ -788,6 +809,7 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
 
     p += _moe_problems(cfg, world_size)
     p += _loss_chunk_problems(cfg)
+    p += _compile_problems(cfg)
 
     positive("optimizer.lr", o.lr)
     nonneg("optimizer.min_lr", o.min_lr)

@@ -19,7 +19,7 @@ from data_pipeline.batch_ramp import BatchSizeRamp
 from data_pipeline.loader import TrainLoader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.objectives import build_objective
-from parallel.parallelize import parallelize, param_groups
+from parallel.parallelize import compile_counts, parallelize, param_groups
 from parallel.tensor_plan import pad_vocab_size
 from parallel.topology import Topology
 from parallel.zero import check_engine_offload, deepspeed_config, engine_zero_stage
@@ -217,6 +217,7 @@ def train(cfg: Config) -> TrainResult:
             m, tp_group=topo.tp_group, tp_size=topo.dims.tp, loss_chunk_size=t_cfg.loss_chunk_size
         ),
         activation_checkpointing=cfg.parallel.activation_checkpointing,
+        compile_blocks=t_cfg.compile,
         sequence_parallel=cfg.parallel.sequence_parallel,
         seed=t_cfg.seed,
         expert_parallel=cfg.parallel.ep,
@@ -352,6 +353,8 @@ def train(cfg: Config) -> TrainResult:
             )
 
     # --- the loop
+    compiling = t_cfg.compile != "none"
+    compile_start = compile_counts() if compiling else {}
     engine.train()
     window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     window_extra: dict[str, list[float]] = {}  # the model's own metrics (pretraining_loss), per micro batch
@@ -467,6 +470,15 @@ def train(cfg: Config) -> TrainResult:
 
     stop.uninstall()
     logger.close()
+    if compiling and rank == 0:
+        # Graph breaks are where eager code runs between compiled graphs: the Triton kernels' calls on
+        # purpose (one each), anything else is fusion lost (TORCH_LOGS=graph_breaks names each).
+        made = {k: v - compile_start[k] for k, v in compile_counts().items()}
+        print(
+            f"train.compile={t_cfg.compile}: {made['graphs']} graphs compiled, {made['graph_breaks']} graph "
+            "breaks",
+            flush=True,
+        )
     result.steps = step
     if total_samples_timed:
         result.tokens_per_s = total_samples_timed * cfg.data.seq_len / total_time

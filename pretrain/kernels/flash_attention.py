@@ -847,6 +847,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_axis: int) ->
     check_runnable(q.device)
 
 
+# Both entry points run eagerly inside a torch.compile region (train.compile=blocks): an opaque call, one
+# graph break between the compiled graphs before and after it, rather than TorchDynamo tracing the
+# autograd.Function's launch code and the autotuner. (Decorating imports torch._dynamo, which imports
+# Triton: harmless here, where Triton is imported already, but not in pretrain.kernels.attention.)
+@torch.compiler.disable
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -879,6 +884,7 @@ def flash_attention(
     return _FlashAttention.apply(q, k, v, table, kpm, None, None, pb)
 
 
+@torch.compiler.disable
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,

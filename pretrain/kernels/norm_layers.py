@@ -15,7 +15,6 @@ run never loads Triton at all.
 
 from __future__ import annotations
 
-import importlib
 from typing import Literal, get_args
 
 import torch
@@ -47,10 +46,14 @@ def _fused(x: torch.Tensor) -> bool:
     )
 
 
-def _kernels():
-    # Looked up at each fused call (a dict lookup once imported), so a test that re-imports the kernel
-    # module under the interpreter is the one used.
-    return importlib.import_module("pretrain.kernels.norms")
+def _fused_norm(kind: str, *args) -> torch.Tensor:
+    """The Triton kernel `kind` (rms_norm / layer_norm of `pretrain.kernels.norms`). Imported at each fused
+    call (a sys.modules lookup once loaded), so a test that re-imports the kernel module under the
+    interpreter is the one used; an import statement, which TorchDynamo follows, where importlib would be
+    one more graph break under train.compile."""
+    from pretrain.kernels import norms
+
+    return getattr(norms, kind)(*args, backend=NORM_BACKEND_DEFAULT.value)
 
 
 class FusedRMSNorm(nn.RMSNorm):
@@ -60,7 +63,7 @@ class FusedRMSNorm(nn.RMSNorm):
         if len(self.normalized_shape) != 1 or not _fused(x):
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return _kernels().rms_norm(x, self.weight, eps, backend=NORM_BACKEND_DEFAULT.value)
+        return _fused_norm("rms_norm", x, self.weight, eps)
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -69,4 +72,4 @@ class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1 or not _fused(x):
             return super().forward(x)
-        return _kernels().layer_norm(x, self.weight, self.bias, self.eps, backend=NORM_BACKEND_DEFAULT.value)
+        return _fused_norm("layer_norm", x, self.weight, self.bias, self.eps)

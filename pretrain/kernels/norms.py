@@ -177,6 +177,9 @@ def _use_triton(x: torch.Tensor, backend: NormBackend) -> bool:
     return True
 
 
+# Run eagerly inside a torch.compile region (train.compile=blocks): one graph break each, rather than
+# TorchDynamo tracing the launch code (as pretrain.kernels.flash_attention does).
+@torch.compiler.disable
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -190,6 +193,7 @@ def rms_norm(
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+@torch.compiler.disable
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,

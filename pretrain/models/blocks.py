@@ -300,11 +300,6 @@ class TransformerBlock(nn.Module):
             self.mlp = MLP(cfg, layers)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
-        if self.post_norm:
-            return norm(x + self.drop(fn(x)))
-        return x + self.drop(fn(norm(x)))
-
     def forward(
         self,
         x: torch.Tensor,
@@ -315,31 +310,29 @@ class TransformerBlock(nn.Module):
         context_padding_mask: torch.Tensor | None = None,
         cache: BlockCache | None = None,
     ) -> torch.Tensor:
-        def self_attention(h: torch.Tensor) -> torch.Tensor:
-            return self.attn(
-                h,
-                rope=rope,
-                key_padding_mask=key_padding_mask,
-                position_bias=position_bias,
-                cache=cache.self_attn if cache is not None else None,
-            )
-
+        # Each branch is called here, not through a helper taking it as a function: under train.compile a
+        # Triton kernel is a graph break, and a break inside a helper would recompile the helper once per
+        # branch passed to it.
+        pre = not self.post_norm
+        self_cache = cache.self_attn if cache is not None else None
+        h = self.attn_norm(x) if pre else x
+        attended = self.attn(
+            h, rope=rope, key_padding_mask=key_padding_mask, position_bias=position_bias, cache=self_cache
+        )
         if self.parallel_block:
-            h = self.attn_norm(x)
-            return x + self.drop(self_attention(h)) + self.drop(self.mlp(h))
-        x = self._residual(x, self.attn_norm, self_attention)
+            return x + self.drop(attended) + self.drop(self.mlp(h))
+        x = x + self.drop(attended) if pre else self.attn_norm(x + self.drop(attended))
         if context is not None:
-            x = self._residual(
-                x,
-                self.cross_norm,
-                lambda h: self.cross_attn(
-                    h,
-                    context=context,
-                    key_padding_mask=context_padding_mask,
-                    cache=cache.cross_attn if cache is not None else None,
-                ),
+            h = self.cross_norm(x) if pre else x
+            attended = self.cross_attn(
+                h,
+                context=context,
+                key_padding_mask=context_padding_mask,
+                cache=cache.cross_attn if cache is not None else None,
             )
-        return self._residual(x, self.mlp_norm, self.mlp)
+            x = x + self.drop(attended) if pre else self.cross_norm(x + self.drop(attended))
+        h = self.mlp_norm(x) if pre else x
+        return x + self.drop(self.mlp(h)) if pre else self.mlp_norm(x + self.drop(self.mlp(h)))
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig, *, num_residual_layers: int | None = None) -> None:

@@ -20,16 +20,20 @@ times. Runs that must exercise the `pretrain` CLI or a particular launcher keep 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+EXACT_RANDOM_ENV = "TANDEM_TEST_INDUCTOR_FALLBACK_RANDOM"
 
-def launch_runs(runner: Any, config: Path, overrides: list[list[str]], spec: Path, **launch: Any) -> None:
+
+def launch_runs(runner: Any, config: Path, overrides: list[list[str]], spec: Path, **launch: Any) -> Any:
     """From a test: write the runs (one `config`, each with its overrides) to `spec` and train them all in
-    one launch through `runner` (conftest's run_pretrain; `launch` takes its launcher, nprocs, timeout, env)."""
+    one launch through `runner` (conftest's run_pretrain; `launch` takes its launcher, nprocs, timeout, env).
+    Returns the launch's CompletedProcess."""
     spec.write_text(json.dumps([{"config": str(config), "overrides": o} for o in overrides]))
-    runner([str(spec)], module="tests.distributed.train_runs", **launch)
+    return runner([str(spec)], module="tests.distributed.train_runs", **launch)
 
 
 def main(argv: list[str]) -> int:
@@ -39,6 +43,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tests.distributed.train_runs RUNS.json", file=sys.stderr)
         return 2
     runs = json.loads(Path(args[0]).read_text())
+    if os.environ.get(EXACT_RANDOM_ENV) == "1":
+        # TorchInductor draws dropout masks its own way, so a compiled run's masks differ from an eager
+        # run's; with fallback_random it calls PyTorch's own random ops in the same order, so train.compile
+        # can be compared with eager training at dropout > 0 (tests/distributed/test_compile_parallel.py).
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
     from pretrain.cli_eval import _leave
     from pretrain.config import load_config
     from pretrain.distributed import barrier

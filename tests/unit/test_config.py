@@ -175,6 +175,11 @@ BAD_CONFIGS = {
         ["train.loss_chunk_size=1024", "parallel.zero_stage=3"],
         ("train.loss_chunk_size=1024", "parallel.zero_stage=3"),
     ),
+    "compile_choice": (["train.compile=model"], ("train.compile='model'", "'blocks'")),
+    "compile_with_zero3": (
+        ["train.compile=blocks", "parallel.zero_stage=3"],
+        ("train.compile='blocks'", "parallel.zero_stage=3", "zero_stage <= 2"),
+    ),
     "loss_chunk_with_own_losses": (
         ["train.loss_chunk_size=1024", "model.preset=electra-tiny"],
         ("train.loss_chunk_size=1024", "model.objective='electra'", "own losses"),

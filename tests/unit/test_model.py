@@ -422,6 +422,30 @@ def test_activation_checkpointing_wraps_both_stacks_of_an_encoder_decoder():
     )
 
 
+def test_compile_marks_every_block_and_keeps_the_state_dict():
+    """train.compile=blocks compiles each block of both T5 stacks in place, inside a full-checkpointing
+    wrapper too, and renames nothing (checkpoints written compiled load eagerly and back). Compilation
+    itself is lazy: tests/integration/test_compile.py trains with it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from parallel.parallelize import apply_compile
+
+    cfg = model_config("t5-tiny")
+    model = build_model(cfg)
+    keys = list(model.state_dict())
+    assert apply_activation_checkpointing(model, "full") == cfg.num_layers + cfg.decoder_layers
+    assert apply_compile(model, "none") == 0
+    assert apply_compile(model, "blocks") == cfg.num_layers + cfg.decoder_layers
+    assert list(model.state_dict()) == keys
+    for blocks in (model.encoder_blocks, model.decoder_blocks):
+        for block in blocks:
+            assert isinstance(block, CheckpointWrapper)
+            assert block._checkpoint_wrapped_module._compiled_call_impl is not None
+    assert all(m._compiled_call_impl is None for m in model.modules() if not hasattr(m, "attn"))
+    with pytest.raises(ValueError, match=r"train\.compile=.model."):
+        apply_compile(model, "model")
+
+
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 def test_incremental_decoding_with_the_cache_matches_the_full_forward(preset: str):
     """Feeding a prompt then one token at a time through the key/value cache gives the logits of one full
