@@ -88,7 +88,7 @@ def run_side(backend: str, args: argparse.Namespace, shards: Path, out: Path) ->
         f"model.max_seq_len={args.seq_len}",
         f"model.vocab_size={args.vocab_size}",
         f"data.seq_len={args.seq_len}",
-        "data.num_workers=2",
+        f"data.num_workers={0 if args.cpu else 2}",  # on a CPU, loader workers take cores from training
         f"train.micro_batch_size={args.micro_batch_size}",
         f"train.global_batch_size={args.micro_batch_size}",
         f"train.steps={args.steps}",
@@ -164,8 +164,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tandem-mfu-") as tmp:
         shards = prepare_data(Path(tmp), docs=args.docs, vocab_size=1024, workers=4)
         results = []
-        for b in args.backends.split(","):
-            results.append(run_side(b, args, shards, Path(tmp) / f"run-{b}"))
+        for i, b in enumerate(args.backends.split(",")):  # a variant may repeat (run-to-run spread)
+            results.append(run_side(b, args, shards, Path(tmp) / f"run-{i}-{b}"))
             # Each run's figures as soon as it ends, so a time limit that stops the script keeps them.
             print(json.dumps(results[-1]), flush=True)
     base = results[-1]
