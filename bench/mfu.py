@@ -7,10 +7,11 @@ bf16, LR schedule, metrics) on the built-in sample corpus; only the kernels diff
 * `triton`: Tandem's Triton attention, otherwise as sdpa;
 * `fused`: Triton attention, Triton RMSNorm/LayerNorm (train.norm_backend=triton) and the LM head fused
   into the loss (train.loss_chunk_size, default 4096 tokens a chunk: no (tokens x vocab) fp32 logits);
-* `compiled`: each Transformer block under torch.compile (train.compile=blocks: TorchInductor fuses the
-  norms, GELU, bias and residual adds around the matmuls, SDPA inside the graph) and the LM head fused
-  into the loss as in `fused`;
-* `fused-compiled`: as compiled, but with Triton attention (an opaque call between two compiled graphs);
+* `compiled`: as sdpa, with each Transformer block under torch.compile (train.compile=blocks: TorchInductor
+  fuses the norms, GELU, bias and residual adds around the matmuls, SDPA inside the graph); the only
+  difference from sdpa, so the pair measures the compilation alone;
+* `fused-compiled`: as fused, compiled, with PyTorch's norms (Inductor fuses those; a Triton norm would be
+  a graph break of its own), Triton attention an opaque call between the compiled graphs;
 * `sdpa-loop`: as sdpa with AdamW's for-loop kernels (optimizer.implementation=for-loop, what the
   2026-11-26 figures ran) instead of the fused AdamW every other variant gets on a GPU.
  The figures are read from the run's own metrics.jsonl:
@@ -65,7 +66,7 @@ def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
         "compiled": [
             "train.attention_backend=sdpa",
             "train.norm_backend=torch",
-            f"train.loss_chunk_size={args.loss_chunk_size}",
+            "train.loss_chunk_size=0",
             "train.compile=blocks",
         ],
         "fused-compiled": [

@@ -163,6 +163,11 @@ def _fork_rng_around(module: nn.Module, tracker: TPRngTracker) -> None:
         if ctx is not None:
             ctx.__exit__(None, None, None)
 
+    # Under train.compile the hooks run inside a compiled block: they swap generator states, which
+    # TorchDynamo cannot rebuild (the fork's entry failed to trace and its frame ran eagerly after a failed
+    # attempt), so both run eagerly by design, one graph break each; the graphs around them draw their
+    # dropout from whichever stream is current, as the eager modules do.
+    enter, leave = torch.compiler.disable(enter), torch.compiler.disable(leave)
     module.register_forward_pre_hook(enter)
     # always_call: leave the fork also when the forward is cut short by an exception. Activation
     # checkpointing's recompute stops early that way, inside the last module that saved a tensor (under

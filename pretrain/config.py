@@ -621,7 +621,7 @@ def _loss_chunk_problems(cfg: Config) -> list[str]:
 def _compile_problems(cfg: Config) -> list[str]:
     """train.compile: the layouts where compiling each block would not be what it claims."""
     mode, par = cfg.train.compile, cfg.parallel
-    if mode in (None, "none"):
+    if mode == "none":
         return []
     if par.zero_stage == 3:
         return [

@@ -377,7 +377,7 @@ def load_engine(
         "none",
         False,
     )
-    t.precision, t.batch_size_ramp = "fp32", None
+    t.precision, t.batch_size_ramp, t.compile = "fp32", None, "none"
     t.global_batch_size = t.micro_batch_size * dims.dp
     cfg.model.teacher_checkpoint = ""  # a distilled student evaluates on its own
     problems = validation_problems(cfg, world_size=world)

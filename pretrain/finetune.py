@@ -195,6 +195,7 @@ def finetune_config(
     t.micro_batch_size = -(-opts.batch_size // dp)
     t.global_batch_size, t.batch_size_ramp = t.micro_batch_size * dp, None
     t.resume, t.out_dir, t.init_from = opts.resume, str(out_dir or ""), ""
+    t.compile = "none"  # fine-tuning runs eagerly; its saved config says so
     ft.parallel.tp, ft.parallel.pp, ft.parallel.zero_stage = 1, 1, opts.zero_stage
     par = ft.parallel
     par.activation_checkpointing, par.offload_optimizer, par.offload_param, par.cpu_adam = (

@@ -344,6 +344,8 @@ def train(cfg: Config) -> TrainResult:
         deadline = min(deadline, own) if deadline else own
     stop = StopFlag(deadline=deadline, grace_s=t_cfg.stop_grace_s).install()
 
+    compiling = t_cfg.compile != "none"
+    compile_start = compile_counts() if compiling else {}
     if init_record is not None and resume_from is None:
         # The source model's validation loss, before any update: step 0 of the new run.
         result.eval_loss = evaluate(engine, cfg, objective, special["eos_id"], topo, shards=eval_shards)
@@ -353,8 +355,6 @@ def train(cfg: Config) -> TrainResult:
             )
 
     # --- the loop
-    compiling = t_cfg.compile != "none"
-    compile_start = compile_counts() if compiling else {}
     engine.train()
     window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     window_extra: dict[str, list[float]] = {}  # the model's own metrics (pretraining_loss), per micro batch
@@ -472,11 +472,12 @@ def train(cfg: Config) -> TrainResult:
     logger.close()
     if compiling and rank == 0:
         # Graph breaks are where eager code runs between compiled graphs: the Triton kernels' calls on
-        # purpose (one each), anything else is fusion lost (TORCH_LOGS=graph_breaks names each).
+        # purpose (one each), anything else is fusion lost (TORCH_LOGS=graph_breaks names each). This
+        # process's counts (with pp > 1, the first stage's).
         made = {k: v - compile_start[k] for k, v in compile_counts().items()}
         print(
             f"train.compile={t_cfg.compile}: {made['graphs']} graphs compiled, {made['graph_breaks']} graph "
-            "breaks",
+            f"breaks, {made['eager_frames']} frames left eager",
             flush=True,
         )
     result.steps = step

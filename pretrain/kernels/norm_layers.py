@@ -46,7 +46,7 @@ def _fused(x: torch.Tensor) -> bool:
     )
 
 
-def _fused_norm(kind: str, *args) -> torch.Tensor:
+def _fused_norm(kind: Literal["rms_norm", "layer_norm"], *args: torch.Tensor | float | None) -> torch.Tensor:
     """The Triton kernel `kind` (rms_norm / layer_norm of `pretrain.kernels.norms`). Imported at each fused
     call (a sys.modules lookup once loaded), so a test that re-imports the kernel module under the
     interpreter is the one used; an import statement, which TorchDynamo follows, where importlib would be

@@ -43,6 +43,10 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tests.distributed.train_runs RUNS.json", file=sys.stderr)
         return 2
     runs = json.loads(Path(args[0]).read_text())
+    import torch._dynamo
+
+    # A train.compile test must not pass on blocks that fell back to eager after too many recompiles.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if os.environ.get(EXACT_RANDOM_ENV) == "1":
         # TorchInductor draws dropout masks its own way, so a compiled run's masks differ from an eager
         # run's; with fallback_random it calls PyTorch's own random ops in the same order, so train.compile

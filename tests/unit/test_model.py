@@ -446,6 +446,36 @@ def test_compile_marks_every_block_and_keeps_the_state_dict():
         apply_compile(model, "model")
 
 
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
+def test_compiled_blocks_trace_whole_on_the_sdpa_path(preset: str):
+    """Every block traces into one graph (fullgraph=True raises at a graph break) in training and in
+    evaluation, padding masks and T5's bias objects included, and computes what the eager block computes
+    (backend="eager": TorchDynamo's tracing only, no Inductor, so this is cheap; the compiled numerics are
+    tests/integration/test_compile.py's)."""
+    import torch._dynamo
+
+    from parallel.parallelize import apply_compile
+
+    cfg = model_config(preset)
+    torch.manual_seed(0)
+    eager = build_model(cfg)
+    compiled = build_model(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    apply_compile(compiled, "blocks", backend="eager", fullgraph=True)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    if cfg.family in ("bert", "t5"):
+        inputs["attention_mask"] = torch.ones_like(ids, dtype=torch.bool)
+        inputs["attention_mask"][1, 12:] = False
+    if cfg.family == "t5":
+        inputs["decoder_input_ids"] = ids[:, :8]
+    torch._dynamo.reset()
+    for train in (True, False):
+        eager.train(train)
+        compiled.train(train)
+        torch.testing.assert_close(compiled(**inputs), eager(**inputs), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 def test_incremental_decoding_with_the_cache_matches_the_full_forward(preset: str):
     """Feeding a prompt then one token at a time through the key/value cache gives the logits of one full
