@@ -4,11 +4,11 @@
 # The tests run each kernel at its first autotune config (TANDEM_ATTENTION_AUTOTUNE=0); `configs` checks
 # and times every config alone.
 # Usage: bash bench/gpu_all.sh [PARTS]   PARTS: comma-separated subset of tests,configs,attention,attention_fwd,
-#        attention_dropout,kernels,memory,mfu
+#        attention_dropout,kernels,memory,step_profile,mfu
 #        (default: all). Logs go to $LOG_DIR (default bench-logs/); each part has its own time limit so
 #        one hang cannot eat the rest. Results belong in docs/benchmarks.md with the date and machine.
 set -u
-PARTS=",${1:-tests,configs,attention,attention_fwd,attention_dropout,kernels,memory,mfu},"
+PARTS=",${1:-tests,configs,attention,attention_fwd,attention_dropout,kernels,memory,step_profile,mfu},"
 LOG_DIR=${LOG_DIR:-bench-logs}
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -33,4 +33,5 @@ part attention_fwd "${ATTN_LIMIT:-360}" $py bench/attention.py --mode fwd --head
 part attention_dropout "${ATTN_LIMIT:-360}" $py bench/attention.py --dropout 0.1 --head-dims 128 --seqs 2048,4096,8192
 part kernels 120 $py bench/kernels.py
 part memory 120 $py bench/activation_memory.py
+part step_profile 300 $py bench/step_profile.py --model-preset gpt-350m --seq-len 2048 --batch 8 --dtype bf16
 part mfu "${MFU_LIMIT:-560}" $py bench/mfu.py ${MFU_ARGS:-}

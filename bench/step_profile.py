@@ -6,7 +6,7 @@ norms, activations, bias and residual adds, dropout, copies: what TorchInductor 
 The split predicts the compiled/eager ratio: compilation can only shrink the third share.
 
 Usage: python bench/step_profile.py [--model-preset gpt-mini] [--seq-len 512] [--batch 4] [--steps 8]
-       [--threads N]   (CUDA when present, else the CPU)
+       [--threads N] [--dtype fp32|bf16]   (CUDA when present, else the CPU)
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the weights' dtype")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,10 +83,13 @@ def main() -> None:
         f"model.preset={args.model_preset}",
         f"model.vocab_size={args.vocab_size}",
     ]
-    cfg = load_config(None, [*overrides, f"model.max_seq_len={args.seq_len}"]).model
+    cfg = load_config(
+        None, [*overrides, f"model.max_seq_len={args.seq_len}", f"data.seq_len={args.seq_len}"]
+    ).model
     torch.manual_seed(0)
-    eager = build_model(cfg).to(device)
-    compiled = build_model(cfg).to(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    eager = build_model(cfg).to(device, dtype)
+    compiled = build_model(cfg).to(device, dtype)
     compiled.load_state_dict(eager.state_dict())
     apply_compile(compiled, "blocks")
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device=device)
@@ -94,7 +98,7 @@ def main() -> None:
     where = (
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
-    print(f"\n# fwd+bwd, {args.model_preset}, batch {args.batch} x seq {args.seq_len}, fp32, {where}")
+    print(f"\n# fwd+bwd, {args.model_preset}, batch {args.batch} x seq {args.seq_len}, {args.dtype}, {where}")
     print(
         f"eager step: matmul {split['matmul']:.0%}, attention {split['attention']:.0%}, other {split['other']:.0%}"
     )
