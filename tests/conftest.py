@@ -210,6 +210,20 @@ def loss_ends(metrics: dict[int, dict], key: str, steps: int) -> tuple[float, fl
     return first, last
 
 
+def assert_runs_close(run: dict[int, dict], reference: dict[int, dict], *, rtol: float, label: str) -> None:
+    """Two runs' records (`read_metrics`) at the same steps, loss and grad_norm within `rtol` relative of the
+    reference's, and not all bitwise equal: two implementations that both ran leave other last bits
+    somewhere (other orders of sums), so bitwise equality means one of them did not run."""
+    assert sorted(run) == sorted(reference), f"{label}: steps {sorted(run)} vs {sorted(reference)}"
+    pairs = [(run[s][k], reference[s][k]) for s in reference for k in ("loss", "grad_norm")]
+    assert any(a != b for a, b in pairs), f"{label}: the runs are bitwise equal"
+    for step in reference:
+        for key in ("loss", "grad_norm"):
+            a, b = run[step][key], reference[step][key]
+            print(f"{label} step {step} {key}: {a!r} vs {b!r}")
+            assert abs(a - b) <= rtol * abs(b), f"{label} step {step}: {key} {a} vs {b}"
+
+
 def read_metrics(run_dir: Path) -> dict[int, dict]:
     """metrics.jsonl -> {step: training record} (evaluation records left out)."""
     import json

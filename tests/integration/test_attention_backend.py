@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SMOKE_CONFIG, read_metrics, tiny_overrides
+from tests.conftest import SMOKE_CONFIG, assert_runs_close, read_metrics, tiny_overrides
 from tests.distributed.train_runs import launch_runs
 
 pytestmark = pytest.mark.slow  # the interpreter runs each kernel program in numpy: ~2 min for the six runs
@@ -56,15 +56,9 @@ def test_triton_kernels_train_like_pytorch(shards_dir, tmp_path, run_pretrain):
                 timeout=900)  # fmt: skip
     for family in FAMILIES:
         fused, torch_run = (read_metrics(tmp_path / f"{family}-{v}") for v in ("fused", "torch"))
-        assert sorted(fused) == sorted(torch_run) == list(range(1, STEPS + 1))
+        assert sorted(torch_run) == list(range(1, STEPS + 1))
         # The kernels really ran: other sums give other last bits somewhere (seen in every family).
-        pairs = [(fused[s][k], torch_run[s][k]) for s in torch_run for k in ("loss", "grad_norm")]
-        assert any(a != b for a, b in pairs), f"{family}: fused and torch runs are bitwise equal"
-        for step in torch_run:
-            for key in ("loss", "grad_norm"):
-                a, b = fused[step][key], torch_run[step][key]
-                print(f"{family} step {step} {key}: fused {a!r} torch {b!r}")
-                assert abs(a - b) <= RTOL * abs(b), f"{family} step {step}: {key} {a} (fused) vs {b} (torch)"
+        assert_runs_close(fused, torch_run, rtol=RTOL, label=f"{family} fused vs torch")
 
 
 def test_triton_backend_without_cuda_or_interpreter_is_refused(shards_dir, tmp_path, run_pretrain):

@@ -20,7 +20,7 @@ import re
 
 import pytest
 
-from tests.conftest import SMOKE_CONFIG, read_metrics, tiny_overrides
+from tests.conftest import SMOKE_CONFIG, assert_runs_close, read_metrics, tiny_overrides
 from tests.distributed.train_runs import launch_runs
 
 pytestmark = pytest.mark.slow  # cold compilation: ~10 s a graph (GPT, BERT), ~25 s for T5's two
@@ -73,17 +73,9 @@ def test_compiled_blocks_train_like_eager(shards_dir, tmp_path, run_pretrain):
 
     for family in FAMILIES:
         eager, compiled = (read_metrics(tmp_path / f"{family}-{m}") for m in ("none", "blocks"))
-        assert sorted(eager) == sorted(compiled) == [1, 2, 3]
-        pairs = [(compiled[s][k], eager[s][k]) for s in eager for k in ("loss", "grad_norm")]
+        assert sorted(eager) == [1, 2, 3]
         # Inductor's own order of sums leaves other last bits somewhere (seen in every family).
-        assert any(a != b for a, b in pairs), f"{family}: compiled and eager runs are bitwise equal"
-        for step in eager:
-            for key in ("loss", "grad_norm"):
-                a, b = compiled[step][key], eager[step][key]
-                print(f"{family} step {step} {key}: compiled {a!r} eager {b!r}")
-                assert abs(a - b) <= RTOL * abs(b), (
-                    f"{family} step {step}: {key} {a} (compiled) vs {b} (eager)"
-                )
+        assert_runs_close(compiled, eager, rtol=RTOL, label=f"{family} compiled vs eager")
 
     drop, ac, resumed = (read_metrics(tmp_path / n) for n in ("drop", "drop-ac", "drop-resumed"))
     assert sorted(drop) == sorted(ac) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
