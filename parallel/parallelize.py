@@ -197,8 +197,7 @@ def parallelize(
         from parallel.expert import apply_expert_parallel
 
         apply_expert_parallel(model, expert_parallel)
-    if activation_checkpointing != "none":
-        apply_activation_checkpointing(model, activation_checkpointing, tracker)
+    apply_activation_checkpointing(model, activation_checkpointing, tracker)
     apply_compile(model, compile_blocks)
     if topology.dims.pp > 1:
         # Pipeline stages (parallel/pipeline.py) take the sharded, checkpoint-wrapped modules as layers;

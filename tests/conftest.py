@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -208,6 +209,13 @@ def loss_ends(metrics: dict[int, dict], key: str, steps: int) -> tuple[float, fl
     first = sum(metrics[s][key] for s in range(1, 4)) / 3
     last = sum(metrics[s][key] for s in range(steps - 2, steps + 1)) / 3
     return first, last
+
+
+def compile_reports(stdout: str) -> list[tuple[int, int, int]]:
+    """(graphs compiled, graph breaks, frames left eager) of each `train.compile` report rank 0 printed at the
+    end of a run (pretrain/train.py), in the order the runs ran."""
+    pattern = r"train\.compile=\w+: (\d+) graphs compiled, (\d+) graph breaks, (\d+) frames left eager"
+    return [(int(g), int(b), int(e)) for g, b, e in re.findall(pattern, stdout)]
 
 
 def assert_runs_close(run: dict[int, dict], reference: dict[int, dict], *, rtol: float, label: str) -> None:

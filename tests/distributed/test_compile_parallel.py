@@ -16,11 +16,9 @@ recompute replays the same compiled graphs on the restored generator and tracker
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from tests.conftest import SMOKE_CONFIG, assert_runs_close, read_metrics, tiny_overrides
+from tests.conftest import SMOKE_CONFIG, assert_runs_close, compile_reports, read_metrics, tiny_overrides
 from tests.distributed.train_runs import EXACT_RANDOM_ENV, launch_runs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -50,11 +48,9 @@ def test_compiled_blocks_tensor_parallel_dropout_match_eager(shards_dir, tmp_pat
                        nprocs=2, timeout=600, env={EXACT_RANDOM_ENV: "1"})  # fmt: skip
     # Rank 0's report per compiled run: the first compiled graphs (the selective run its own, split at the
     # eager checkpointed core); nothing left eager whole.
-    reports = re.findall(
-        r"train\.compile=blocks: (\d+) graphs compiled, \d+ graph breaks, (\d+) frames", proc.stdout
-    )
-    assert len(reports) == 3 and all(eager_frames == "0" for _, eager_frames in reports), reports
-    assert int(reports[0][0]) >= 1 and int(reports[2][0]) >= 1, reports
+    reports = compile_reports(proc.stdout)
+    assert len(reports) == 3 and all(eager_frames == 0 for _, _, eager_frames in reports), reports
+    assert reports[0][0] >= 1 and reports[2][0] >= 1, reports
     eager, compiled, full, selective = (read_metrics(tmp_path / name) for name in RUNS)
     assert sorted(eager) == sorted(full) == [1, 2, 3, 4]
     assert_runs_close(compiled, eager, rtol=RTOL, label="compiled vs eager")

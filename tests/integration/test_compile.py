@@ -16,11 +16,9 @@ gradient norm). 1e-5 relative is the project's parity bound (DESIGN.md)."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from tests.conftest import SMOKE_CONFIG, assert_runs_close, read_metrics, tiny_overrides
+from tests.conftest import SMOKE_CONFIG, assert_runs_close, compile_reports, read_metrics, tiny_overrides
 from tests.distributed.train_runs import launch_runs
 
 pytestmark = pytest.mark.slow  # cold compilation: ~10 s a graph (GPT, BERT), ~25 s for T5's two
@@ -64,12 +62,11 @@ def test_compiled_blocks_train_like_eager(shards_dir, tmp_path, run_pretrain):
 
     # One report per compiled run, in launch order; the SDPA path leaves nothing eager inside a block.
     stdout = proc.stdout + proc2.stdout
-    pattern = r"train\.compile=blocks: (\d+) graphs compiled, (\d+) graph breaks, (\d+) frames left eager"
-    reports = dict(zip([n for n in names if "none" not in n], re.findall(pattern, stdout), strict=True))
-    assert all(report[1:] == ("0", "0") for report in reports.values()), reports
+    reports = dict(zip([n for n in names if "none" not in n], compile_reports(stdout), strict=True))
+    assert all(report[1:] == (0, 0) for report in reports.values()), reports
     # New graphs where a run brings new code: the first compiled run, dropout (another graph), and the
     # resumed run's new process. (drop-ac reuses drop's graphs: its bitwise equality below shows they ran.)
-    assert all(int(reports[n][0]) >= 1 for n in ("gpt-blocks", "drop", "drop-resumed")), reports
+    assert all(reports[n][0] >= 1 for n in ("gpt-blocks", "drop", "drop-resumed")), reports
 
     for family in FAMILIES:
         eager, compiled = (read_metrics(tmp_path / f"{family}-{m}") for m in ("none", "blocks"))
