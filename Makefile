@@ -10,6 +10,8 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.6,torch==
 VENV_FLAGS ?=
 SMOKE_OUT ?= smoke
 PYTEST_ARGS ?=
+# 2: the one-process tests run beside the distributed ones (tests/run_suite.py); 1: one after the other.
+TEST_JOBS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -29,10 +31,10 @@ smoke: $(STAMP)
 		$(BIN)/pretrain smoke --out $(SMOKE_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python tests/run_suite.py --jobs $(TEST_JOBS) -- $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python tests/run_suite.py --jobs $(TEST_JOBS) --mark "not slow" -- $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -67,6 +67,7 @@ def _consolidate_worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_tensor_parallel_shards_consolidate_to_the_full_model_exactly():
     spawn_with_deadline(
         _consolidate_worker, (free_port(),), nprocs=WORLD, timeout=120, what="consolidation workers"
