@@ -428,6 +428,7 @@ class Candidate:
             "recompute": lay.recompute,
             "offload_optimizer": lay.offload_optimizer,
             "offload_params": lay.offload_params,
+            "loss_chunk_size": lay.loss_chunk_size,
             "memory": self.memory.breakdown(),
             "step_s": self.time.total_s,
             "tokens_per_s": self.tokens_per_s,
@@ -465,6 +466,8 @@ def evaluate_layout(
         reasons.append(f"{layout.recompute} recompute +{100 * extra:.0f}% FLOPs")
     if st.offload_s:
         reasons.append(f"offload {100 * st.offload_s / total:.1f}%")
+    if layout.loss_chunk_size:
+        reasons.append(f"loss fused with the LM head, {layout.loss_chunk_size} tokens a chunk")
     return Candidate(layout, mem, st, tps, mfu, fits, reasons)
 
 
@@ -492,10 +495,15 @@ def search_layouts(
     recompute: tuple[Recompute, ...] = ("none", "selective", "full"),
     allow_offload: bool = False,
     allow_zero_with_pp: bool = False,
+    loss_chunk_size: int = 0,
 ) -> SearchResult:
     """Every valid layout that fits, ranked by estimated tokens/s. Raises PlanError, with the reason,
-    when the request is impossible (bad numbers, no valid layout, or nothing fits)."""
+    when the request is impossible (bad numbers, no valid layout, or nothing fits). `loss_chunk_size` > 0
+    (train.loss_chunk_size): the layouts that can fuse the LM head into the loss (tp = pp = 1) hold one
+    chunk's logits instead of all of them; the others keep the full logits."""
     problems = []
+    if loss_chunk_size < 0:
+        problems.append(f"loss_chunk_size={loss_chunk_size}: must be >= 0 (0 = full logits)")
     if num_gpus < 1:
         problems.append(f"gpus={num_gpus}: must be >= 1")
     if hw.gpu_memory_gb <= 0:
@@ -535,7 +543,8 @@ def search_layouts(
                     for sp in (False, True) if tp > 1 else (False,):
                         for rc in recompute:
                             for off_opt, off_par in offloads:
-                                layout = Layout(tp, pp, dp, zero, mbs, m, sp, rc, off_opt, off_par)
+                                chunk = loss_chunk_size if tp == 1 and pp == 1 else 0
+                                layout = Layout(tp, pp, dp, zero, mbs, m, sp, rc, off_opt, off_par, chunk)
                                 cand = evaluate_layout(shape, layout, hw, precision=precision)
                                 considered += 1
                                 if cand.fits:

@@ -84,6 +84,7 @@ def plan_layouts(
     global_batch_size: int,
     precision: Precision = "bf16",
     allow_offload: bool = False,
+    loss_chunk_size: int = 0,
 ) -> tuple[ModelShape, SearchResult]:
     shape = model_shape(cfg.model, seq_len=seq_len)
     result = search_layouts(
@@ -93,6 +94,7 @@ def plan_layouts(
         global_batch_size=global_batch_size,
         precision=precision,
         allow_offload=allow_offload,
+        loss_chunk_size=loss_chunk_size,
     )
     return shape, result
 

@@ -124,6 +124,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-tflops", type=float, default=312.0, help="per-GPU peak (default 312, A100 bf16)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--allow-offload", action="store_true", help="also consider ZeRO CPU offload")
+    p.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        default=None,
+        help="tokens a chunk of the loss fused with the LM head, for the tp=1 pp=1 layouts (default: the "
+        "run config's train.loss_chunk_size, else 0 = full logits)",
+    )
     p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
     p.add_argument("--json", action="store_true", help="print the best layout as JSON on the last line")
     p.set_defaults(func=cmd_plan)
@@ -245,6 +252,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             global_batch_size=gbs,
             precision=args.precision or (cfg.train.precision if is_run else "bf16"),
             allow_offload=args.allow_offload,
+            loss_chunk_size=(
+                args.loss_chunk_size
+                if args.loss_chunk_size is not None
+                else (cfg.train.loss_chunk_size if is_run else 0)
+            ),
         )
     except PlanError as exc:
         return _error(f"cannot plan {args.model} on {args.gpus} x {args.gpu_memory:g} GB: {exc}")

@@ -6,7 +6,8 @@ Two entry points:
   blocks with an online log-sum-exp (running max and sum), then writes the row's gradient
   (softmax - onehot) / n_valid in the same call, so the backward is one multiply by the incoming
   scalar. `inplace=True` writes that gradient over the logits buffer (no second (N, V) tensor); only
-  use it when nothing else needs the logits afterwards.
+  use it when nothing else needs the logits afterwards. Under torch.no_grad no gradient is formed (one
+  pass over each row instead of two) and the logits are never written.
 * `linear_cross_entropy(hidden, weight, targets, bias=None, chunk_size=...)` — hidden (N, C), weight
   (V, C), bias (V,) or None: the LM head and the loss together (what `train.loss_chunk_size` trains with). Tokens are processed in chunks of `chunk_size` rows: each chunk's fp32
   logits (chunk, V) are formed, turned into loss and dlogits (by the kernel above in place, or PyTorch),
@@ -37,22 +38,24 @@ IGNORE_INDEX = -100
 def _ce_kernel(
     LOGITS, GRAD, TARGETS, LOSS, LSE,
     stride_l, stride_g, n_cols, grad_scale, z_coef, ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, NEED_GRAD: tl.constexpr,
 ):  # fmt: skip
     """Row r: LOSS[r] = logsumexp(logits_r) - logits_r[t], LSE[r] = logsumexp(logits_r); GRAD[r] =
     (softmax(logits_r) * (1 + 2 z_coef LSE[r]) - onehot(t)) * grad_scale, the gradient of the loss plus
     z_coef * LSE[r]^2 (PaLM's z-loss); all 0 for an ignored row. GRAD may alias LOGITS (each block is read
-    before written)."""
+    before written). Without NEED_GRAD (validation) GRAD is neither read nor written: one pass over the
+    row instead of two, and the logits stay as they were."""
     row = tl.program_id(0)
     target = tl.load(TARGETS + row)
     cols0 = tl.arange(0, BLOCK_V)
     logits_row = LOGITS + row.to(tl.int64) * stride_l
     grad_row = GRAD + row.to(tl.int64) * stride_g
     if target == ignore_index:
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + cols0
-            tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(GRAD.dtype.element_ty),
-                     mask=cols < n_cols)  # fmt: skip
+        if NEED_GRAD:
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + cols0
+                tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(GRAD.dtype.element_ty),
+                         mask=cols < n_cols)  # fmt: skip
         tl.store(LOSS + row, 0.0)
         tl.store(LSE + row, 0.0)
     else:
@@ -70,12 +73,13 @@ def _ce_kernel(
         x_target = tl.load(logits_row + target).to(tl.float32)
         tl.store(LOSS + row, lse - x_target)
         tl.store(LSE + row, lse)
-        p_scale = 1.0 + 2.0 * z_coef * lse  # d(z lse^2)/dx = 2 z lse softmax(x)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + cols0
-            x = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) * p_scale - tl.where(cols == target, 1.0, 0.0)
-            tl.store(grad_row + cols, (g * grad_scale).to(GRAD.dtype.element_ty), mask=cols < n_cols)
+        if NEED_GRAD:
+            p_scale = 1.0 + 2.0 * z_coef * lse  # d(z lse^2)/dx = 2 z lse softmax(x)
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + cols0
+                x = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) * p_scale - tl.where(cols == target, 1.0, 0.0)
+                tl.store(grad_row + cols, (g * grad_scale).to(GRAD.dtype.element_ty), mask=cols < n_cols)
 
 
 def _empty(shape, *, dtype: torch.dtype, device: torch.device, stride=None) -> torch.Tensor:
@@ -94,22 +98,29 @@ def _ce_rows(
     inplace: bool,
     use_triton: bool,
     z_coef: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-row losses (N,) and log-sum-exps (N,), fp32, and dlogits (N, V) = (softmax (1 + 2 z_coef lse) -
-    onehot) * grad_scale (the gradient of loss + z_coef lse^2); all 0 on ignored rows."""
+    onehot) * grad_scale (the gradient of loss + z_coef lse^2); all 0 on ignored rows. need_grad=False:
+    dlogits is None, and the logits are left as they were even with `inplace`."""
     if use_triton:
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
-        grad = logits if inplace else _empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        if not need_grad:
+            grad = logits  # not touched: NEED_GRAD=False neither reads nor writes it
+        elif inplace:
+            grad = logits
+        else:
+            grad = _empty(logits.shape, device=logits.device, dtype=logits.dtype)
         losses = _empty((logits.shape[0],), device=logits.device, dtype=torch.float32)
         lse = _empty((logits.shape[0],), device=logits.device, dtype=torch.float32)
         block_v = min(triton.next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
         opts = {"num_warps": 8} if logits.is_cuda else {}  # untuned
         _ce_kernel[(logits.shape[0],)](
             logits, grad, targets, losses, lse, logits.stride(0), grad.stride(0), logits.shape[1],
-            grad_scale, z_coef, IGNORE_INDEX, BLOCK_V=block_v, **opts,
+            grad_scale, z_coef, IGNORE_INDEX, BLOCK_V=block_v, NEED_GRAD=need_grad, **opts,
         )  # fmt: skip
-        return losses, grad, lse
+        return losses, grad if need_grad else None, lse
     # In place on one fp32 (N, V) buffer, as the kernel: the logits themselves when they are fp32 and may be
     # overwritten, else one copy.
     x = logits.float()
@@ -117,6 +128,8 @@ def _ce_rows(
     lse = torch.logsumexp(x, dim=-1)  # (N,)
     safe_t = targets.clamp(min=0)
     losses = (lse - x.gather(1, safe_t[:, None]).squeeze(1)) * keep
+    if not need_grad:
+        return losses, None, lse * keep
     grad = x.clone() if x is logits and not inplace else x  # the caller's fp32 logits stay as they were
     grad.sub_(lse[:, None]).exp_()  # softmax
     if z_coef:
@@ -144,18 +157,24 @@ def _use_triton(x: torch.Tensor, backend: CEBackend) -> bool:
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, inplace: bool, use_triton: bool):  # type: ignore[override]
+    def forward(ctx, logits, targets, inplace: bool, use_triton: bool, need_grad: bool):  # type: ignore[override]
         n_valid = int((targets != IGNORE_INDEX).sum())
         losses, grad, _ = _ce_rows(
-            logits, targets, 1.0 / max(n_valid, 1), inplace=inplace, use_triton=use_triton
+            logits,
+            targets,
+            1.0 / max(n_valid, 1),
+            inplace=inplace,
+            use_triton=use_triton,
+            need_grad=need_grad,
         )
-        ctx.save_for_backward(grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
         return losses.sum() / max(n_valid, 1)
 
     @staticmethod
     def backward(ctx, dloss):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * dloss.to(grad.dtype), None, None, None
+        return grad * dloss.to(grad.dtype), None, None, None, None
 
 
 def cross_entropy(
@@ -165,10 +184,13 @@ def cross_entropy(
     inplace: bool = False,
     backend: CEBackend = "auto",
 ) -> torch.Tensor:
-    """Mean cross-entropy of logits (N, V) against targets (N,) (ignore_index=-100), fp32 scalar."""
+    """Mean cross-entropy of logits (N, V) against targets (N,) (ignore_index=-100), fp32 scalar. The
+    gradient is formed in the forward only when one is wanted (grad mode on, logits requiring it); under
+    torch.no_grad the logits stay as they were, `inplace` or not."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} / targets {tuple(targets.shape)}: need (N, V) / (N,)")
-    return _CrossEntropy.apply(logits, targets.contiguous(), inplace, _use_triton(logits, backend))
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _CrossEntropy.apply(logits, targets.contiguous(), inplace, _use_triton(logits, backend), need_grad)
 
 
 fused_cross_entropy = (
@@ -218,12 +240,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start, h, t in chunks:
             logits = F.linear(h, w, b).float()  # (chunk, V) fp32: the only logits ever held
             losses, dlogits, lse = _ce_rows(
-                logits, t, 1.0, inplace=True, use_triton=use_triton, z_coef=z_coef
+                logits, t, 1.0, inplace=True, use_triton=use_triton, z_coef=z_coef, need_grad=need_grads
             )
             total += losses.sum()
             z_total += lse.square().sum()
-            if dhidden is None or dweight is None:  # evaluation: the loss only
-                del logits, dlogits  # before the next chunk's are formed
+            if dlogits is None or dhidden is None or dweight is None:  # evaluation: the loss only
+                del logits  # before the next chunk's are formed
                 continue
             if dbias is not None:
                 dbias += dlogits.sum(0)  # fp32, before the rounding the matmuls see

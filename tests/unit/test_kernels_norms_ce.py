@@ -177,6 +177,31 @@ def test_cross_entropy_all_ignored_is_zero_not_nan():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cross_entropy_without_grad_leaves_the_logits(backend: str):
+    """Under torch.no_grad (validation) the kernel forms no gradient: the loss is the same, and even
+    `inplace=True` leaves the logits as they were (with a gradient wanted it writes dlogits over them).
+    The chunked loss's evaluation pass goes through the same row function: no dlogits, logits intact."""
+    n, v = 11, 203
+    logits = torch.randn(n, v, device=DEVICE) * 4
+    targets = make_targets(n, v)
+    kept = logits.clone()
+    with torch.no_grad():
+        loss = ce.cross_entropy(logits, targets, inplace=True, backend=backend)
+    assert torch.equal(logits, kept), "the logits were overwritten under no_grad"
+    assert rel_err(loss, ce_reference(logits.double(), targets)) < TOL[torch.float32]
+    losses, grad, lse = ce._ce_rows(logits, targets, 1.0, inplace=True, use_triton=backend == "triton",
+                                    need_grad=False)  # fmt: skip
+    keep = targets != -100
+    want_lse = torch.logsumexp(logits.double(), -1) * keep
+    assert grad is None and torch.equal(logits, kept)
+    assert rel_err(lse, want_lse) < TOL[torch.float32]
+    assert rel_err(losses.sum() / keep.sum(), ce_reference(logits.double(), targets)) < TOL[torch.float32]
+    with_grad = logits.clone().requires_grad_()
+    ce.cross_entropy(with_grad * 1, targets, backend=backend).backward()  # the same call, gradient wanted
+    assert with_grad.grad is not None and with_grad.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_linear_cross_entropy_matches_fp64_without_full_logits(backend: str):
     n, c, v = 23, 24, 150
     hidden = torch.randn(n, c, device=DEVICE, requires_grad=True)  # (N, C)

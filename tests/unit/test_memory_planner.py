@@ -5,6 +5,7 @@ ZeRO paper's own example), pipeline in-flight accounting, parameter counts again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -176,6 +177,40 @@ def test_fused_loss_output_layer_by_hand() -> None:
     assert "loss-chunk=512" in Layout(loss_chunk_size=512).describe()
     with pytest.raises(PlanError, match="tp=1"):
         estimate_memory(SHAPE, Layout(tp=2, micro_batch_size=2, loss_chunk_size=512))
+
+
+def test_search_fuses_the_loss_where_the_layout_allows() -> None:
+    """search_layouts(loss_chunk_size=c): the tp=1 pp=1 layouts plan one chunk's logits (the others keep
+    the full logits: the fused loss needs the whole vocabulary on one rank), and their output-layer bytes
+    drop by the by-hand difference. On one 4.5 GB GPU (4.05 GB usable) at mbs 8 only the fused loss fits:
+    4.31 GB with the 1.08 GB of fp32 logits of 8k tokens over 32k words, 3.85 GB with one 2048-token
+    chunk's and the dW buffers (0.62 GB)."""
+    c, v, h = 2048, 32000, 1024
+    hw = Hardware(gpu_memory_gb=80)
+    full = search_layouts(SHAPE, hw, num_gpus=4, global_batch_size=32)
+    fused = search_layouts(SHAPE, hw, num_gpus=4, global_batch_size=32, loss_chunk_size=c)
+    assert len(full.candidates) == len(fused.candidates)
+    by_layout = {dataclasses.replace(x.layout, loss_chunk_size=0): x for x in full.candidates}
+    assert any(x.layout.loss_chunk_size for x in fused.candidates)
+    for cand in fused.candidates:
+        lay = cand.layout
+        plain = by_layout[dataclasses.replace(lay, loss_chunk_size=0)]
+        if lay.tp == 1 and lay.pp == 1:
+            sbh = SHAPE.seq_len * lay.micro_batch_size * h
+            assert lay.loss_chunk_size == c and "loss fused with the LM head" in " ".join(cand.reasons)
+            chunk = min(c, SHAPE.seq_len * lay.micro_batch_size)
+            saved = 4 * sbh * v / h - (6 * chunk * v + 6 * v * h)
+            assert plain.memory.output_layer - cand.memory.output_layer == pytest.approx(saved)
+        else:
+            assert lay.loss_chunk_size == 0 and cand.memory.total == plain.memory.total
+    small = Hardware(gpu_memory_gb=4.5)
+    mbs8 = {"micro_batch_sizes": (8,), "recompute": ("full",)}
+    with pytest.raises(PlanError, match="nothing fits"):
+        search_layouts(SHAPE, small, num_gpus=1, global_batch_size=8, **mbs8)
+    fits = search_layouts(SHAPE, small, num_gpus=1, global_batch_size=8, loss_chunk_size=c, **mbs8)
+    assert fits.candidates[0].layout.loss_chunk_size == c
+    with pytest.raises(PlanError, match="loss_chunk_size=-1"):
+        search_layouts(SHAPE, hw, num_gpus=4, global_batch_size=32, loss_chunk_size=-1)
 
 
 def _saved_output_layer_bytes(chunk: int, seq: int = 128, batch: int = 4) -> tuple[float, object]:
@@ -361,3 +396,24 @@ def test_plan_verb(capsys: pytest.CaptureFixture[str]) -> None:
     assert "layouts fit on 1024 x 80 GB" in out
     assert _cli(["plan", "--model", "gpt-175b", "--gpus", "8", "--gpu-memory", "80"]) == 2
     assert "cannot plan gpt-175b on 8 x 80 GB: nothing fits" in capsys.readouterr().err
+
+
+def test_plan_verb_takes_the_fused_loss_from_the_run_config(tmp_path, capsys) -> None:
+    """A run config's train.loss_chunk_size is planned with (on a layout that can fuse the loss);
+    --loss-chunk-size overrides it; a negative one is refused naming the value."""
+    import yaml
+
+    from tests.conftest import SMOKE_CONFIG
+
+    run = yaml.safe_load(SMOKE_CONFIG.read_text(encoding="utf-8"))
+    run.setdefault("train", {})["loss_chunk_size"] = 1024
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run), encoding="utf-8")
+    argv = ["plan", "--model", str(path), "--gpus", "1", "--gpu-memory", "80", "--json"]
+    chunks = []
+    for extra in ([], ["--loss-chunk-size", "0"]):
+        assert _cli([*argv, *extra]) == 0
+        chunks.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss_chunk_size"])
+    assert chunks == [1024, 0]
+    assert _cli([*argv, "--loss-chunk-size", "-1"]) == 2
+    assert "loss_chunk_size=-1: must be >= 0" in capsys.readouterr().err
