@@ -7,7 +7,6 @@ import atexit
 import contextlib
 import datetime
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -17,12 +16,6 @@ def ensure_accelerator_env() -> None:
     """DeepSpeed picks its accelerator when first imported; without CUDA it must be told to use the CPU."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _adopt_slurm_env() -> None:
@@ -56,8 +49,10 @@ def init_distributed(*, timeout_s: float | None = None) -> tuple[int, int, int]:
     _adopt_slurm_env()
     if "RANK" not in os.environ:
         # A plain single process: a one-rank world on loopback, so every code path is the distributed one.
+        # Port 0: its store binds whatever port is free (nobody else connects to a one-rank world), so two
+        # runs started at once on one machine cannot race for a port picked in advance.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("MASTER_PORT", "0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
