@@ -69,10 +69,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", rng_tra
         raise ValueError(
             f"parallel.activation_checkpointing={mode!r}: must be one of {ACTIVATION_CHECKPOINTING}"
         )
+    if mode == "none":
+        return 0
     kwargs: dict[str, Any] = {"context_fn": tracker_restoring_context(rng_tracker)} if rng_tracker else {}
     wrapped = 0
-    if mode == "none":
-        return wrapped
     if mode == "full":
         for blocks, i in transformer_blocks(model):
             blocks[i] = checkpoint_wrapper(blocks[i], **kwargs)

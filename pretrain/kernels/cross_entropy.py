@@ -106,12 +106,12 @@ def _ce_rows(
     if use_triton:
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
-        if not need_grad:
-            grad = logits  # not touched: NEED_GRAD=False neither reads nor writes it
-        elif inplace:
-            grad = logits
-        else:
-            grad = _empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        # Without a gradient wanted the kernel neither reads nor writes GRAD: the logits stand in for it.
+        grad = (
+            logits
+            if inplace or not need_grad
+            else _empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        )
         losses = _empty((logits.shape[0],), device=logits.device, dtype=torch.float32)
         lse = _empty((logits.shape[0],), device=logits.device, dtype=torch.float32)
         block_v = min(triton.next_power_of_2(logits.shape[1]), 4096 if logits.is_cuda else 64)
