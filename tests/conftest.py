@@ -72,10 +72,47 @@ def _exit_after(rank: int, fn: Callable[..., None], *args: object) -> None:
     os._exit(0)
 
 
+# Ports handed to launchers and spawned ranks come from a band below Linux's ephemeral range (32768-60999
+# by default), and below 29500, the `pretrain launch` default a Slurm test's job binds. A port the kernel
+# picked (bind to port 0) can be taken again by anyone before the ranks bind it: outgoing connections and
+# port-0 stores (every one-process `pretrain train`) draw from the ephemeral range, and with the suite's two
+# pytest runs side by side one of them took a deepspeed test's master port in CI. Ports of this band are
+# taken only by free_port; `make test` gives each of its runs half the band (TANDEM_TEST_PORTS=LO-HI).
+DEFAULT_TEST_PORTS = (21000, 28999)
+_handed_out: set[int] = set()
+
+
+def port_band() -> tuple[int, int]:
+    text = os.environ.get("TANDEM_TEST_PORTS", "")
+    if not text:
+        return DEFAULT_TEST_PORTS
+    lo, sep, hi = text.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit() and 1024 <= int(lo) <= int(hi) <= 65535):
+        raise ValueError(
+            f"TANDEM_TEST_PORTS={text!r}: expected LO-HI, two ports with 1024 <= LO <= HI <= 65535"
+        )
+    return int(lo), int(hi)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of this run's band that nothing is bound to now (not even a closing socket in TIME_WAIT:
+    no SO_REUSEADDR) and that this process has not handed out before, tried from a place that differs
+    between processes."""
+    lo, hi = port_band()
+    size = hi - lo + 1
+    start = (os.getpid() * 7919 + len(_handed_out)) % size
+    for i in range(size):
+        port = lo + (start + i) % size
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {lo}-{hi} (TANDEM_TEST_PORTS)")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

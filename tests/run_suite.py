@@ -13,7 +13,8 @@ two would interleave line by line otherwise), after a one-line notice when it en
 one after the other, both streaming. Arguments after `--` go to both runs (paths, -k, -x, --durations,
 ...); `--mark EXPR` narrows both (`make test-fast` passes "not slow"). A run that selects no test is not a
 failure (pytest's exit 5); the suite fails if either run fails. The last line counts both runs: "suite:
-N passed, N failed, N skipped".
+N passed, N failed, N skipped". Each run gets its own half of the tests' port band (TANDEM_TEST_PORTS, see
+tests/conftest.free_port), so a port one run hands a launcher is never one the other run hands out.
 
     python tests/run_suite.py -- -q --durations=20
 """
@@ -29,6 +30,9 @@ import tempfile
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import port_band
 
 NO_TESTS_COLLECTED = 5  # pytest's exit code when the selection is empty
 
@@ -63,10 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     narrow = f" and ({opts.mark})" if opts.mark else ""
 
+    lo, hi = port_band()
+    if hi - lo < 200:
+        parser.error(f"TANDEM_TEST_PORTS={lo}-{hi}: the two runs need at least 100 ports each")
+    mid = (lo + hi) // 2
     with tempfile.TemporaryDirectory(prefix="tandem-suite-") as tmp:
         runs = [  # (name, marker expression, extra environment)
-            ("distributed tests", f"distributed{narrow}", {}),
-            ("one-process tests", f"not distributed{narrow}", {"OMP_NUM_THREADS": "1"}),
+            ("distributed tests", f"distributed{narrow}", {"TANDEM_TEST_PORTS": f"{lo}-{mid}"}),
+            (
+                "one-process tests",
+                f"not distributed{narrow}",
+                {"OMP_NUM_THREADS": "1", "TANDEM_TEST_PORTS": f"{mid + 1}-{hi}"},
+            ),
         ]
         procs: list[tuple[str, subprocess.Popen, Path, Path | None]] = []
         for i, (name, marks, extra) in enumerate(runs):
