@@ -509,7 +509,7 @@ def vocab_parallel_cross_entropy(
     """Cross-entropy from this rank's vocab slice of the logits.
 
     local_logits: (..., V/tp), rank r holding vocab columns [r·V/tp, (r+1)·V/tp); targets: (...) global
-    ids. reduction "mean" (over non-ignored targets, like F.cross_entropy; NaN if all are ignored),
+    ids. reduction "mean" (over non-ignored targets, like F.cross_entropy, but 0 if all are ignored),
     "sum" or "none" (per-token, 0 at ignored positions). Identical on every TP rank."""
     _, rank = tp_world(group)
     vocab_start = rank * local_logits.shape[-1]
@@ -519,7 +519,7 @@ def vocab_parallel_cross_entropy(
     if reduction == "sum":
         return losses.sum()
     if reduction == "mean":
-        return losses.sum() / (targets != ignore_index).sum()
+        return losses.sum() / (targets != ignore_index).sum().clamp(min=1)
     raise ValueError(f"reduction={reduction!r}: expected 'mean', 'sum' or 'none'")
 
 

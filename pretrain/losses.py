@@ -26,12 +26,17 @@ def token_cross_entropy(
     the vocabulary is split over a tensor-parallel group.
 
     Computed in fp32 whatever the training precision: bf16 logits lose the small probability differences
-    that the loss averages over."""
+    that the loss averages over. A micro-batch with no label at all (a fine-tuning batch whose targets were
+    all truncated away, a masked-LM draw that masked nothing) gives 0 with zero gradients, as the chunked
+    loss does, not F.cross_entropy's NaN (0/0), which the step guard would take for a divergence and skip
+    the whole step with the other micro-batches' data in it."""
     if tp_size > 1:
         from parallel.tensor import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(logits.float(), labels, tp_group, ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+    labels = labels.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, -2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def fused_token_cross_entropy(

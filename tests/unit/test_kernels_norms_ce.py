@@ -465,6 +465,24 @@ def test_chunked_loss_trains_like_full_logits(case: str, seed: int):
         assert rel(LanguageModelLoss(model).eval()(batch), plain) < MODEL_TOL
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
+@pytest.mark.parametrize("case", ["gpt-tied", "bert-tied", "t5-untied"])
+def test_a_micro_batch_without_labels_gives_zero_loss_on_both_paths(case: str, chunk: int, seed: int):
+    """No labelled token in the micro-batch: loss 0 and no gradient, the same with the chunked loss (chunk
+    5) and the logits path (0), where F.cross_entropy's mean is NaN (0/0) and would make the step guard
+    skip the whole step. Exact: a sum over no token is 0."""
+    model, batch = tiny_model_and_batch(case, seed)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    loss, grads, _ = loss_and_grads(model, batch, seed, loss_chunk_size=chunk)
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+    from parallel.tensor import vocab_parallel_cross_entropy
+
+    with torch.no_grad():  # the loss under tensor parallelism, at one rank (no process group)
+        logits = model(**{k: x for k, x in batch.items() if k != "labels"})
+        assert vocab_parallel_cross_entropy(logits.float(), batch["labels"], None).item() == 0.0
+
+
 @pytest.mark.parametrize("case", ["llama-untied", "bert-untied", "t5-tied", "bart-tied"])
 def test_fused_norms_train_like_torch_norms(case: str, seed: int):
     """train.norm_backend=triton: every RMSNorm (Llama, T5) / LayerNorm (BERT, BART: embedding, block,
