@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             junit = Path(tmp) / f"run{i}.xml"
             cmd = [sys.executable, "-m", "pytest", "-m", marks, *opts.pytest_args, f"--junitxml={junit}"]
             log = Path(tmp) / f"run{i}.log" if opts.jobs == 2 and i > 0 else None
-            print(f"\n=== {name}: {shlex.join(cmd[1:])}", flush=True)
+            print(f"\n=== {name} (ports {extra['TANDEM_TEST_PORTS']}): {shlex.join(cmd[1:])}", flush=True)
             if log is None:
                 proc = subprocess.Popen(cmd, env={**os.environ, **extra})
             else:
