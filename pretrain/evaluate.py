@@ -286,7 +286,7 @@ def engine_validation(
         means = [float(engine(b)) for b in batches]
         engine.train(was_training)
     targets = [int((b["labels"] != IGNORE_INDEX).sum()) if keep else 0 for b, keep in zip(batches, counted)]
-    # A batch with no targets has a NaN mean (0/0): it adds nothing.
+    # A batch with no targets (its mean is 0) adds nothing.
     total = sum(m * n for m, n in zip(means, targets) if n)
     t = torch.tensor([total, sum(targets), sum(counted)], dtype=torch.float64)
     if topology.dims.dp > 1:

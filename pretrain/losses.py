@@ -26,10 +26,11 @@ def token_cross_entropy(
     the vocabulary is split over a tensor-parallel group.
 
     Computed in fp32 whatever the training precision: bf16 logits lose the small probability differences
-    that the loss averages over. A micro-batch with no label at all (a fine-tuning batch whose targets were
-    all truncated away, a masked-LM draw that masked nothing) gives 0 with zero gradients, as the chunked
-    loss does, not F.cross_entropy's NaN (0/0), which the step guard would take for a divergence and skip
-    the whole step with the other micro-batches' data in it."""
+    that the loss averages over. A micro-batch with no label at all (a masked-LM draw that masked nothing, a
+    batch of padding) gives 0 with zero gradients, as the chunked loss does, not F.cross_entropy's NaN
+    (0/0), which the step guard would take for a divergence and skip the whole step with the other
+    micro-batches' data in it. Like any micro-batch it still counts once in the step's mean over
+    micro-batches: the step's gradient and logged loss are the other k-1 micro-batches' sum over k."""
     if tp_size > 1:
         from parallel.tensor import vocab_parallel_cross_entropy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -94,6 +95,23 @@ def port_band() -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind `port` on every IPv4 address and, where the host has IPv6, every IPv6
+    one too: torch's TCPStore listens dual-stack, so an IPv6-only listener on the port would stop it."""
+    families = [(socket.AF_INET, "")] + ([(socket.AF_INET6, "::")] if socket.has_ipv6 else [])
+    for family, host in families:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((host, port))
+        except OSError as e:
+            if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
+                continue  # IPv6 compiled in but not configured on this host
+            return False
+    return True
+
+
 def free_port() -> int:
     """A port of this run's band that nothing is bound to now (not even a closing socket in TIME_WAIT:
     no SO_REUSEADDR) and that this process has not handed out before, tried from a place that differs
@@ -105,11 +123,8 @@ def free_port() -> int:
         port = lo + (start + i) % size
         if port in _handed_out:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
+        if not _bindable(port):
+            continue
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port left in {lo}-{hi} (TANDEM_TEST_PORTS)")

@@ -478,9 +478,14 @@ def test_a_micro_batch_without_labels_gives_zero_loss_on_both_paths(case: str, c
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
     from parallel.tensor import vocab_parallel_cross_entropy
 
-    with torch.no_grad():  # the loss under tensor parallelism, at one rank (no process group)
-        logits = model(**{k: x for k, x in batch.items() if k != "labels"})
-        assert vocab_parallel_cross_entropy(logits.float(), batch["labels"], None).item() == 0.0
+    # The loss under tensor parallelism, at one rank (no process group): 0, and a zero gradient (the NaN
+    # reached the backward too, as 1/0 times the per-token gradient).
+    with torch.no_grad():
+        logits = model(**{k: x for k, x in batch.items() if k != "labels"}).float()
+    logits.requires_grad_()
+    tp_loss = vocab_parallel_cross_entropy(logits, batch["labels"], None)
+    tp_loss.backward()
+    assert tp_loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
 
 
 @pytest.mark.parametrize("case", ["llama-untied", "bert-untied", "t5-tied", "bart-tied"])

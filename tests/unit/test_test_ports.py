@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, port_band
+from tests import conftest
+from tests.conftest import DEFAULT_TEST_PORTS, free_port, port_band
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -26,28 +27,43 @@ def test_the_band_is_outside_the_kernels_ephemeral_range_and_the_launch_default(
     assert not lo <= 29500 <= hi  # `pretrain launch`'s default master port (the Slurm test's job binds it)
 
 
-def test_ports_are_in_the_band_distinct_and_not_bound(monkeypatch):
-    monkeypatch.setenv("TANDEM_TEST_PORTS", "23000-23009")
-    # Hold the port free_port would try next: it must be skipped, not handed out.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
-        for port in range(23000, 23010):
-            try:
-                held.bind(("", port))
-                break
-            except OSError:
-                continue
-        held.listen()
-        taken = held.getsockname()[1]
-        got = [free_port() for _ in range(5)]
-    assert len(set(got)) == 5 and all(23000 <= p <= 23009 for p in got), got
-    assert taken not in got
+def _two_bindable_ports() -> int:
+    """The lower of two adjacent ports, in the default band, that nothing is bound to."""
+    from tests.conftest import _bindable
+
+    lo, hi = DEFAULT_TEST_PORTS
+    return next(p for p in range(lo, hi) if _bindable(p) and _bindable(p + 1))
 
 
-@pytest.mark.parametrize("text", ["", "23000", "2-1", "70000-70010", "a-b", "30000-20000"])
+def test_ports_are_in_the_band_distinct_and_skip_a_bound_one(monkeypatch):
+    monkeypatch.setattr(conftest, "_handed_out", set())  # this process's earlier picks do not count
+    monkeypatch.setenv("TANDEM_TEST_PORTS", "23000-23099")
+    got = [free_port() for _ in range(5)]
+    assert len(set(got)) == 5 and all(23000 <= p <= 23099 for p in got), got
+
+    # A band of two ports, one of them held by a listener: free_port must hand out the other one, then
+    # have nothing left, whichever of the two it tries first.
+    lo = _two_bindable_ports()
+    for held_port in (lo, lo + 1):
+        monkeypatch.setattr(conftest, "_handed_out", set())
+        monkeypatch.setenv("TANDEM_TEST_PORTS", f"{lo}-{lo + 1}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+            held.bind(("", held_port))
+            held.listen()
+            assert free_port() == (lo + 1 if held_port == lo else lo)
+            with pytest.raises(RuntimeError, match="TANDEM_TEST_PORTS"):
+                free_port()
+
+
+def test_no_band_set_is_the_default(monkeypatch):
+    monkeypatch.delenv("TANDEM_TEST_PORTS", raising=False)
+    assert port_band() == DEFAULT_TEST_PORTS
+    monkeypatch.setenv("TANDEM_TEST_PORTS", "")
+    assert port_band() == DEFAULT_TEST_PORTS
+
+
+@pytest.mark.parametrize("text", ["23000", "2-1", "70000-70010", "a-b", "30000-20000", "100-200"])
 def test_a_malformed_band_is_refused_naming_the_variable(monkeypatch, text):
     monkeypatch.setenv("TANDEM_TEST_PORTS", text)
-    if not text:
-        assert port_band() == (21000, 28999)
-        return
     with pytest.raises(ValueError, match="TANDEM_TEST_PORTS"):
         port_band()
