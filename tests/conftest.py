@@ -106,8 +106,8 @@ def _bindable(port: int) -> bool:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind((host, port))
         except OSError as e:
-            if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
-                continue  # IPv6 compiled in but not configured on this host
+            if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue  # IPv6 compiled into Python but off in this host's kernel, or unconfigured
             return False
     return True
 
