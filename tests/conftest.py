@@ -130,6 +130,14 @@ def free_port() -> int:
     raise RuntimeError(f"no free port left in {lo}-{hi} (TANDEM_TEST_PORTS)")
 
 
+def last_error_line(text: str) -> str:
+    """The last line of a child's stderr that reads like a Python exception ("SomeError: ..."), else its
+    last non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
+    return (errors or lines or ["(no stderr)"])[-1][:500]
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
@@ -219,8 +227,11 @@ def _runner() -> Callable[..., subprocess.CompletedProcess]:
             timeout=timeout,
         )
         if check and proc.returncode != 0:
+            # The error first: a report that keeps only the head and tail of a long message (CI's) still
+            # shows what failed, not just the launcher's log.
             raise AssertionError(
-                f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+                f"{last_error_line(proc.stderr)}\n{' '.join(cmd)} exited {proc.returncode}\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
             )
         return proc
 

@@ -1,5 +1,6 @@
-"""The tests' own port picker (tests/conftest.free_port): launchers and spawned ranks get ports that
-nothing else on the machine is handed, so two test runs side by side cannot take each other's."""
+"""The tests' own helpers in tests/conftest.py: the port picker (launchers and spawned ranks get ports
+that nothing else on the machine is handed, so two test runs side by side cannot take each other's), and
+the line a failed `pretrain` child's report starts with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import conftest
-from tests.conftest import DEFAULT_TEST_PORTS, free_port, port_band
+from tests.conftest import DEFAULT_TEST_PORTS, free_port, last_error_line, port_band
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -67,3 +68,15 @@ def test_a_malformed_band_is_refused_naming_the_variable(monkeypatch, text):
     monkeypatch.setenv("TANDEM_TEST_PORTS", text)
     with pytest.raises(ValueError, match="TANDEM_TEST_PORTS"):
         port_band()
+
+
+def test_a_failed_child_is_reported_by_its_exception_line():
+    stderr = (
+        "Traceback (most recent call last):\n"
+        '  File "pretrain/distributed.py", line 73, in init_distributed\n'
+        "torch.distributed.DistNetworkError: The server socket has failed to listen ... EADDRINUSE\n"
+        "[INFO] [launch.py:253:sigkill_handler] Killing subprocess 12766\n"
+    )
+    assert last_error_line(stderr).startswith("torch.distributed.DistNetworkError: The server socket")
+    assert last_error_line("no exception here\n\n") == "no exception here"
+    assert last_error_line("") == "(no stderr)"
