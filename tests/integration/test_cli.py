@@ -3,6 +3,7 @@ one clear error for a bad config, and the smoke run."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import re
@@ -11,33 +12,20 @@ import pytest
 
 from data_pipeline.manifest import load_manifest, verify_shards
 from pretrain.cli import build_parser, main
-from tests.conftest import SMOKE_CONFIG
+from tests.conftest import REPO, SMOKE_CONFIG
 
-VERBS = [
-    [],
-    ["data"],
-    ["data", "sample"],
-    ["data", "tokenizer"],
-    ["data", "shard"],
-    ["data", "inspect"],
-    ["data", "clean"],
-    ["train"],
-    ["launch"],
-    ["slurm"],
-    ["slurm", "submit"],
-    ["ckpt"],
-    ["ckpt", "verify"],
-    ["ckpt", "inspect"],
-    ["export"],
-    ["embed"],
-    ["smoke"],
-    ["scaling"],
-    ["scaling", "fit"],
-    ["scaling", "plan"],
-    ["scaling", "sweep"],
-    ["plan"],
-    ["info"],
-]
+
+def _verbs(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every verb and sub-verb the parser knows, read from the parser itself (not a list kept by hand)."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += [(*prefix, name), *_verbs(sub, (*prefix, name))]
+    return found
+
+
+VERBS = [(), *_verbs(build_parser())]
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v) or "pretrain")
@@ -47,6 +35,29 @@ def test_help_of_every_verb(verb, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: pretrain")
+
+
+def _readme_commands() -> str:
+    """The lines inside README.md's fenced code blocks."""
+    lines, inside = [], False
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def test_readme_has_an_example_of_every_verb():
+    """The README documents every verb with an example: a command line in one of its code blocks that
+    runs that verb (a verb with sub-verbs counts through theirs)."""
+    commands = _readme_commands()
+    missing = [
+        " ".join(verb)
+        for verb in VERBS[1:]
+        if not re.search(r"\bpretrain\s+" + r"\s+".join(map(re.escape, verb)) + r"(\s|$)", commands, re.M)
+    ]
+    assert not missing, f"README.md has no example command for: {missing}"
 
 
 def test_train_help_lists_every_config_key(capsys):
