@@ -286,7 +286,8 @@ def engine_validation(
         means = [float(engine(b)) for b in batches]
         engine.train(was_training)
     targets = [int((b["labels"] != IGNORE_INDEX).sum()) if keep else 0 for b, keep in zip(batches, counted)]
-    # A batch with no targets (its mean is 0) adds nothing.
+    # A batch with no targets adds nothing: the cross-entropy's mean is 0 there, but a model's own
+    # pretraining_loss need not be (a NaN times 0 targets would still be NaN).
     total = sum(m * n for m, n in zip(means, targets) if n)
     t = torch.tensor([total, sum(targets), sum(counted)], dtype=torch.float64)
     if topology.dims.dp > 1:

@@ -121,9 +121,7 @@ def free_port() -> int:
     start = (os.getpid() * 7919 + len(_handed_out)) % size
     for i in range(size):
         port = lo + (start + i) % size
-        if port in _handed_out:
-            continue
-        if not _bindable(port):
+        if port in _handed_out or not _bindable(port):
             continue
         _handed_out.add(port)
         return port

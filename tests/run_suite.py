@@ -85,14 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             junit = Path(tmp) / f"run{i}.xml"
             cmd = [sys.executable, "-m", "pytest", "-m", marks, *opts.pytest_args, f"--junitxml={junit}"]
             log = Path(tmp) / f"run{i}.log" if opts.jobs == 2 and i > 0 else None
+            env = {**os.environ, **extra}
             print(f"\n=== {name} (ports {extra['TANDEM_TEST_PORTS']}): {shlex.join(cmd[1:])}", flush=True)
             if log is None:
-                proc = subprocess.Popen(cmd, env={**os.environ, **extra})
+                proc = subprocess.Popen(cmd, env=env)
             else:
                 with log.open("wb") as out:
-                    proc = subprocess.Popen(
-                        cmd, env={**os.environ, **extra}, stdout=out, stderr=subprocess.STDOUT
-                    )
+                    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
                 threading.Thread(target=_notice_when_done, args=(name, proc), daemon=True).start()
             if opts.jobs == 1:
                 proc.wait()

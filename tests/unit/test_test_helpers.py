@@ -30,10 +30,8 @@ def test_the_band_is_outside_the_kernels_ephemeral_range_and_the_launch_default(
 
 def _two_bindable_ports() -> int:
     """The lower of two adjacent ports, in the default band, that nothing is bound to."""
-    from tests.conftest import _bindable
-
     lo, hi = DEFAULT_TEST_PORTS
-    return next(p for p in range(lo, hi) if _bindable(p) and _bindable(p + 1))
+    return next(p for p in range(lo, hi) if conftest._bindable(p) and conftest._bindable(p + 1))
 
 
 def test_ports_are_in_the_band_distinct_and_skip_a_bound_one(monkeypatch):
