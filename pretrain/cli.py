@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ckpt = sub.add_parser(
         "ckpt",
-        help="verify and inspect checkpoints",
-        description="Check and describe checkpoint directories (RUN/checkpoints/step-N).",
+        help="verify, inspect, reshard and replay checkpoints",
+        description="Check, describe, convert and replay checkpoint directories (RUN/checkpoints/step-N).",
     )
     csub = ckpt.add_subparsers(dest="ckpt_verb", metavar="VERB", required=True)
     p = csub.add_parser(
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, type=Path, help="output checkpoint directory (replaced if it exists)"
     )
     p.set_defaults(func=cmd_ckpt_reshard)
+    from pretrain.replay import register as register_replay
+
+    register_replay(csub)
 
     p = sub.add_parser(
         "smoke",
@@ -234,11 +237,16 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pretrain.cli_eval import _leave
     from pretrain.config import load_config
+    from pretrain.replay import ResumeMismatch
     from pretrain.train import train
 
     cfg = load_config(args.config, args.overrides, validate=True)
     try:
         result = train(cfg)
+    except ResumeMismatch as exc:  # train.verify_resume: every rank stops here together
+        if _is_rank0():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return _leave(1)
     except RuntimeError as exc:
         from pretrain.distributed import is_collective_timeout
 

@@ -274,6 +274,12 @@ class TrainConfig:
     eval_interval: int = _f(0, "steps between validation-loss evaluations; 0 disables")
     eval_batches: int = _f(4, "micro-batches per validation-loss evaluation")
     resume: str = _f("auto", "'auto' (newest checkpoint in out_dir), 'never', or a checkpoint directory")
+    verify_resume: int = _f(
+        0,
+        "K > 0: after a resume from step N, compare steps N+1..N+K (loss, grad_norm, lr, consumed_samples) with "
+        "the records the checkpoint's run logged there before, bitwise at the same layout on CPU, else within "
+        "1e-5 relative (fp32) or 1e-3 (bf16/fp16), and stop at the first difference (pretrain/replay.py); 0 = off",
+    )
     init_from: str = _f(
         "",
         "continued pretraining: start from this checkpoint's weights (any tp layout) with a fresh optimizer, "
@@ -850,6 +856,7 @@ def validation_problems(cfg: Config, *, world_size: int | None = None) -> list[s
     positive("train.global_batch_size", t.global_batch_size)
     positive("train.log_interval", t.log_interval)
     nonneg("train.eval_interval", t.eval_interval)
+    nonneg("train.verify_resume", t.verify_resume)
     positive("train.eval_batches", t.eval_batches)
     nonneg("train.peak_tflops", t.peak_tflops)
     if not t.out_dir:

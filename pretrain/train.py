@@ -39,6 +39,7 @@ from pretrain.losses import LanguageModelLoss, token_cross_entropy
 from pretrain.metrics import MetricsLogger, memory_gb
 from pretrain.models import build_model
 from pretrain.preemption import StopFlag, slurm_deadline
+from pretrain.replay import ResumeCheck
 from pretrain.step_guard import OptimizerGate, StepGuard, injected_fault
 
 
@@ -297,6 +298,10 @@ def train(cfg: Config) -> TrainResult:
     target_len = getattr(objective, "targets_length", None)
     flops_sample = flops_per_sample(model, cfg.model, cfg.data.seq_len, target_len)
     peak = t_cfg.peak_tflops or device_peak_tflops(t_cfg.precision)
+    # train.verify_resume: reads the records past the checkpoint before the logger drops them from metrics.jsonl.
+    check = ResumeCheck.open(
+        cfg, checkpoint=resume_from, start=step, layout=layout, same_layout=plan == "same", rank=rank
+    )
     logger = MetricsLogger(
         run_dir, enabled=rank == 0, total_steps=t_cfg.steps, start_step=step, progress=t_cfg.progress
     )
@@ -414,6 +419,16 @@ def train(cfg: Config) -> TrainResult:
             window_loss += step_loss
             window_steps += 1
             window_samples += batch_size
+        if check is not None and check.observe(
+            step,
+            loss=None if skip_reason else step_loss,
+            skipped=skip_reason,
+            grad_norm=grad_norm if own_grad_norm else engine.get_global_grad_norm(),
+            lr=engine.optimizer.param_groups[0]["lr"],
+            consumed_samples=loader.consumed_samples,
+            last_step=t_cfg.steps,
+        ):  # collective; raises ResumeMismatch on every rank at the first step that differs
+            check = None
 
         if (step % t_cfg.log_interval == 0 or step == t_cfg.steps) and window_steps:
             elapsed = time.perf_counter() - window_start
