@@ -225,51 +225,110 @@ class Checkpointer:
     # ------------------------------------------------------------------ layout changes
     @staticmethod
     def reshard_plan(path: Path, layout: dict[str, Any]) -> str:
-        """How to load `path` into `layout` ({tp, pp, dp, zero}, optionally precision): 'same' (plain load),
-        'plain' (only the number of data-parallel replicas changed and nothing is partitioned: a plain load
-        works), 'reshard' (ZeRO stage 0, fp32: rewritten at the new tp/pp/dp by `pretrain.reshard`),
-        'universal' (a dp change through DeepSpeed's universal checkpoint). Raises for what cannot be
-        converted, naming both layouts."""
+        """How to load `path` into `layout` ({tp, pp, dp, zero}, optionally precision and vocab_size): 'same'
+        (plain load), 'plain' (only the number of data-parallel replicas changed and nothing is partitioned: a
+        plain load works), 'reshard' (rewritten at the new layout by `pretrain.reshard`, every rank converting
+        its own slice: any tp/pp/dp, fp32/bf16/fp16, ZeRO 0-2, a vocabulary padding change), 'universal' (a
+        dp-only change of a ZeRO-3 run, through DeepSpeed's universal checkpoint). Raises for what cannot be
+        converted, naming both layouts and why."""
         manifest = read_manifest(path)
-        saved = manifest.get("layout") or {}
-        if all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp")):
-            return "same"
-        split_changed = saved.get("tp", 1) != layout["tp"] or saved.get("pp", 1) != layout["pp"]
-        unpartitioned = saved.get("zero", 0) == 0 and layout["zero"] == 0
-        if split_changed or max(saved.get("pp", 1), layout["pp"]) > 1:
-            precision = layout.get("precision", "fp32")
-            if unpartitioned and precision == "fp32":
-                return "reshard"
-            raise CheckpointError(
-                f"{path}: saved at tp={saved.get('tp')}, pp={saved.get('pp')}, dp={saved.get('dp')}, "
-                f"zero={saved.get('zero')}; this run has tp={layout['tp']}, pp={layout['pp']}, dp={layout['dp']}, "
-                f"zero={layout['zero']}, precision={precision}: changing the tensor/pipeline layout (or dp "
-                "under pipelines) is supported for ZeRO stage 0 and fp32 only"
-            )
-        if unpartitioned:
-            return "plain"
-        return "universal"
+        saved = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, **(manifest.get("layout") or {})}
+        vocab_changed = False
+        if layout.get("vocab_size"):
+            import yaml
 
-    def prepare_reshard(self, path: Path, layout: dict[str, Any], *, partition: str) -> Path:
-        """Converts `path` once to `layout` (rank 0; cached beside it as `step-N.reshard-tpX-ppY-dpZ/`, a
-        complete checkpoint whose manifest is written last and which appears under its name only when
-        complete). Collective; returns the converted checkpoint."""
-        from pretrain.reshard import reshard_checkpoint
+            raw = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+            saved_vocab = int((raw.get("model") or {}).get("vocab_size") or 0)
+            vocab_changed = bool(saved_vocab) and saved_vocab != int(layout["vocab_size"])
+        if all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp")) and not vocab_changed:
+            return "same"
+        split_changed = saved["tp"] != layout["tp"] or saved["pp"] != layout["pp"] or vocab_changed
+        if 3 in (saved["zero"], layout["zero"]):
+            if split_changed or max(saved["pp"], layout["pp"]) > 1:
+                raise CheckpointError(
+                    f"{path}: saved at tp={saved['tp']}, pp={saved['pp']}, dp={saved['dp']}, zero={saved['zero']}; "
+                    f"this run has tp={layout['tp']}, pp={layout['pp']}, dp={layout['dp']}, zero={layout['zero']}: "
+                    "ZeRO stage 3 partitions the weights themselves and changes only its dp size on resume "
+                    "(through DeepSpeed's universal checkpoint)"
+                )
+            return "universal"
+        if layout.get("ep", 1) > 1 or saved.get("ep", 1) > 1:
+            raise CheckpointError(
+                f"{path}: expert-parallel (MoE) checkpoints resume only at their saved layout"
+            )
+        unpartitioned = saved["zero"] == 0 and layout["zero"] == 0
+        if unpartitioned and not split_changed and max(saved["pp"], layout["pp"]) == 1:
+            return "plain"
+        return "reshard"
+
+    def prepare_reshard(
+        self, path: Path, layout: dict[str, Any], *, partition: str, model_cfg: Any = None
+    ) -> Path:
+        """Converts `path` once to `layout`, cached beside it as `step-N.reshard-tpX-ppY-dpZ/`. Collective and
+        parallel: every rank writes its own slice (`pretrain.reshard.convert_rank`, reading only the source
+        files that hold it) into `...tmp/`; rank 0 then writes the config, meta and the manifest from the
+        ranks' own hashes, last, and renames it, so the directory appears under its name only when complete.
+        `model_cfg`: this run's model (its vocabulary padding may differ from the checkpoint's). Returns the
+        converted checkpoint."""
+        import torch.distributed as dist
+
+        from pretrain.reshard import convert_rank, plan_conversion, seal
 
         out = path.with_name(f"{path.name}.reshard-tp{layout['tp']}-pp{layout['pp']}-dp{layout['dp']}")
-        error: Exception | None = None
-        if self.rank == 0 and not (out / MANIFEST).is_file():
-            try:
-                reshard_checkpoint(
-                    path, out, tp=layout["tp"], pp=layout["pp"], dp=layout["dp"], partition=partition
-                )
-            except Exception as exc:  # re-raised after the barrier, so the other ranks do not wait forever
-                error = exc
+        if (out / MANIFEST).is_file():
+            return out
+        conv = plan_conversion(
+            path,
+            tp=layout["tp"],
+            pp=layout["pp"],
+            dp=layout["dp"],
+            zero=layout["zero"],
+            precision=layout.get("precision"),
+            partition=partition,
+            model_cfg=model_cfg,
+            verify=self.verify_on_load,
+        )
+        if conv.target.world != self.world_size:
+            raise CheckpointError(
+                f"{path}: converting to {layout} needs {conv.target.world} ranks, this job has {self.world_size}"
+            )
+        tmp = out.with_name(out.name + ".tmp")
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         barrier()
-        if error is not None:
-            raise error
+        report, error = None, None
+        try:
+            report = convert_rank(
+                path,
+                tmp,
+                source=conv.source,
+                target=conv.target,
+                rank=self.rank,
+                saved_world=conv.saved_world,
+            )
+        except Exception as exc:  # reported by every rank after the gather, so none waits forever
+            error = f"rank {self.rank}: {exc.__class__.__name__}: {exc}"
+        results: list[Any] = [(report, error)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            results = [None] * dist.get_world_size()
+            dist.all_gather_object(results, (report, error))
+        errors = [e for _, e in results if e]
+        if errors:
+            raise CheckpointError(f"{path}: the conversion to {layout} failed:\n  " + "\n  ".join(errors))
+        if self.rank == 0:
+            seal(conv, tmp, out, [r for r, _ in results])
+        barrier()
         if not (out / MANIFEST).is_file():
-            raise CheckpointError(f"{path}: the conversion to {layout} failed on rank 0 (see its log)")
+            raise CheckpointError(f"{path}: the conversion to {layout} left no manifest in {out}")
+        if self.rank == 0:
+            slowest = max(results, key=lambda x: x[0].seconds)[0]
+            print(
+                f"resharded {path.name} to {out.name} on {len(results)} ranks in {slowest.seconds:.2f} s "
+                f"(slowest rank {slowest.rank}: read {len(slowest.opened)} files)",
+                flush=True,
+            )
         return out
 
     def prepare_universal(self, path: Path) -> Path:

@@ -180,6 +180,7 @@ def train(cfg: Config) -> TrainResult:
         # what DeepSpeed runs (and writes), which a resume at another dp must know
         "zero": engine_zero_stage(cfg.parallel.zero_stage, t_cfg.precision, topo.dims.pp),
         "precision": t_cfg.precision,
+        "vocab_size": cfg.model.vocab_size,  # a change of make_vocab_size_divisible_by is a layout change
     }
     ds_config = deepspeed_config(cfg, dp_size=dp)
     plan = "same"
@@ -187,8 +188,11 @@ def train(cfg: Config) -> TrainResult:
     if resume_from is not None:
         plan = checkpointer.reshard_plan(resume_from, layout)
         if plan == "reshard":
-            # Converted once, cached beside the original; the loader resumes by sample count.
-            load_from = checkpointer.prepare_reshard(resume_from, layout, partition=cfg.parallel.pp_partition)
+            # Converted once, every rank its own slice, cached beside the original; the loader resumes by
+            # sample count.
+            load_from = checkpointer.prepare_reshard(
+                resume_from, layout, partition=cfg.parallel.pp_partition, model_cfg=cfg.model
+            )
         elif plan == "universal":
             checkpointer.prepare_universal(resume_from)
             ds_config["checkpoint"] = {"load_universal": True}
