@@ -454,8 +454,7 @@ def cmd_ckpt_replay(args: argparse.Namespace) -> int:
     else:
         print(format_table(comparison))
     if comparison.verdict == "differs":
-        if not args.json:
-            print(f"replay DIFFERS: {comparison.message()}", file=sys.stderr)
+        print(f"replay DIFFERS: {comparison.message()}", file=sys.stderr)  # stdout keeps only the JSON
         return 1
     if comparison.verdict == "unchecked":
         print(f"error: {comparison.message()}", file=sys.stderr)

@@ -1,0 +1,153 @@
+"""The comparison behind `pretrain ckpt replay` and `train.verify_resume` (pretrain/replay.py) on records
+written by hand: logging windows, skipped steps, bitwise vs relative tolerance, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.replay import (
+    Comparison,
+    Observed,
+    Reference,
+    ReplayError,
+    compare_step,
+    format_table,
+    parse_layout,
+    reference_path,
+)
+
+
+def write_metrics(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "lo', encoding="utf-8")
+    return path
+
+
+def comparison(start: int, steps: int, *, rtol: float | None = None) -> Comparison:
+    layout = {"tp": 1, "pp": 1, "dp": 1}
+    return Comparison(
+        checkpoint="ckpt",
+        reference="metrics.jsonl",
+        start=start,
+        steps=steps,
+        mode="bitwise" if rtol is None else "rtol",
+        rtol=rtol,
+        saved_layout=layout,
+        layout=layout,
+    )
+
+
+def record(step: int, loss: float, *, grad_norm: float | None = 1.5, lr: float = 1e-3) -> dict:
+    return {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "consumed_samples": 8 * step}
+
+
+def observed(
+    step: int, loss: float | None, *, grad_norm: float = 1.5, skipped: str | None = None
+) -> Observed:
+    return Observed(loss=loss, skipped=skipped, grad_norm=grad_norm, lr=1e-3, consumed_samples=8 * step)
+
+
+def run(c: Comparison, ref: Reference, obs: dict[int, Observed]) -> Comparison:
+    seen: dict[int, Observed] = {}
+    for step in sorted(obs):
+        seen[step] = obs[step]
+        compare_step(c, ref, seen, step)
+    return c
+
+
+def test_every_step_logged_equal_then_a_difference_names_step_and_quantity(tmp_path):
+    path = write_metrics(tmp_path / "m.jsonl", [record(s, 5.0 - 0.1 * s) for s in range(1, 7)])
+    ref = Reference.read(path, after=3)
+    assert len(ref.later_lines) == 3  # steps 4-6 kept verbatim; the line cut short is skipped
+    c = run(comparison(3, 2), ref, {4: observed(4, 4.6), 5: observed(5, 4.5)})
+    assert c.verdict == "equal" and len(c.rows) == 8
+    c = run(comparison(3, 2), ref, {4: observed(4, 4.6), 5: observed(5, 4.5 + 1e-12)})
+    assert c.verdict == "differs" and (c.first_mismatch.step, c.first_mismatch.quantity) == (5, "loss")
+    assert "step 5 loss differs" in c.message()
+    assert "DIFFERS" in format_table(c)
+
+
+def test_relative_tolerance_applies_to_loss_and_grad_norm_only(tmp_path):
+    path = write_metrics(tmp_path / "m.jsonl", [record(s, 4.0) for s in range(1, 4)])
+    ref = Reference.read(path, after=1)
+    close = {2: observed(2, 4.0 * (1 + 5e-6), grad_norm=1.5 * (1 - 5e-6)), 3: observed(3, 4.0)}
+    assert run(comparison(1, 2, rtol=1e-5), ref, close).verdict == "equal"
+    far = {2: observed(2, 4.0 * (1 + 2e-5)), 3: observed(3, 4.0)}
+    c = run(comparison(1, 2, rtol=1e-5), ref, far)
+    assert (c.first_mismatch.step, c.first_mismatch.quantity) == (2, "loss")
+    shifted = {2: Observed(loss=4.0, skipped=None, grad_norm=1.5, lr=1e-3, consumed_samples=17)}
+    c = run(comparison(1, 1, rtol=1e-5), ref, shifted)
+    assert c.first_mismatch.quantity == "consumed_samples"  # bookkeeping is exact at any layout
+
+
+def test_logging_windows_are_averaged_as_the_loop_does_and_a_window_before_the_checkpoint_is_left_out(
+    tmp_path,
+):
+    # train.log_interval=2: records at steps 2, 4, 6, each the mean of its two steps. A checkpoint at step 3
+    # splits the window 3-4, which the resumed run cannot reproduce; the window 5-6 it can.
+    losses = {3: 4.3, 4: 4.1, 5: 3.7, 6: 3.3}
+    path = write_metrics(
+        tmp_path / "m.jsonl",
+        [
+            record(2, 4.5),
+            record(4, (losses[3] + losses[4]) / 2),
+            record(6, (0.0 + losses[5] + losses[6]) / 2),
+        ],
+    )
+    ref = Reference.read(path, after=3)
+    c = run(comparison(3, 3), ref, {s: observed(s, losses[s]) for s in (4, 5, 6)})
+    assert [r.step for r in c.rows] == [6] * 4 and c.verdict == "equal"
+    assert any("steps 3-4" in n and "not compared" in n for n in c.notes)
+
+
+def test_skipped_steps_compare_by_verdict_and_leave_the_window(tmp_path):
+    path = write_metrics(
+        tmp_path / "m.jsonl",
+        [
+            record(1, 5.0),
+            {"step": 2, "skipped": "non-finite loss or gradient", "skipped_total": 1},
+            record(3, 4.0),
+        ],
+    )
+    ref = Reference.read(path, after=1)
+    skipped = observed(2, None, skipped="non-finite loss or gradient")
+    c = run(comparison(1, 2), ref, {2: skipped, 3: observed(3, 4.0)})
+    assert c.verdict == "equal" and c.rows[0].quantity == "skipped"
+    c = run(comparison(1, 2), ref, {2: observed(2, 4.5), 3: observed(3, 4.0)})
+    assert (c.first_mismatch.step, c.first_mismatch.quantity) == (2, "skipped")
+
+
+def test_nothing_to_compare_is_its_own_verdict(tmp_path):
+    ref = Reference.read(write_metrics(tmp_path / "m.jsonl", [record(1, 5.0)]), after=1)
+    c = run(comparison(1, 1), ref, {2: observed(2, 4.0)})
+    assert c.verdict == "unchecked" and not c.rows
+
+
+def test_report_round_trips_through_json():
+    c = comparison(3, 2, rtol=1e-5)
+    c.notes.append("a note")
+    back = Comparison.from_json(json.loads(json.dumps(c.to_json())))
+    assert back == c
+
+
+def test_reference_is_the_checkpoint_runs_metrics_or_the_reshard_source(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "step-3"
+    ckpt.mkdir(parents=True)
+    assert reference_path(ckpt) == tmp_path / "run" / "metrics.jsonl"
+    copy = tmp_path / "elsewhere" / "step-3-tp2"
+    copy.mkdir(parents=True)
+    (copy / "meta.json").write_text(json.dumps({"resharded_from": {"path": str(ckpt)}}))
+    assert reference_path(copy) == tmp_path / "run" / "metrics.jsonl"
+
+
+def test_layout_option_and_config_key_are_checked():
+    assert parse_layout("tp=2", {"tp": 1, "pp": 2, "dp": 4}) == {"tp": 2, "pp": 2, "dp": 4}
+    with pytest.raises(ReplayError, match=r"--layout 'tp=2,ep=2'.*'ep=2'"):
+        parse_layout("tp=2,ep=2", {})
+    with pytest.raises(ReplayError, match="'tp=0'"):
+        parse_layout("tp=0", {})
+    with pytest.raises(ConfigError, match=r"train\.verify_resume"):
+        load_config(None, ["data.shards=x", "train.verify_resume=-1"])
