@@ -215,6 +215,7 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.engine, self.rank, self.world_size, self.keep_last = engine, rank, world_size, keep_last
         self.verify_on_load = verify_on_load
+        self.reshard_reports: list[Any] = []  # per rank, from the last prepare_reshard
         if engine is not None:
             self.attach(engine)
 
@@ -262,21 +263,27 @@ class Checkpointer:
         return "reshard"
 
     def prepare_reshard(
-        self, path: Path, layout: dict[str, Any], *, partition: str, model_cfg: Any = None
+        self,
+        path: Path,
+        layout: dict[str, Any],
+        *,
+        partition: str,
+        model_cfg: Any = None,
+        measure_memory: bool = False,
     ) -> Path:
         """Converts `path` once to `layout`, cached beside it as `step-N.reshard-tpX-ppY-dpZ/`. Collective and
         parallel: every rank writes its own slice (`pretrain.reshard.convert_rank`, reading only the source
         files that hold it) into `...tmp/`; rank 0 then writes the config, meta and the manifest from the
         ranks' own hashes, last, and renames it, so the directory appears under its name only when complete.
-        `model_cfg`: this run's model (its vocabulary padding may differ from the checkpoint's). Returns the
-        converted checkpoint."""
+        `model_cfg`: this run's model (its vocabulary padding may differ from the checkpoint's). A cached copy
+        converted for another ZeRO stage, precision or vocabulary is converted again. Every rank's report (files
+        read and written, seconds, peak memory with `measure_memory`) is left in `self.reshard_reports`. Returns
+        the converted checkpoint."""
         import torch.distributed as dist
 
         from pretrain.reshard import convert_rank, plan_conversion, seal
 
         out = path.with_name(f"{path.name}.reshard-tp{layout['tp']}-pp{layout['pp']}-dp{layout['dp']}")
-        if (out / MANIFEST).is_file():
-            return out
         conv = plan_conversion(
             path,
             tp=layout["tp"],
@@ -288,6 +295,8 @@ class Checkpointer:
             model_cfg=model_cfg,
             verify=self.verify_on_load,
         )
+        if _converted_for(out, conv.want, conv.target.cfg.vocab_size):
+            return out
         if conv.target.world != self.world_size:
             raise CheckpointError(
                 f"{path}: converting to {layout} needs {conv.target.world} ranks, this job has {self.world_size}"
@@ -307,6 +316,7 @@ class Checkpointer:
                 target=conv.target,
                 rank=self.rank,
                 saved_world=conv.saved_world,
+                measure_memory=measure_memory,
             )
         except Exception as exc:  # reported by every rank after the gather, so none waits forever
             error = f"rank {self.rank}: {exc.__class__.__name__}: {exc}"
@@ -317,8 +327,9 @@ class Checkpointer:
         errors = [e for _, e in results if e]
         if errors:
             raise CheckpointError(f"{path}: the conversion to {layout} failed:\n  " + "\n  ".join(errors))
+        self.reshard_reports = [r for r, _ in results]
         if self.rank == 0:
-            seal(conv, tmp, out, [r for r, _ in results])
+            seal(conv, tmp, out, self.reshard_reports)
         barrier()
         if not (out / MANIFEST).is_file():
             raise CheckpointError(f"{path}: the conversion to {layout} left no manifest in {out}")
@@ -505,6 +516,21 @@ class Checkpointer:
         own = torch.load(own_file, weights_only=True)
         set_rng_state(own["rng"])
         return own["state"], meta
+
+
+def _converted_for(out: Path, want: dict[str, Any], vocab_size: int) -> bool:
+    """Whether `out` is a complete conversion to exactly `want` (tp, pp, dp, zero, precision) and vocabulary."""
+    if not (out / MANIFEST).is_file():
+        return False
+    import yaml
+
+    layout = read_manifest(out).get("layout") or {}
+    raw = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    return (
+        all(layout.get(k) == want[k] for k in ("tp", "pp", "dp", "zero"))
+        and (raw.get("train") or {}).get("precision") == want["precision"]
+        and int((raw.get("model") or {}).get("vocab_size") or 0) == int(vocab_size)
+    )
 
 
 def place_fused_optimizer_steps(optimizer: Any) -> None:

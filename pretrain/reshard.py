@@ -1,30 +1,28 @@
-"""Resharding a checkpoint to another tensor/pipeline/data-parallel layout (ZeRO stage 0, fp32).
+"""Resharding a checkpoint to another tensor/pipeline/data-parallel layout, every target rank its own slice.
 
-A checkpoint saved at (tp, pp, dp) is rewritten as the checkpoint the same run would have saved at
-(tp', pp', dp'), in Tandem's own format (DeepSpeed engine files, per-rank Tandem files, config, meta,
-manifest), so the ordinary resume path loads it at the new layout:
+A checkpoint saved at (tp, pp, dp) — fp32, bf16 or fp16, ZeRO stage 0, 1 or 2 — is rewritten as the checkpoint
+the same run would have saved at (tp', pp', dp') (and the engine's ZeRO stage there), in Tandem's own format
+(DeepSpeed engine files, per-rank Tandem files, config, meta, manifest), so the ordinary resume path loads it:
 
-1. Weights: `pretrain.consolidate` merges the TP shards (and pipeline layer files) into the full state
-   dict; each target TP rank r takes the r-th of tp' contiguous blocks along the same dim
-   (`split_state`). Replicated tensors are copied.
-2. Optimizer: under ZeRO stage 0 with fp32 the engine's optimizer is torch's AdamW, whose state is per
-   parameter and shaped like it (`exp_avg`, `exp_avg_sq`; `step` a scalar), so it merges and splits by
-   the weights' rules. DeepSpeed stores it in `mp_rank_XX_model_states.pt` under `optimizer`, indexed by
-   the position of the parameter in that rank's optimizer (param groups of
-   `parallel.parallelize.param_groups`: matrices and embeddings decay, 1-D tensors do not). The file index
-   is the TP rank without pipelines and `stage * tp + tp_rank` with them (DeepSpeed's model-parallel rank:
-   tp is the fastest axis). Each stage's parameter order is its `PipelineModule`'s: tied modules first,
-   then its layers in order; which layers a stage holds follows DeepSpeed's partitioning
-   (`partition_balanced` over the per-layer parameter counts at that tp, or uniform), recomputed here.
-   Every state's shape is checked against the parameter it is mapped to, so a wrong mapping is an error,
-   never a silently wrong optimizer.
-3. The LR schedule, step counter and loader position are global and carry over unchanged: the loader
-   resumes from the global `consumed_samples`, so no sample is skipped or repeated at any dp'. A new rank
-   beyond the saved world takes rank 0's RNG states.
+1. Placement (`build_layout`): each stage's parameters in the optimizer's order (param groups of
+   `parallel.parallelize.param_groups`: matrices and embeddings decay, 1-D tensors do not; a stage's order is its
+   `PipelineModule`'s: tied modules first, then its layers; which layers a stage holds follows DeepSpeed's
+   partitioning at that tp, recomputed here), their engine names and shard shapes (`consolidate.split_dims`, the
+   tensor plan's rules: rank r holds the r-th of tp contiguous blocks along the split dim). Each engine file's
+   own `param_shapes` is checked against it, so a wrong mapping is an error, never a silently wrong optimizer.
+2. Formats (`StateFormat`): ZeRO-0 fp32 keeps torch's AdamW state per parameter in `mp_rank_XX_model_states.pt`;
+   everything else keeps DeepSpeed's flat per-group partitions, one `*_optim_states.pt` per dp rank.
+3. Conversion (`convert_rank`): target rank (stage, tp rank, dp rank) allocates only what it writes and fills it
+   in place from the pieces of the source shards that overlap it (`pieces`), opening only the source files that
+   hold them, one at a time, memory-mapped. `Checkpointer.prepare_reshard` runs it on every rank of the resuming
+   job; `reshard_checkpoint` (the `pretrain ckpt reshard` verb) runs it for every rank in turn; `seal` writes
+   the config, meta and manifest last.
+4. The LR schedule, step counter and loader position are global and carry over unchanged: the loader resumes
+   from the global `consumed_samples`, so no sample is skipped or repeated at any dp'. A new rank beyond the
+   saved world takes rank 0's RNG states. A vocabulary padding change keeps the rows both models have.
 
-Other ZeRO stages (partitioned optimizer states) and bf16/fp16 (fp32 masters inside DeepSpeed's
-optimizer wrappers) are refused, naming both layouts; a dp-only change for those goes through
-DeepSpeed's universal checkpoint (`Checkpointer.prepare_universal`).
+Refused, naming both layouts: ZeRO-3 (partitioned weights) and expert parallelism (docs/parallelism.md).
+`consolidated_states` gives any checkpoint's full fp32 masters and moments, for comparing two of them.
 """
 
 from __future__ import annotations
@@ -354,7 +352,7 @@ def pieces(name: str, source: Side, target: Side, tgt_tp: int) -> list[Piece]:
         vocab_dim = differ[0]
     dim = source.dims.get(name)
     if dim is None or (source.layout.tp == 1 and target.layout.tp == 1):
-        narrows = ()
+        narrows: tuple[tuple[int, int, int, int], ...] = ()
         if vocab_dim is not None:
             common = min(src_full[vocab_dim], tgt_full[vocab_dim])
             narrows = ((vocab_dim, 0, 0, common),)
@@ -367,7 +365,7 @@ def pieces(name: str, source: Side, target: Side, tgt_tp: int) -> list[Piece]:
     for t in range(source.layout.tp):
         a, b = max(lo, t * b_src), min(hi, (t + 1) * b_src)
         if a < b:
-            extra = ()
+            extra: tuple[tuple[int, int, int, int], ...] = ()
             if vocab_dim is not None and vocab_dim != dim:
                 common = min(src_full[vocab_dim], tgt_full[vocab_dim])
                 extra = ((vocab_dim, 0, 0, common),)
@@ -624,7 +622,7 @@ def read_rank(
                     st = opt["state"].get(index[name])
                     if st is None:
                         raise ReshardError(f"{src / f}: no optimizer state for {name} (never stepped?)")
-                    global_state.setdefault("step", st.get("step"))
+                    global_state.setdefault("step", _step_tensor(st.get("step")))
                     for key in OPTIMIZER_TENSORS:
                         _expect(st[key], source.shard_shape(name), f, f"{name} {key}")
                         take(name, key, piece, st[key])
@@ -647,7 +645,7 @@ def read_rank(
                     global_state.setdefault(key, osd[key])
             for _, name, piece, _, t, d, g, off, part in entries:
                 st = base["state"][base["param_groups"][g]["params"][0]]
-                global_state.setdefault("step", st.get("step"))
+                global_state.setdefault("step", _step_tensor(st.get("step")))
                 arrays = {
                     "master": osd["single_partition_of_fp32_groups"][g],
                     "exp_avg": st["exp_avg"],
@@ -683,9 +681,8 @@ def read_rank(
         }
     if "hyper" not in global_state or "step" not in global_state:
         first = source.fmt.optim_file(0, 0) if source.fmt.flat else "mp_rank_00_model_states.pt"
-        extra = _globals_of(reader.load(first), source.fmt)
-        for k, v in extra.items():
-            global_state.setdefault(k, v)
+        for gk, gv in _globals_of(reader.load(first), source.fmt).items():
+            global_state.setdefault(gk, gv)
     for (name, key), n in ((k, v) for k, v in got.items()):
         want_n = _common_numel(name, source, target, tp_rank)
         if n != want_n:
@@ -822,6 +819,7 @@ def _common_numel(name: str, source: Side, target: Side, tgt_tp: int) -> int:
 
 
 def _step_tensor(step: Any) -> torch.Tensor:
+    # a copy: a tensor of a memory-mapped file keeps the whole file mapped (and resident) while it lives
     return step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
 
 
@@ -830,8 +828,10 @@ def _globals_of(state: dict[str, Any], fmt: StateFormat) -> dict[str, Any]:
     if fmt.flat:
         osd = state["optimizer_state_dict"]
         base = osd["base_optimizer_state"]
-        out = {"hyper": [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]}
-        out["step"] = next(iter(base["state"].values())).get("step")
+        out: dict[str, Any] = {
+            "hyper": [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
+        }
+        out["step"] = _step_tensor(next(iter(base["state"].values())).get("step"))
         for key in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad"):
             if key in osd:
                 out[key] = osd[key]
@@ -839,7 +839,7 @@ def _globals_of(state: dict[str, Any], fmt: StateFormat) -> dict[str, Any]:
     opt = state["optimizer"]
     return {
         "hyper": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-        "step": next(iter(opt["state"].values())).get("step"),
+        "step": _step_tensor(next(iter(opt["state"].values())).get("step")),
     }
 
 
@@ -957,14 +957,19 @@ def plan_conversion(
         meta.pop(key, None)
     raw = yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8"))
     cfg = config_from_dict(raw, validate=False, source=str(src / "config.yaml"))
-    saved = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, **(meta.get("layout") or {})}
-    saved.setdefault("precision", cfg.train.precision)
+    saved: dict[str, Any] = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, **(meta.get("layout") or {})}
     saved["precision"] = cfg.train.precision
     precision = precision or cfg.train.precision
     partition = partition or cfg.parallel.pp_partition
     # the stage the engine runs (mixed precision at stage 0 runs stage 1 outside BF16_Optimizer's pipelines)
     zero = engine_zero_stage(cfg.parallel.zero_stage if zero is None else zero, precision, pp)
-    want = {"tp": tp, "pp": pp, "dp": dp or int(saved["dp"]), "zero": zero, "precision": precision}
+    want: dict[str, Any] = {
+        "tp": tp,
+        "pp": pp,
+        "dp": dp or int(saved["dp"]),
+        "zero": zero,
+        "precision": precision,
+    }
     if 3 in (int(saved["zero"]), zero):
         raise _refusal(
             saved,

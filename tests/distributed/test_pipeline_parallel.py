@@ -48,15 +48,17 @@ def test_pp2_checkpoint_is_sealed_and_bound_to_its_layout(pp2_run):
     # gpt-tiny: embedding, positions, 2 blocks, final norm (the tied head's copy is not written).
     assert len(layers) == 5, layers
     assert json.loads((step2 / "meta.json").read_text())["layout"]["pp"] == 2
-    # Another layout goes through pretrain.reshard under ZeRO stage 0 and fp32 only.
-    for layout in ({"tp": 1, "pp": 1, "dp": 2, "zero": 0}, {"tp": 1, "pp": 2, "dp": 2, "zero": 0}):
-        assert Checkpointer.reshard_plan(step2, layout) == "reshard"
+    # Another layout goes through pretrain.reshard, at any precision and ZeRO stage 0-2; ZeRO-3 changes only
+    # its dp size (through DeepSpeed's universal checkpoint), never the pipeline.
     for layout in (
+        {"tp": 1, "pp": 1, "dp": 2, "zero": 0},
+        {"tp": 1, "pp": 2, "dp": 2, "zero": 0},
         {"tp": 1, "pp": 2, "dp": 2, "zero": 1},
         {"tp": 2, "pp": 2, "dp": 1, "zero": 0, "precision": "bf16"},
     ):
-        with pytest.raises(CheckpointError, match="ZeRO stage 0 and fp32 only"):
-            Checkpointer.reshard_plan(step2, layout)
+        assert Checkpointer.reshard_plan(step2, layout) == "reshard"
+    with pytest.raises(CheckpointError, match="ZeRO stage 3 partitions the weights"):
+        Checkpointer.reshard_plan(step2, {"tp": 1, "pp": 1, "dp": 2, "zero": 3})
     assert Checkpointer.reshard_plan(step2, {"tp": 1, "pp": 2, "dp": 1, "zero": 0}) == "same"
 
 

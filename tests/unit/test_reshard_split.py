@@ -83,3 +83,78 @@ def test_parse_layout():
     for bad in ("tp=1", "tp=0,pp=1", "tp=1,pp=2,ep=2", "tp=x,pp=1"):
         with pytest.raises(ReshardError):
             parse_layout(bad)
+
+
+# ----------------------------------------------------------------------------- the parallel converter's arithmetic
+def test_flat_geometry_is_deepspeeds():
+    # DeepSpeed pads each group to a multiple of 2 x dp and cuts it into dp equal partitions
+    # (stage_1_and_2.py and bf16_optimizer.py, nccl_start_alignment_factor = 2, parameter_alignment off).
+    from pretrain.reshard import flat_geometry
+
+    assert flat_geometry([3, 4, 5], 1) == ([0, 3, 7], 12, 12)
+    assert flat_geometry([3, 4, 5], 2) == ([0, 3, 7], 12, 6)
+    assert flat_geometry([3, 4, 6], 4) == ([0, 3, 7], 13, 4)  # padded to 16
+
+
+def test_state_format_files():
+    from pretrain.reshard import StateFormat
+
+    assert not StateFormat("fp32", 0, 2).flat
+    assert StateFormat("bf16", 0, 2).bf16_optimizer and StateFormat("bf16", 0, 2).flat
+    assert StateFormat("bf16", 1, 1).optim_file(1, 3) == "bf16_zero_pp_rank_1_mp_rank_03_optim_states.pt"
+    assert StateFormat("fp16", 2, 1).optim_file(0, 0) == "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+def _side(preset: str, *, tp: int, pp: int = 1, dp: int = 1, **extra: object):
+    from pretrain.reshard import Side
+
+    return Side.build(
+        model_cfg(preset, **extra), tp=tp, pp=pp, dp=dp, zero=1, precision="bf16", partition="parameters"
+    )
+
+
+@pytest.mark.parametrize(("tp_src", "tp_tgt"), [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_pieces_rebuild_every_target_shard(tp_src, tp_tgt):
+    """Target shards built from source shards by `pieces` equal the target shards split from the full tensors,
+    for every kind of split (rows, columns, vocabulary, T5's head tables) and replicated tensors."""
+    from pretrain.reshard import pieces
+
+    source, target = _side("t5-tiny", tp=tp_src), _side("t5-tiny", tp=tp_tgt)
+    torch.manual_seed(0)
+    full = {n: torch.randn(s) for n, s in source.shapes.items()}
+    src_shards = [split_state(full, source.dims, tp_src, r) for r in range(tp_src)]
+    for t in range(tp_tgt):
+        want = split_state(full, target.dims, tp_tgt, t)
+        for name in full:
+            got = torch.full(target.shard_shape(name), float("nan"))
+            for piece in pieces(name, source, target, t):
+                src, dst = src_shards[piece.src_tp][name], got
+                for dim, s0, d0, length in piece.narrows:
+                    src, dst = src.narrow(dim, s0, length), dst.narrow(dim, d0, length)
+                dst.copy_(src)
+            assert torch.equal(got, want[name]), (name, t)
+
+
+def test_pieces_keep_the_common_vocabulary_rows():
+    from pretrain.reshard import pieces
+
+    source = _side("gpt-tiny", tp=2)
+    target = _side("gpt-tiny", tp=2, **{"model.vocab_size": 768})
+    # target rank 0 holds rows 0-383: rows 0-255 from source rank 0, 256-383 from source rank 1
+    assert [(p.src_tp, p.narrows) for p in pieces("embed.weight", source, target, 0)] == [
+        (0, ((0, 0, 0, 256),)),
+        (1, ((0, 0, 256, 128),)),
+    ]
+    # target rank 1 holds rows 384-767: 384-511 from source rank 1; 512-767 are new (left at zero)
+    assert [(p.src_tp, p.narrows) for p in pieces("embed.weight", source, target, 1)] == [
+        (1, ((0, 128, 0, 128),))
+    ]
+    with pytest.raises(ReshardError, match="only the vocabulary"):
+        pieces("pos_embed.weight", source, _side("gpt-tiny", tp=2, **{"model.max_seq_len": 128}), 0)
+
+
+def test_rank_coordinates_follow_the_topology():
+    side = _side("gpt-tiny", tp=2, pp=2, dp=2)
+    coords = [side.coords(r) for r in range(8)]
+    assert coords[:4] == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]  # tp fastest, then dp, then pp
+    assert all(side.rank(*c) == r for r, c in enumerate(coords))
