@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import sentencepiece as spm  # noqa: E402
 
-from data_pipeline.clean import CleanConfig, clean_corpus  # noqa: E402
+from data_pipeline.clean import CleanConfig  # noqa: E402
+from data_pipeline.jobs import clean_corpus  # noqa: E402
 from data_pipeline.corpus import iter_documents  # noqa: E402
 from data_pipeline.sample_corpus import write_sample_corpus  # noqa: E402
 from data_pipeline.sharding import shard_corpus  # noqa: E402

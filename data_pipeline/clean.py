@@ -27,6 +27,9 @@ therefore met a little more easily than in C4. Nothing is downloaded or shipped:
 and no language model (C4 used langdetect with probability >= 0.99; plug one in through
 ``language_filter``).
 
+Whole corpora are cleaned by :func:`data_pipeline.jobs.clean_corpus` (tasks over the input files,
+dedupe in hash-partitioned stages: :mod:`data_pipeline.dedupe`).
+
 Counts use two prefixes: ``page_*`` rules remove a whole document, ``line_*`` rules one line, and
 ``citation_markers`` counts markers removed. Only ``page_*`` counts enter the reconciliation
 "documents in = written + rejected + removed by cleaning" (:func:`pages_removed`).
@@ -37,18 +40,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+
+from data_pipeline.manifest import file_sha256
 
 __all__ = [
     "POLICY_SUBSTRINGS",
     "CleanConfig",
     "CleanError",
-    "clean_corpus",
     "clean_document",
     "config_to_dict",
     "load_bad_words",
@@ -131,8 +133,6 @@ def config_to_dict(cfg: CleanConfig) -> dict:
     lang = cfg.language_filter
     out["language_filter"] = None if lang is None else f"{lang.__module__}.{lang.__qualname__}"
     if cfg.bad_words_path is not None:
-        from data_pipeline.manifest import file_sha256
-
         out["bad_words_sha256"] = file_sha256(cfg.bad_words_path)
     return out
 
@@ -242,202 +242,3 @@ def clean_document(text: str, cfg: CleanConfig, counts: Counter) -> str | None:
         counts["page_language"] += 1
         return None
     return cleaned
-
-
-# ------------------------------------------------------------------------------- whole corpus
-def _clean_batch(batch: list[str], cfg: CleanConfig) -> tuple[list[str | None], Counter]:
-    counts: Counter = Counter()
-    return [clean_document(text, cfg, counts) for text in batch], counts
-
-
-def clean_corpus(
-    inputs: list[Path],
-    out_dir: str | Path,
-    *,
-    cfg: CleanConfig | None = None,
-    errors: Literal["strict", "skip"] = "strict",
-    workers: int = 1,
-    max_document_bytes: int | None = None,
-    oversize: Literal["split", "skip"] = "split",
-    docs_per_file: int = 100_000,
-    batch_size: int = 256,
-) -> dict:
-    """Clean and dedupe ``inputs`` into ``out_dir/part-NNNNN.json.gz`` (C4's JSON lines format) and
-    write ``out_dir/clean_report.json``; return the report.
-
-    The line and page rules run in ``workers`` processes on batches of documents; results come back
-    in corpus order and dedupe runs in this process, so the output is identical for any worker
-    count. Output files are written to ``.tmp`` and renamed; gzip headers carry no name or time, so
-    the bytes depend only on the input and the options.
-    """
-    import gzip
-    import hashlib
-    import json
-    import multiprocessing
-    import os
-
-    from data_pipeline.corpus import iter_documents
-    from data_pipeline.dedupe import Deduper
-    from data_pipeline.manifest import file_sha256, tool_description
-
-    cfg = cfg or CleanConfig()
-    problems = []
-    if errors not in ("strict", "skip"):
-        problems.append(f"errors={errors!r} must be 'strict' or 'skip'")
-    if workers < 1:
-        problems.append(f"workers={workers} must be >= 1")
-    if docs_per_file < 1:
-        problems.append(f"docs_per_file={docs_per_file} must be >= 1")
-    if problems:
-        raise CleanError("cannot clean: " + "; ".join(problems))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = sorted(p.name for p in out_dir.glob("part-*.json.gz"))
-    if stale:
-        # Parts of an earlier run would mix with this one's (and a shorter run would leave extras).
-        raise CleanError(
-            f"{out_dir} already holds cleaned output ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); "
-            "use a fresh --out directory or delete those files"
-        )
-    started = time.monotonic()
-    rejected: Counter = Counter()
-    cleaning: Counter = Counter()
-    hashes: dict[str, str] = {}
-    deduper = Deduper(documents=cfg.dedupe_documents, span=cfg.dedupe_spans, min_sentences=cfg.min_sentences)
-    records = split_records = split_pieces = written = 0
-    outputs: list[dict] = []
-    current: dict = {}
-
-    def open_part() -> None:
-        name = f"part-{len(outputs):05d}.json.gz"
-        tmp = out_dir / (name + ".tmp")
-        raw = open(tmp, "wb")  # noqa: SIM115 - closed in close_part
-        current.update(
-            name=name,
-            tmp=tmp,
-            raw=raw,
-            gz=gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6),
-            n=0,
-        )
-
-    def close_part() -> None:
-        current["gz"].close()
-        current["raw"].flush()
-        os.fsync(current["raw"].fileno())
-        current["raw"].close()
-        final = out_dir / current["name"]
-        os.replace(current["tmp"], final)
-        outputs.append(
-            {
-                "path": current["name"],
-                "documents": current["n"],
-                "bytes": final.stat().st_size,
-                "sha256": file_sha256(final),
-            }
-        )
-        current.clear()
-
-    def batches():
-        nonlocal records, split_records, split_pieces
-        batch: list = []
-        stream = iter_documents(
-            inputs,
-            strict=errors == "strict",
-            counts=rejected,
-            max_document_bytes=max_document_bytes,
-            oversize=oversize,
-            hashes=hashes,
-        )
-        for doc in stream:
-            if doc.part == 0:
-                records += 1
-            else:
-                split_pieces += 1
-                split_records += doc.part == 1
-            batch.append(doc)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    pool = None
-    try:
-        if workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(workers)
-
-            # Results come back in submission order; at most 2 * workers batches are in flight, which
-            # keeps memory flat however large the corpus.
-            def submit(b: list) -> Any:
-                return pool.apply_async(_clean_batch, ([d.text for d in b], cfg))
-
-            docs_and_results = _zip_lazy(batches(), submit, 2 * workers)
-        else:
-            docs_and_results = ((b, _clean_batch([d.text for d in b], cfg)) for b in batches())
-        for batch, (texts, counts) in docs_and_results:
-            cleaning.update(counts)
-            for doc, text in zip(batch, texts, strict=True):
-                if text is None:
-                    continue
-                text = deduper.process(text, cleaning)
-                if text is None:
-                    continue
-                if not current:
-                    open_part()
-                record = {"text": text, "url": doc.url, "timestamp": doc.timestamp}
-                current["gz"].write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                current["n"] += 1
-                written += 1
-                if current["n"] == docs_per_file:
-                    close_part()
-        if current:
-            close_part()
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if current:  # stopped by an error: no half-written part is left behind
-            current["gz"].close()
-            current["raw"].close()
-            current["tmp"].unlink(missing_ok=True)
-
-    report = {
-        "tool": tool_description(),
-        "inputs": [
-            {"path": str(p), "bytes": Path(p).stat().st_size, "sha256": hashes.get(str(p))} for p in inputs
-        ],
-        "config": config_to_dict(cfg),
-        "errors": errors,
-        "max_document_bytes": max_document_bytes,
-        "oversize": oversize,
-        "documents_in": records + sum(rejected.values()),
-        "documents_written": written,
-        "rejected": {k: v for k, v in sorted(rejected.items()) if v},
-        "cleaning": {k: v for k, v in sorted(cleaning.items()) if v},
-        "cleaning_documents_removed": pages_removed(cleaning),
-        "oversize_split": {"records": split_records, "extra_pieces": split_pieces},
-        "dedupe_hashes": len(deduper),
-        "dedupe_hash_bytes": deduper.nbytes,
-        "outputs": outputs,
-        "seconds": round(time.monotonic() - started, 3),
-        "output_sha256": hashlib.sha256("".join(o["sha256"] for o in outputs).encode()).hexdigest(),
-    }
-    tmp = out_dir / "clean_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "clean_report.json")
-    return report
-
-
-def _zip_lazy(items, submit, ahead: int):
-    """Yield ``(item, submit(item).get())`` in order, with at most ``ahead`` submissions in flight."""
-    from collections import deque
-
-    window: deque = deque()
-    for item in items:
-        window.append((item, submit(item)))
-        if len(window) > ahead:
-            first, result = window.popleft()
-            yield first, result.get()
-    while window:
-        first, result = window.popleft()
-        yield first, result.get()

@@ -33,7 +33,9 @@ __all__ = [
     "Document",
     "expand_inputs",
     "iter_documents",
+    "iter_range_documents",
     "split_text",
+    "splittable",
 ]
 
 REJECT_REASONS = (
@@ -159,24 +161,69 @@ class _HashingReader(io.RawIOBase):
         super().close()
 
 
-def _raw_lines(path: Path, reject: _Rejector, hashes: dict[str, str] | None) -> Iterator[tuple[int, bytes]]:
+def _raw_lines(
+    path: Path, reject: _Rejector, hashes: dict[str, str] | None, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line without its newline). A damaged gzip stream ends the file: fatal in
-    strict mode, one ``corrupt_gzip`` in lenient mode (the lines before the damage were yielded)."""
+    strict mode, one ``corrupt_gzip`` in lenient mode (the lines before the damage were yielded).
+
+    ``start``/``end`` (uncompressed files only) select the lines that *begin* in the byte range
+    ``[start, end)``: a line cut by ``start`` belongs to the range before it, one cut by ``end`` to
+    this one, so consecutive ranges cover every line exactly once. Line numbers stay the file's own.
+    With ``hashes``, the file's sha256 is stored once the range is read (the rest is read to hash it).
+    """
     lineno = 0
-    raw_file = _HashingReader(path)
+    raw_file = _HashingReader(path) if hashes is not None else open(path, "rb")  # noqa: SIM115
     try:
         buffered = io.BufferedReader(raw_file, buffer_size=1 << 20)
-        f = gzip.GzipFile(fileobj=buffered, mode="rb") if path.name.endswith(".gz") else buffered
-        try:
-            for lineno, raw in enumerate(f, start=1):
+        if start or end is not None:
+            if path.name.endswith(".gz"):
+                raise CorpusError(f"{path}: a compressed file cannot be read from a byte range")
+            lineno, offset = _seek_line(buffered, start)
+            limit = end if end is not None else 1 << 62
+            while offset < limit:
+                raw = buffered.readline()
+                if not raw:
+                    break
+                lineno += 1
+                offset += len(raw)
                 yield lineno, raw.rstrip(b"\r\n")
-        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-            reject("corrupt_gzip", f"{path}:{lineno + 1}", f"truncated or corrupt gzip stream ({exc})")
+        else:
+            f = gzip.GzipFile(fileobj=buffered, mode="rb") if path.name.endswith(".gz") else buffered
+            try:
+                for lineno, raw in enumerate(f, start=1):
+                    yield lineno, raw.rstrip(b"\r\n")
+            except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+                reject("corrupt_gzip", f"{path}:{lineno + 1}", f"truncated or corrupt gzip stream ({exc})")
         if hashes is not None:
             # Bytes still in the BufferedReader were already hashed when the raw file was read.
-            hashes[str(path)] = raw_file.finish()
+            hashes[str(path)] = raw_file.finish()  # type: ignore[union-attr]
     finally:
         raw_file.close()
+
+
+def _seek_line(f: io.BufferedReader, start: int) -> tuple[int, int]:
+    """Position ``f`` at the first line that begins at or after byte ``start``; return (lines before
+    it, its offset). Counting newlines in 1 MiB blocks costs a memchr pass, not a parse."""
+    if start == 0:
+        return 0, 0
+    newlines = 0
+    remaining = start - 1  # the byte before ``start`` tells whether a line begins exactly there
+    while remaining:
+        block = f.read(min(remaining, 1 << 20))
+        if not block:
+            return newlines, start - 1 - remaining
+        newlines += block.count(b"\n")
+        remaining -= len(block)
+    before = f.read(1)
+    offset = start
+    if before and before != b"\n":
+        rest = f.readline()  # the tail of a line that began in the previous range
+        newlines += 1 if rest.endswith(b"\n") else 0
+        offset += len(rest)
+    else:
+        newlines += 1 if before else 0
+    return newlines, offset
 
 
 def split_text(text: str, max_bytes: int) -> list[str]:
@@ -217,10 +264,10 @@ class _Rejector:
 
 
 def _json_documents(
-    path: Path, reject: _Rejector, text_key: str, hashes: dict[str, str] | None
+    path: Path, lines: Iterator[tuple[int, bytes]], reject: _Rejector, text_key: str
 ) -> Iterator[Document]:
     source = str(path)
-    for lineno, raw in _raw_lines(path, reject, hashes):
+    for lineno, raw in lines:
         where = f"{path}:{lineno}"
         if not raw.strip():
             continue
@@ -268,7 +315,7 @@ def _json_documents(
         yield Document(text=text, url=meta["url"], timestamp=meta["timestamp"], source=source, line=lineno)
 
 
-def _text_documents(path: Path, reject: _Rejector, hashes: dict[str, str] | None) -> Iterator[Document]:
+def _text_documents(path: Path, lines: Iterator[tuple[int, bytes]], reject: _Rejector) -> Iterator[Document]:
     """Plain text: a document is a block of lines between blank lines; ``line`` is its first line."""
     source = str(path)
     block: list[str] = []
@@ -279,7 +326,7 @@ def _text_documents(path: Path, reject: _Rejector, hashes: dict[str, str] | None
         if block and not bad:
             yield Document(text="\n".join(block), url=None, timestamp=None, source=source, line=start)
 
-    for lineno, raw in _raw_lines(path, reject, hashes):
+    for lineno, raw in lines:
         if not raw.strip():
             yield from flush()
             block, bad = [], False
@@ -329,28 +376,69 @@ def iter_documents(
         raise ValueError(f"oversize={oversize!r} must be 'split' or 'skip'")
     reject = _Rejector(strict, counts)
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise CorpusError(f"{path}: no such corpus file")
-        if not _is_supported(path):
-            raise CorpusError(f"{path}: unsupported suffix (supported: {', '.join(SUPPORTED_SUFFIXES)})")
-        if path.name.endswith((".txt", ".txt.gz")):
-            docs = _text_documents(path, reject, hashes)
+        yield from _file_documents(Path(p), reject, text_key, max_document_bytes, oversize, hashes)
+
+
+def splittable(path: Path) -> bool:
+    """Whether ``path`` may be read in byte ranges (:func:`iter_range_documents`): uncompressed JSON
+    lines. A compressed stream cannot be entered mid-way, and a plain-text document spans lines."""
+    return path.name.endswith((".json", ".jsonl"))
+
+
+def iter_range_documents(
+    path: Path,
+    start: int,
+    end: int | None,
+    *,
+    strict: bool = True,
+    counts: Counter | None = None,
+    text_key: str = "text",
+    max_document_bytes: int | None = None,
+    oversize: Literal["split", "skip"] = "split",
+    hashes: dict[str, str] | None = None,
+) -> Iterator[Document]:
+    """The documents of the lines of ``path`` that begin in bytes ``[start, end)`` (the whole file
+    for ``0, None``), exactly as :func:`iter_documents` yields them for that stretch of the file: the
+    same checks, counts, line numbers and splitting. Ranges other than the whole file need an
+    uncompressed JSON lines file (:func:`splittable`)."""
+    if (start or end is not None) and not splittable(path):
+        raise CorpusError(f"{path}: only uncompressed JSON lines files can be read in byte ranges")
+    reject = _Rejector(strict, counts)
+    yield from _file_documents(path, reject, text_key, max_document_bytes, oversize, hashes, start, end)
+
+
+def _file_documents(
+    path: Path,
+    reject: _Rejector,
+    text_key: str,
+    max_document_bytes: int | None,
+    oversize: Literal["split", "skip"],
+    hashes: dict[str, str] | None,
+    start: int = 0,
+    end: int | None = None,
+) -> Iterator[Document]:
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such corpus file")
+    if not _is_supported(path):
+        raise CorpusError(f"{path}: unsupported suffix (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    lines = _raw_lines(path, reject, hashes, start, end)
+    if path.name.endswith((".txt", ".txt.gz")):
+        docs = _text_documents(path, lines, reject)
+    else:
+        docs = _json_documents(path, lines, reject, text_key)
+    if max_document_bytes is None:
+        yield from docs
+        return
+    for doc in docs:
+        size = len(doc.text.encode("utf-8"))
+        if size <= max_document_bytes:
+            yield doc
+        elif oversize == "skip":
+            reject(
+                "oversize",
+                f"{doc.source}:{doc.line}",
+                f"{size} bytes > max_document_bytes={max_document_bytes}",
+            )
         else:
-            docs = _json_documents(path, reject, text_key, hashes)
-        if max_document_bytes is None:
-            yield from docs
-            continue
-        for doc in docs:
-            size = len(doc.text.encode("utf-8"))
-            if size <= max_document_bytes:
-                yield doc
-            elif oversize == "skip":
-                reject(
-                    "oversize",
-                    f"{doc.source}:{doc.line}",
-                    f"{size} bytes > max_document_bytes={max_document_bytes}",
-                )
-            else:
-                for part, piece in enumerate(split_text(doc.text, max_document_bytes)):
-                    yield Document(piece, doc.url, doc.timestamp, doc.source, doc.line, part)
+            for part, piece in enumerate(split_text(doc.text, max_document_bytes)):
+                yield Document(piece, doc.url, doc.timestamp, doc.source, doc.line, part)

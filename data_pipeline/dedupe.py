@@ -1,30 +1,63 @@
-"""Streaming dedupe: exact duplicate documents and C4's repeated three-sentence spans.
+"""Exact dedupe of documents and C4's repeated three-sentence spans, in hash-partitioned stages.
 
 C4 (T5 paper §2.2) "discarded all but one of any three-sentence span occurring more than once in
-the data set". Its reference implementation ran as a distributed group-by over the whole corpus and
-kept the copy of the page with the smallest URL. Here dedupe runs in one pass over the corpus stream
-and keeps the *first* occurrence in stream order, so the output is a function of the input order
-alone (and hence identical for any worker count, since only the main process dedupes).
+the data set". Tandem keeps the copy that comes *first in corpus order* (input file order, then line,
+then position in the document), the rule a single reader applies when it streams the corpus with one
+seen-hash set. Here no process sees the whole corpus:
 
-Memory is bounded by hashes, never texts: every span and document is remembered as the first 8
-bytes of its blake2b digest, held in :class:`HashSet64`: a sorted ``uint64`` numpy array plus a small
-Python set of recent insertions that is merged into the array whenever it grows past 1/8 of it.
-Measured with tracemalloc on one million spans: 11.6 bytes per entry held (12 MB per million
-spans), peaking at 23 bytes per entry while a merge copies the array; a plain Python set of the same
-ints costs 70 bytes per entry (70 MB per million). With 64-bit hashes the chance that any two of 10^9
-distinct spans collide (and one is wrongly removed) is about 3%, and then only one span is lost.
+1. **signatures** (one task per input piece): every cleaned document emits one record for its
+   text and one per window of ``span`` consecutive sentences: ``(kind, hash, unit, k)``, where
+   ``hash`` is the first 8 bytes of the blake2b digest, ``unit`` the document's corpus-order
+   ordinal (:func:`data_pipeline.pipeline.ordinal`) and ``k`` the window's index in it. Records go to
+   bucket ``hash % B`` and are written as sorted runs (:class:`SignatureWriter`), spilled at a fixed
+   record count, so a task's memory depends on that count, not on its input.
+2. **resolve** (one task per bucket): the bucket's runs are merged in key order, streaming fixed-size
+   chunks (:func:`resolve_bucket`; more runs than ``fan_in`` are first merged in groups on disk), so
+   memory is ``fan_in x chunk`` records whatever the corpus. In each group of equal ``(kind, hash)``
+   every record but the first is a removal; removals are written as runs sorted by ``unit``.
+3. **apply** (one task per piece): the piece reads its slice of every removal run (a binary search
+   on the memory-mapped run, :func:`read_removals`), drops duplicate documents and the sentences of
+   repeated windows (:func:`apply_removals`).
+
+Why this equals the serial rule exactly: the serial pass records a document's hash for every cleaned
+document and the hashes of its windows unless the document is itself a duplicate. Including the
+windows of duplicate documents changes nothing: such a document is an exact copy of an earlier one,
+whose window ``k`` has the same hash at an earlier position, so a duplicate's windows are never the
+first of their group. A window repeated inside one document is caught too, since ``k`` orders it.
+
+With 64-bit hashes the chance that any two of 10^9 distinct spans collide (and one is wrongly removed)
+is about 3%, and then only one span is lost: the serial pass had the same odds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.clean import sentence_spans
 
-__all__ = ["Deduper", "HashSet64", "hash64"]
+__all__ = [
+    "DOC",
+    "REMOVAL_DTYPE",
+    "SIG_DTYPE",
+    "SPAN",
+    "SignatureWriter",
+    "apply_removals",
+    "document_signatures",
+    "hash64",
+    "read_removals",
+    "resolve_bucket",
+]
+
+DOC, SPAN = 0, 1  # record kinds: whole-document hashes and window hashes live in separate namespaces
+# Packed records, stored as raw little-endian bytes (no header): a run is appended in chunks.
+SIG_DTYPE = np.dtype([("kind", "u1"), ("hash", "<u8"), ("unit", "<u8"), ("k", "<u4")])
+REMOVAL_DTYPE = np.dtype([("unit", "<u8"), ("kind", "u1"), ("k", "<u4")])
 
 
 def hash64(text: str) -> int:
@@ -32,98 +65,242 @@ def hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-class HashSet64:
-    """A set of 64-bit hashes at ~12 bytes each (vs ~70 for a Python set of ints)."""
-
-    def __init__(self, *, min_buffer: int = 1 << 16) -> None:
-        self._sorted = np.empty(0, dtype=np.uint64)
-        self._recent: set[int] = set()
-        self._min_buffer = min_buffer
-
-    def __len__(self) -> int:
-        return len(self._sorted) + len(self._recent)
-
-    def __contains__(self, h: int) -> bool:
-        if h in self._recent:
-            return True
-        arr = self._sorted
-        if not len(arr):
-            return False
-        i = int(np.searchsorted(arr, np.uint64(h)))
-        return i < len(arr) and int(arr[i]) == h
-
-    def add(self, h: int) -> bool:
-        """Insert ``h``; return True if it was new."""
-        if h in self:
-            return False
-        self._recent.add(h)
-        # Merging when the buffer reaches 1/8 of the array keeps the total merge work O(n log n).
-        if len(self._recent) >= max(self._min_buffer, len(self._sorted) // 8):
-            self._merge()
-        return True
-
-    def _merge(self) -> None:
-        recent = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-        recent.sort()
-        self._sorted = np.concatenate([self._sorted, recent])
-        self._sorted.sort(kind="stable")  # two sorted runs: timsort-like merge in numpy's radix/merge sort
-        self._recent = set()
-
-    @property
-    def nbytes(self) -> int:
-        """Approximate bytes held: the array plus ~90 bytes per buffered Python int."""
-        return int(self._sorted.nbytes) + 90 * len(self._recent)
+def _sentences(text: str) -> tuple[list[str], list[tuple[int, int, int]]]:
+    lines = text.split("\n")
+    # (line index, start, end) of every sentence; windows cross line boundaries, as C4's do.
+    return lines, [(i, a, b) for i, line in enumerate(lines) for a, b in sentence_spans(line)]
 
 
-class Deduper:
-    """Exact document dedupe and repeated-span removal over one stream of documents.
+def document_signatures(text: str, *, documents: bool, span: int) -> Iterator[tuple[int, int, int]]:
+    """``(kind, hash, k)`` for a cleaned document: its text (``DOC``, k 0) and each window of ``span``
+    consecutive sentences (``SPAN``, k the window's first sentence), joined by ``\\n``."""
+    if documents:
+        yield DOC, hash64(text), 0
+    if not span:
+        return
+    lines, sentences = _sentences(text)
+    for k in range(len(sentences) - span + 1):
+        yield SPAN, hash64("\n".join(lines[i][a:b] for i, a, b in sentences[k : k + span])), k
 
-    Call :meth:`process` on each cleaned document in corpus order. Counts: ``page_duplicate`` (an
-    exact copy of an earlier document), ``span_sentences_removed`` (sentences inside a repeated
-    span), ``page_too_few_sentences_after_dedupe`` (a page left with fewer than ``min_sentences``).
-    """
 
-    def __init__(self, *, documents: bool = True, span: int = 3, min_sentences: int = 3) -> None:
-        if span < 0 or min_sentences < 0:
-            raise ValueError(f"span={span} and min_sentences={min_sentences} must be >= 0")
-        self.documents = documents
-        self.span = span
-        self.min_sentences = min_sentences
-        self._docs = HashSet64()
-        self._spans = HashSet64()
+def apply_removals(
+    text: str, removals: Sequence[tuple[int, int]], *, span: int, min_sentences: int, counts: Counter
+) -> str | None:
+    """The document after dedupe, or None if it goes. ``removals`` are its ``(kind, k)`` records that
+    were not first in their group. Counts as the serial pass did: ``page_duplicate`` (an exact copy of
+    an earlier document), ``span_sentences_removed`` (sentences inside a repeated window),
+    ``page_too_few_sentences_after_dedupe`` (fewer than ``min_sentences`` left)."""
+    if not removals:
+        return text
+    if any(kind == DOC for kind, _ in removals):
+        counts["page_duplicate"] += 1
+        return None
+    lines, sentences = _sentences(text)
+    drop = [False] * len(sentences)
+    for _, k in removals:
+        for j in range(k, k + span):
+            drop[j] = True
+    removed = sum(drop)
+    counts["span_sentences_removed"] += removed
+    if len(sentences) - removed < min_sentences:
+        counts["page_too_few_sentences_after_dedupe"] += 1
+        return None
+    kept_lines: list[list[str]] = [[] for _ in lines]
+    for (i, a, b), gone in zip(sentences, drop, strict=True):
+        if not gone:
+            kept_lines[i].append(lines[i][a:b])
+    return "\n".join(" ".join(parts) for parts in kept_lines if parts)
 
-    @property
-    def nbytes(self) -> int:
-        return self._docs.nbytes + self._spans.nbytes
 
-    def __len__(self) -> int:
-        """Hashes remembered (documents + spans): what dedupe memory grows with."""
-        return len(self._docs) + len(self._spans)
+def _write_run(path: Path, records: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(records.tobytes())
+    os.replace(tmp, path)
 
-    def process(self, text: str, counts: Counter) -> str | None:
-        if self.documents and not self._docs.add(hash64(text)):
-            counts["page_duplicate"] += 1
-            return None
-        if not self.span:
-            return text
-        lines = text.split("\n")
-        # (line index, start, end) of every sentence; spans cross line boundaries, as C4's do.
-        sentences = [(i, a, b) for i, line in enumerate(lines) for a, b in sentence_spans(line)]
-        drop = [False] * len(sentences)
-        for k in range(len(sentences) - self.span + 1):
-            window = "\n".join(lines[i][a:b] for i, a, b in sentences[k : k + self.span])
-            if not self._spans.add(hash64(window)):
-                for j in range(k, k + self.span):
-                    drop[j] = True
-        removed = sum(drop)
-        if not removed:
-            return text
-        counts["span_sentences_removed"] += removed
-        kept_lines: list[list[str]] = [[] for _ in lines]
-        for (i, a, b), gone in zip(sentences, drop, strict=True):
-            if not gone:
-                kept_lines[i].append(lines[i][a:b])
-        if len(sentences) - removed < self.min_sentences:
-            counts["page_too_few_sentences_after_dedupe"] += 1
-            return None
-        return "\n".join(" ".join(parts) for parts in kept_lines if parts)
+
+def _sig_order(a: np.ndarray) -> np.ndarray:
+    return np.lexsort((a["k"], a["unit"], a["hash"], a["kind"]))
+
+
+class SignatureWriter:
+    """Buffers one task's signature records and writes them as sorted runs, one file per bucket per
+    spill: ``DIR/bBBBB/TTTTTT-RRR.sig``. At most ``spill_records`` records are held at once."""
+
+    def __init__(self, directory: Path, task: int, buckets: int, *, spill_records: int = 1 << 20) -> None:
+        self.directory, self.task, self.buckets = Path(directory), task, buckets
+        self.spill_records = spill_records
+        self._cols: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+        self._runs = 0
+
+    def add(self, unit: int, records: Iterator[tuple[int, int, int]]) -> None:
+        kinds, hashes, units, ks = self._cols
+        for kind, h, k in records:
+            kinds.append(kind)
+            hashes.append(h)
+            units.append(unit)
+            ks.append(k)
+        if len(kinds) >= self.spill_records:
+            self.flush()
+
+    def flush(self) -> None:
+        kinds, hashes, units, ks = self._cols
+        if not kinds:
+            return
+        a = np.empty(len(kinds), dtype=SIG_DTYPE)
+        a["kind"], a["hash"], a["unit"], a["k"] = kinds, hashes, units, ks
+        a = a[_sig_order(a)]
+        bucket = a["hash"] % np.uint64(self.buckets)
+        for b in np.unique(bucket):
+            d = self.directory / f"b{int(b):05d}"
+            d.mkdir(parents=True, exist_ok=True)
+            _write_run(d / f"{self.task:06d}-{self._runs:03d}.sig", a[bucket == b])
+        self._runs += 1
+        self._cols = ([], [], [], [])
+
+
+# --------------------------------------------------------------------------- resolve one bucket
+def _le(a: np.ndarray, key: np.void) -> int:
+    """How many records of the sorted ``a`` are <= ``key`` in (kind, hash, unit, k) order."""
+    kind, h, unit, k = (key[f] for f in ("kind", "hash", "unit", "k"))
+    below = (a["kind"] < kind) | (
+        (a["kind"] == kind)
+        & (
+            (a["hash"] < h)
+            | ((a["hash"] == h) & ((a["unit"] < unit) | ((a["unit"] == unit) & (a["k"] <= k))))
+        )
+    )
+    return int(np.count_nonzero(below))
+
+
+def _merged(paths: Sequence[Path], chunk: int) -> Iterator[np.ndarray]:
+    """The records of the sorted runs ``paths`` as consecutive sorted arrays (their concatenation is
+    the merge), holding at most ``chunk`` records per run at a time."""
+    files = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed below
+    try:
+        bufs = [np.fromfile(f, dtype=SIG_DTYPE, count=chunk) for f in files]
+        more = [len(b) == chunk for b in bufs]
+        while any(len(b) for b in bufs):
+            # Every record up to the smallest last-loaded key among runs with more to read is final.
+            limits = [b[-1] for b, m in zip(bufs, more, strict=True) if m and len(b)]
+            if limits:
+                limit = min(limits, key=lambda r: (r["kind"], r["hash"], r["unit"], r["k"]))
+                cuts = [_le(b, limit) for b in bufs]
+            else:
+                cuts = [len(b) for b in bufs]
+            out = np.concatenate([b[:c] for b, c in zip(bufs, cuts, strict=True)])
+            yield out[_sig_order(out)]
+            for i, (f, b, c) in enumerate(zip(files, bufs, cuts, strict=True)):
+                rest = b[c:]
+                if not len(rest) and more[i]:
+                    rest = np.fromfile(f, dtype=SIG_DTYPE, count=chunk)
+                    more[i] = len(rest) == chunk
+                bufs[i] = rest
+    finally:
+        for f in files:
+            f.close()
+
+
+def resolve_bucket(
+    runs: Sequence[Path],
+    out_dir: Path,
+    bucket: int,
+    *,
+    chunk: int = 1 << 16,
+    fan_in: int = 32,
+    spill_records: int = 1 << 20,
+) -> dict[str, int]:
+    """Merge one bucket's signature runs and write its removals as unit-sorted runs
+    ``OUT_DIR/BBBBB-RRRR.rm``. Returns ``{"hashes": distinct (kind, hash) groups, "removals": n}``.
+
+    Memory: at most ``fan_in`` runs are merged at once (``fan_in x chunk`` records), plus a removal
+    buffer of ``spill_records``; more runs are first merged in groups into scratch runs on disk."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / f"b{bucket:05d}.merge"
+    runs = list(runs)
+    level = 0
+    while len(runs) > fan_in:
+        scratch.mkdir(exist_ok=True)
+        merged_runs = []
+        for g in range(0, len(runs), fan_in):
+            path = scratch / f"{level:02d}-{g // fan_in:06d}.sig"
+            with open(path, "wb") as f:
+                for part in _merged(runs[g : g + fan_in], chunk):
+                    f.write(part.tobytes())
+            merged_runs.append(path)
+        for old in runs:
+            if old.parent == scratch:
+                old.unlink()
+        runs, level = merged_runs, level + 1
+
+    groups = removed = 0
+    pending: list[np.ndarray] = []
+    held = spilled = 0
+    last: tuple[int, int] | None = None
+
+    def spill() -> None:
+        nonlocal held, spilled
+        if not pending:
+            return
+        r = np.concatenate(pending)
+        r = r[np.lexsort((r["k"], r["kind"], r["unit"]))]
+        _write_run(out_dir / f"{bucket:05d}-{spilled:04d}.rm", r)
+        pending.clear()
+        held, spilled = 0, spilled + 1
+
+    for part in _merged(runs, chunk):
+        kh_same = (part["kind"][1:] == part["kind"][:-1]) & (part["hash"][1:] == part["hash"][:-1])
+        first = np.ones(len(part), dtype=bool)
+        first[1:] = ~kh_same
+        if last is not None and (int(part["kind"][0]), int(part["hash"][0])) == last:
+            first[0] = False  # the group began in the previous chunk
+        last = (int(part["kind"][-1]), int(part["hash"][-1]))
+        groups += int(np.count_nonzero(first))
+        dup = part[~first]
+        if len(dup):
+            r = np.empty(len(dup), dtype=REMOVAL_DTYPE)
+            r["unit"], r["kind"], r["k"] = dup["unit"], dup["kind"], dup["k"]
+            pending.append(r)
+            held += len(r)
+            removed += len(r)
+            if held >= spill_records:
+                spill()
+    spill()
+    if scratch.exists():
+        for p in scratch.iterdir():
+            p.unlink()
+        scratch.rmdir()
+    return {"hashes": groups, "removals": removed}
+
+
+def _bisect(units: np.ndarray, value: int) -> int:
+    """First index whose unit is >= value, in a memory-mapped sorted column (touches log2(n) pages)."""
+    lo, hi = 0, len(units)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(units[mid]) < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def read_removals(runs: Sequence[Path], lo: int, hi: int) -> dict[int, list[tuple[int, int]]]:
+    """``unit -> [(kind, k), ...]`` for the units in ``[lo, hi)``, read from the removal runs by binary
+    search, so a piece reads only its own slice of each."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for path in runs:
+        if path.stat().st_size == 0:
+            continue
+        mm = np.memmap(path, dtype=REMOVAL_DTYPE, mode="r")
+        units = mm["unit"]
+        a, b = _bisect(units, lo), _bisect(units, hi)
+        if a == b:
+            continue
+        part = np.array(mm[a:b])
+        for unit, kind, k in zip(
+            part["unit"].tolist(), part["kind"].tolist(), part["k"].tolist(), strict=True
+        ):
+            out.setdefault(unit, []).append((kind, k))
+        del mm
+    return out

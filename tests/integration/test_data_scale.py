@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.clean import clean_corpus, pages_removed
+from data_pipeline.clean import pages_removed
+from data_pipeline.jobs import clean_corpus
 from data_pipeline.corpus import CorpusError, iter_documents
 from data_pipeline.sample_corpus import iter_sample_documents, write_sample_corpus
 from data_pipeline.sharding import shard_corpus
