@@ -345,6 +345,16 @@ class ResumeCheck:
         if step < c.start + c.steps and step < last_step:
             return False
         c.done = True
+        if self.reference is not None and not c.rows:
+            after = [s for s in sorted(self.reference.records) if s > c.start]
+            c.notes.append(
+                f"{self.reference.path}: no record of steps {c.start + 1}-{step} to compare"
+                + (
+                    f" (the next is step {after[0]}: compare {after[0] - c.start} steps or more)"
+                    if after
+                    else ""
+                )
+            )
         if self.rank == 0:
             self._write()
             print(f"train.verify_resume={c.steps}: {c.message()}", flush=True)
@@ -499,6 +509,9 @@ def replay(
 
     if steps < 1:
         raise ReplayError(f"--steps {steps}: must be at least 1")
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # The replay writes a run there (config.yaml, metrics.jsonl, tb/): never into an existing run.
+        raise ReplayError(f"--out {out}: exists and is not an empty directory; give a new one")
     try:
         meta = read_manifest(checkpoint)
     except CheckpointError as exc:
@@ -520,11 +533,7 @@ def replay(
         )
     world = want["tp"] * want["pp"] * want["dp"]
     scratch = out or Path(tempfile.mkdtemp(prefix="tandem-replay-"))
-    if out is not None and (out / "checkpoints").exists():
-        raise ReplayError(f"--out {out}: holds checkpoints; give an empty or new directory")
     scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / REPORT).unlink(missing_ok=True)
-    (scratch / "metrics.jsonl").unlink(missing_ok=True)
     train_args = [
         "train",
         "--config",

@@ -14,10 +14,13 @@ from pretrain.replay import (
     Observed,
     Reference,
     ReplayError,
+    ResumeCheck,
+    ResumeMismatch,
     compare_step,
     format_table,
     parse_layout,
     reference_path,
+    replay,
 )
 
 
@@ -143,6 +146,17 @@ def test_reference_is_the_checkpoint_runs_metrics_or_the_reshard_source(tmp_path
     assert reference_path(copy) == tmp_path / "run" / "metrics.jsonl"
 
 
+def test_replay_refuses_bad_input_naming_it(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(ReplayError, match=r"--out .*run: exists and is not an empty directory"):
+        replay(tmp_path / "ckpt", out=tmp_path / "run")
+    with pytest.raises(ReplayError, match=r"--steps 0"):
+        replay(tmp_path / "ckpt", steps=0)
+    with pytest.raises(ReplayError, match=r"ckpt/manifest.json: missing"):
+        replay(tmp_path / "ckpt")
+
+
 def test_layout_option_and_config_key_are_checked():
     assert parse_layout("tp=2", {"tp": 1, "pp": 2, "dp": 4}) == {"tp": 2, "pp": 2, "dp": 4}
     with pytest.raises(ReplayError, match=r"--layout 'tp=2,ep=2'.*'ep=2'"):
@@ -151,3 +165,25 @@ def test_layout_option_and_config_key_are_checked():
         parse_layout("tp=0", {})
     with pytest.raises(ConfigError, match=r"train\.verify_resume"):
         load_config(None, ["data.shards=x", "train.verify_resume=-1"])
+
+
+def test_resume_check_stops_at_the_first_difference_and_puts_the_original_records_back(tmp_path):
+    """In one process (no collective): the check a resumed run makes in its own directory."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = write_metrics(run_dir / "metrics.jsonl", [record(s, 5.0 - 0.1 * s) for s in range(1, 7)])
+    original = path.read_text()
+    check = ResumeCheck(comparison(3, 2), Reference.read(path, after=3), rank=0, run_dir=run_dir)
+    # The resumed run's logger truncates the file at step 3 and logs its own step 4.
+    path.write_text("".join(original.splitlines(keepends=True)[:3]) + json.dumps(record(4, 9.0)) + "\n")
+    with pytest.raises(ResumeMismatch, match=r"step 4 loss differs .*: 9\.0 now, 4\.6 before"):
+        check.observe(4, loss=9.0, skipped=None, grad_norm=1.5, lr=1e-3, consumed_samples=32, last_step=6)
+    assert path.read_text() == original.rpartition("\n")[0] + "\n"  # minus the line cut short
+    assert json.loads((run_dir / "resume-check.json").read_text())["verdict"] == "differs"
+
+    quiet = ResumeCheck(comparison(6, 2), Reference.read(path, after=6), rank=0, run_dir=run_dir)
+    assert not quiet.observe(
+        7, loss=4.0, skipped=None, grad_norm=1.0, lr=1e-3, consumed_samples=56, last_step=9
+    )
+    assert quiet.observe(8, loss=4.0, skipped=None, grad_norm=1.0, lr=1e-3, consumed_samples=64, last_step=9)
+    assert quiet.comparison.verdict == "unchecked" and "no record of steps 7-8" in quiet.comparison.message()
