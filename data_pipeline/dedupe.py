@@ -125,30 +125,30 @@ def _sig_order(a: np.ndarray) -> np.ndarray:
 
 class SignatureWriter:
     """Buffers one task's signature records and writes them as sorted runs, one file per bucket per
-    spill: ``DIR/bBBBB/TTTTTT-RRR.sig``. At most ``spill_records`` records are held at once."""
+    spill: ``DIR/bBBBBB/TTTTTT-RRR.sig``. At most ``spill_records`` records are held (in one array)."""
 
-    def __init__(self, directory: Path, task: int, buckets: int, *, spill_records: int = 1 << 20) -> None:
+    def __init__(self, directory: Path, task: int, buckets: int, *, spill_records: int = 1 << 18) -> None:
         self.directory, self.task, self.buckets = Path(directory), task, buckets
-        self.spill_records = spill_records
-        self._cols: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+        self._buf = np.empty(spill_records, dtype=SIG_DTYPE)
+        self._n = 0
         self._runs = 0
 
     def add(self, unit: int, records: Iterator[tuple[int, int, int]]) -> None:
-        kinds, hashes, units, ks = self._cols
-        for kind, h, k in records:
-            kinds.append(kind)
-            hashes.append(h)
-            units.append(unit)
-            ks.append(k)
-        if len(kinds) >= self.spill_records:
-            self.flush()
+        rows = list(records)
+        while rows:
+            room = len(self._buf) - self._n
+            take, rows = rows[:room], rows[room:]
+            a = self._buf[self._n : self._n + len(take)]
+            kinds, hashes, ks = zip(*take, strict=True)
+            a["kind"], a["hash"], a["unit"], a["k"] = kinds, hashes, unit, ks
+            self._n += len(take)
+            if self._n == len(self._buf):
+                self.flush()
 
     def flush(self) -> None:
-        kinds, hashes, units, ks = self._cols
-        if not kinds:
+        if not self._n:
             return
-        a = np.empty(len(kinds), dtype=SIG_DTYPE)
-        a["kind"], a["hash"], a["unit"], a["k"] = kinds, hashes, units, ks
+        a = self._buf[: self._n]
         a = a[_sig_order(a)]
         bucket = a["hash"] % np.uint64(self.buckets)
         for b in np.unique(bucket):
@@ -156,7 +156,7 @@ class SignatureWriter:
             d.mkdir(parents=True, exist_ok=True)
             _write_run(d / f"{self.task:06d}-{self._runs:03d}.sig", a[bucket == b])
         self._runs += 1
-        self._cols = ([], [], [], [])
+        self._n = 0
 
 
 # --------------------------------------------------------------------------- resolve one bucket
@@ -173,9 +173,10 @@ def _le(a: np.ndarray, key: np.void) -> int:
     return int(np.count_nonzero(below))
 
 
-def _merged(paths: Sequence[Path], chunk: int) -> Iterator[np.ndarray]:
+def _merged(paths: Sequence[Path], budget: int) -> Iterator[np.ndarray]:
     """The records of the sorted runs ``paths`` as consecutive sorted arrays (their concatenation is
-    the merge), holding at most ``chunk`` records per run at a time."""
+    the merge), holding about ``budget`` records of all runs together at a time."""
+    chunk = max(16, budget // max(1, len(paths)))
     files = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed below
     try:
         bufs = [np.fromfile(f, dtype=SIG_DTYPE, count=chunk) for f in files]
@@ -206,15 +207,17 @@ def resolve_bucket(
     out_dir: Path,
     bucket: int,
     *,
-    chunk: int = 1 << 16,
-    fan_in: int = 32,
-    spill_records: int = 1 << 20,
+    budget: int = 1 << 16,
+    fan_in: int = 64,
+    spill_records: int = 1 << 18,
 ) -> dict[str, int]:
     """Merge one bucket's signature runs and write its removals as unit-sorted runs
     ``OUT_DIR/BBBBB-RRRR.rm``. Returns ``{"hashes": distinct (kind, hash) groups, "removals": n}``.
 
-    Memory: at most ``fan_in`` runs are merged at once (``fan_in x chunk`` records), plus a removal
-    buffer of ``spill_records``; more runs are first merged in groups into scratch runs on disk."""
+    Memory is fixed by the options, never by the bucket's size: about ``budget`` records are loaded
+    at a time across the runs being merged (at most ``fan_in`` of them: more runs are first merged
+    in groups into scratch runs on disk, so no read chunk gets tiny), plus a removal buffer of
+    ``spill_records``. Records are 21 bytes; the defaults hold ~1.4 MB + 3.4 MB."""
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / f"b{bucket:05d}.merge"
     runs = list(runs)
@@ -225,7 +228,7 @@ def resolve_bucket(
         for g in range(0, len(runs), fan_in):
             path = scratch / f"{level:02d}-{g // fan_in:06d}.sig"
             with open(path, "wb") as f:
-                for part in _merged(runs[g : g + fan_in], chunk):
+                for part in _merged(runs[g : g + fan_in], budget):
                     f.write(part.tobytes())
             merged_runs.append(path)
         for old in runs:
@@ -248,7 +251,7 @@ def resolve_bucket(
         pending.clear()
         held, spilled = 0, spilled + 1
 
-    for part in _merged(runs, chunk):
+    for part in _merged(runs, budget):
         kh_same = (part["kind"][1:] == part["kind"][:-1]) & (part["hash"][1:] == part["hash"][:-1])
         first = np.ones(len(part), dtype=bool)
         first[1:] = ~kh_same

@@ -8,6 +8,7 @@ submits the same stages as job arrays.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,15 @@ from data_pipeline.clean import CleanConfig, CleanError
 from data_pipeline.corpus import CorpusError
 from data_pipeline.executors import TaskFailed, run_local
 from data_pipeline.manifest import MANIFEST_NAME
-from data_pipeline.pipeline import REPORT_NAME, Job, JobError, clean_fields, fingerprint_options, plan_pieces
+from data_pipeline.pipeline import (
+    REPORT_NAME,
+    WORK_DIR,
+    Job,
+    JobError,
+    clean_fields,
+    fingerprint_options,
+    plan_pieces,
+)
 from data_pipeline.tokenizer import Tokenizer
 
 __all__ = [
@@ -51,7 +60,7 @@ def _validate(
     piece_mb: float,
     extra: list[str],
 ) -> None:
-    problems = list(extra)
+    problems: list[str] = []
     if errors not in ("strict", "skip"):
         problems.append(f"errors={errors!r} must be 'strict' or 'skip'")
     if max_document_bytes is not None and max_document_bytes < 1:
@@ -66,6 +75,7 @@ def _validate(
         problems.append(f"buckets={buckets} must be >= 1")
     if not piece_mb > 0:
         problems.append(f"piece_mb={piece_mb} must be > 0")
+    problems += extra
     if problems:
         error = ShardingError if kind == "shard" else CleanError
         raise error(f"cannot {kind}: " + "; ".join(problems))
@@ -79,7 +89,12 @@ def _claim_out_dir(out_dir: Path, name: str, fingerprint: dict[str, Any], error:
             recorded = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise error(f"{path}: unreadable ({exc}); use a fresh out_dir") from exc
-        if recorded != fingerprint:
+        started = any((out_dir / WORK_DIR).glob("*/done/*.json"))
+        if recorded != fingerprint and not started:
+            # A job that stopped before any task finished left nothing to mix: start it afresh.
+            shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)
+            write_text_atomic(path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        elif recorded != fingerprint:
             changed = sorted(
                 k for k in fingerprint.keys() | recorded.keys() if fingerprint.get(k) != recorded.get(k)
             )
@@ -162,9 +177,12 @@ def prepare_job(
         clean=None if clean is None else clean_fields(clean),
         piece_mb=piece_mb,
         docs_per_file=docs_per_file,
+        val_fraction=val_fraction,
+        shard_size_mb=shard_size_mb,
+        seed=seed,
+        min_tokens=min_tokens,
         started=time.time(),
     )
-    fingerprint = fingerprint_options(job, clean) | {"inputs": job.inputs}
     error: type[Exception] = CleanError
     if kind == "shard":
         if tokenizer_path is None:
@@ -172,14 +190,10 @@ def prepare_job(
         tok = Tokenizer(tokenizer_path)
         job.tokenizer = str(Path(tokenizer_path).resolve())
         job.dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
-        job.val_fraction, job.shard_size_mb, job.seed, job.min_tokens = (
-            val_fraction,
-            shard_size_mb,
-            seed,
-            min_tokens,
-        )
-        fingerprint |= {"tokenizer_sha256": tok.sha256, "dtype": job.dtype}
         error = ShardingError
+    fingerprint = fingerprint_options(job, clean) | {"inputs": job.inputs}
+    if kind == "shard":
+        fingerprint |= {"tokenizer_sha256": tok.sha256, "dtype": job.dtype}
     _claim_out_dir(out_dir, OPTIONS_NAMES[kind], fingerprint, error)
     try:
         previous = Job.load(out_dir)

@@ -207,6 +207,8 @@ class Job:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             data["pieces"] = [Piece(**p) for p in data["pieces"]]
+            # Where the job file is now, not where it was written: a directory may be moved or copied.
+            data["out_dir"] = str(Path(out_dir).resolve())
             return cls(**data)
         except (json.JSONDecodeError, TypeError, KeyError) as exc:
             raise JobError(f"{path}: unreadable job description ({exc}); start in a fresh out_dir") from exc

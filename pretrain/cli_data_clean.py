@@ -145,7 +145,8 @@ def register_clean(dsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_clean(args: argparse.Namespace) -> int:
-    from data_pipeline.clean import CleanError, clean_corpus
+    from data_pipeline.clean import CleanError
+    from data_pipeline.jobs import clean_corpus
     from data_pipeline.corpus import CorpusError, expand_inputs
 
     started = time.monotonic()

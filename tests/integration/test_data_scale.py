@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.clean import pages_removed
-from data_pipeline.jobs import clean_corpus
 from data_pipeline.corpus import CorpusError, iter_documents
+from data_pipeline.jobs import clean_corpus
 from data_pipeline.sample_corpus import iter_sample_documents, write_sample_corpus
 from data_pipeline.sharding import shard_corpus
 from data_pipeline.tokenizer import train_tokenizer
@@ -142,7 +142,8 @@ def test_clean_cli(corpus: list[Path], tmp_path: Path, capsys: pytest.CaptureFix
     args = parser.parse_args(["clean", "--input", str(corpus[1]), "--out", str(tmp_path / "o"), "--json"])
     assert args.func(args) == 2  # strict by default: the first bad record stops the run
     assert f"{corpus[1]}:" in capsys.readouterr().err
-    assert not list((tmp_path / "o").iterdir())  # no half-written part left behind
+    # No output, and no half-written part: only the job's bookkeeping (.work/, .clean_options.json).
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".clean_options.json", ".work"]
     args = parser.parse_args(
         ["clean", "--input", ",".join(map(str, corpus)), "--out", str(tmp_path / "o"), "--json", "--lenient",
          "--max-doc-mb", str(LIMIT / 1e6), "--oversize", "skip"]
@@ -154,8 +155,16 @@ def test_clean_cli(corpus: list[Path], tmp_path: Path, capsys: pytest.CaptureFix
         last["documents_in"]
         == last["documents_written"] + sum(last["rejected"].values()) + last["cleaned_away"]
     )
-    assert args.func(args) == 2  # a second run into the same directory is refused
-    assert "already holds cleaned output" in capsys.readouterr().err
+    report = (tmp_path / "o" / "clean_report.json").read_text()
+    assert args.func(args) == 0  # the same job again: finished, nothing reruns
+    assert (
+        json.loads(capsys.readouterr().out.strip().splitlines()[-1])["documents_written"]
+        == last["documents_written"]
+    )
+    assert (tmp_path / "o" / "clean_report.json").read_text() == report
+    args.lenient = False  # other settings into the same directory are refused, naming the difference
+    assert args.func(args) == 2
+    assert "strict: was False, now True" in capsys.readouterr().err
 
 
 def test_shard_inline_clean_reconciles_and_ignores_workers(corpus: list[Path], tmp_path: Path) -> None:
@@ -256,43 +265,63 @@ def test_peak_memory_of_10x_corpus(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- kill, resume
 _SHARD_CHILD = (
     "import sys; from pathlib import Path; from data_pipeline.sharding import shard_corpus;"
+    "from data_pipeline.clean import CleanConfig;"
     "shard_corpus(sorted(Path(sys.argv[1]).glob('*.json.gz')), tokenizer_path=Path(sys.argv[2]),"
-    " out_dir=Path(sys.argv[3]), shard_size_mb=0.05, workers=2, val_fraction=0.05)"
+    " out_dir=Path(sys.argv[3]), shard_size_mb=0.05, workers=2, val_fraction=0.05, clean=CleanConfig(),"
+    " buckets=4)"
 )
 
 
+def _markers(out: Path, stage: str) -> dict[str, tuple[int, str]]:
+    return {
+        p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / ".work" / stage / "done").glob("*.json")
+    }
+
+
 def test_killed_shard_run_resumes_to_identical_output(tmp_path: Path) -> None:
+    """SIGKILL the whole local run (parent and workers, as a node failure would) in the middle of the
+    write stage; the rerun runs only the tasks without a marker and ends byte-identical."""
     import os
     import signal
     import time
 
     corpus_dir = tmp_path / "corpus"
-    write_sample_corpus(corpus_dir, docs=6000, seed=0, docs_per_file=1000)
+    write_sample_corpus(corpus_dir, docs=6000, seed=0, docs_per_file=500)
     tok = train_tokenizer(sorted(corpus_dir.glob("*.json.gz")), vocab_size=512, out_prefix=tmp_path / "sp")
     cmd = [sys.executable, "-c", _SHARD_CHILD, str(corpus_dir), str(tok)]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     subprocess.run([*cmd, str(tmp_path / "full")], check=True, cwd=REPO, env=env, timeout=300)
 
     out = tmp_path / "killed"
-    # Own session, so that SIGKILL reaches the pool's workers too, as a node failure would.
     proc = subprocess.Popen([*cmd, str(out)], cwd=REPO, env=env, start_new_session=True)
-    progress = out / ".progress.jsonl"
+    done_dir = out / ".work" / "write" / "done"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if progress.is_file() and len(progress.read_text().splitlines()) >= 3:
+        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 3:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed; use a larger corpus"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()  # no manifest, so no partial shard is ever listed
-    done_before = len(progress.read_text().splitlines())
-    assert done_before < len(list((tmp_path / "full").glob("*.tar")))
+    before = {stage: _markers(out, stage) for stage in ("read", "dedupe", "write")}
+    assert len(before["read"]) == 12 and len(before["dedupe"]) == 4  # earlier stages had finished
+    assert 3 <= len(before["write"]) < 12
+    tars_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
 
     subprocess.run([*cmd, str(out)], check=True, cwd=REPO, env=env, timeout=300)
-    assert (out / "manifest.json").read_text() == (tmp_path / "full" / "manifest.json").read_text().replace(
-        str(tmp_path / "full"), str(out)
-    )
+    after = {stage: _markers(out, stage) for stage in ("read", "dedupe", "write")}
+    # Finished tasks were not run again (their markers untouched), and the rest ran once each.
+    for stage in ("read", "dedupe"):
+        assert after[stage] == before[stage]
+    assert {k: v for k, v in after["write"].items() if k in before["write"]} == before["write"]
+    assert len(after["write"]) == 12
+    for name in before["write"]:
+        tag = f"{int(name[:6]):05d}-0000"  # write task t is input file t here (one piece per file)
+        for tar, mtime in tars_before.items():
+            if f"-{tag}-" in tar:
+                assert (out / tar).stat().st_mtime_ns == mtime, tar
+    assert (out / "manifest.json").read_text() == (tmp_path / "full" / "manifest.json").read_text()
     tars = sorted(p.name for p in (tmp_path / "full").glob("*.tar"))
     assert sorted(p.name for p in out.glob("*.tar")) == tars
     for name in tars:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,16 @@ from data_pipeline.clean import (
     pages_removed,
     split_sentences,
 )
-from data_pipeline.dedupe import Deduper, HashSet64, hash64
+from data_pipeline.dedupe import (
+    SignatureWriter,
+    apply_removals,
+    document_signatures,
+    hash64,
+    read_removals,
+    resolve_bucket,
+)
+from data_pipeline.pipeline import ordinal
+from tests.oracle.serial_clean import Deduper, HashSet64
 
 # Three sentences of five or more words each: a page that survives every rule.
 GOOD = [
@@ -171,31 +181,119 @@ def test_config_is_validated() -> None:
 # ------------------------------------------------------------------------------------------- dedupe
 
 
-def test_exact_document_dedupe() -> None:
-    d = Deduper(span=0)
+def _staged(
+    pieces: list[list[str]],
+    tmp: Path,
+    *,
+    documents: bool = True,
+    span: int = 3,
+    min_sentences: int = 3,
+    buckets: int = 4,
+    chunk: int = 1 << 16,
+    fan_in: int = 64,
+    spill: int = 1 << 18,
+) -> tuple[list[list[str | None]], Counter, int]:
+    """The three dedupe stages of data_pipeline.pipeline on in-memory pieces (lists of cleaned
+    documents, in corpus order), run with the real signature writer, bucket resolver and removal reader."""
+    for t, docs in enumerate(pieces):
+        sigs = SignatureWriter(tmp / "sig", t, buckets, spill_records=spill)
+        for i, text in enumerate(docs):
+            sigs.add(ordinal(0, t, i), document_signatures(text, documents=documents, span=span))
+        sigs.flush()
+    hashes = 0
+    for b in range(buckets):
+        runs = sorted((tmp / "sig" / f"b{b:05d}").glob("*.sig"))
+        hashes += resolve_bucket(runs, tmp / "rm", b, budget=chunk, fan_in=fan_in, spill_records=spill)[
+            "hashes"
+        ]
     counts: Counter = Counter()
-    assert d.process("a page.", counts) == "a page."
-    assert d.process("a page.", counts) is None
-    assert d.process("a page!", counts) == "a page!"
+    out = []
+    runs = sorted((tmp / "rm").glob("*.rm"))
+    for t, docs in enumerate(pieces):
+        lo = ordinal(0, t, 0)
+        removals = read_removals(runs, lo, ordinal(0, t + 1, 0))
+        out.append(
+            [
+                apply_removals(
+                    text, removals.get(lo + i, ()), span=span, min_sentences=min_sentences, counts=counts
+                )
+                for i, text in enumerate(docs)
+            ]
+        )
+    return out, counts, hashes
+
+
+def test_exact_document_dedupe(tmp_path: Path) -> None:
+    (out,), counts, _ = _staged([["a page.", "a page.", "a page!"]], tmp_path, span=0)
+    assert out == ["a page.", None, "a page!"]
     assert counts == Counter(page_duplicate=1)
 
 
-def test_repeated_three_sentence_span_removed_keeping_first() -> None:
-    d = Deduper(documents=True, span=3, min_sentences=3)
-    counts: Counter = Counter()
+def test_repeated_three_sentence_span_removed_keeping_first(tmp_path: Path) -> None:
     first = "One is here. Two is there.\nThree is near. Four is far."
-    assert d.process(first, counts) == first
     # Shares "Two is there. / Three is near. / Four is far." (across a line break, as written).
     second = "Five is new. Two is there.\nThree is near. Four is far. Six is new. Seven too."
-    assert d.process(second, counts) == "Five is new.\nSix is new. Seven too."
-    assert counts == Counter(span_sentences_removed=3)
     # Two shared sentences are not a three-sentence span: nothing removed.
     third = "Eight. One is here. Two is there. Nine."
-    assert d.process(third, counts) == third
     # A page left with fewer than min_sentences is dropped and counted.
-    assert d.process("Zero is here. One is here. Two is there.\nThree is near.", counts) is None
-    assert counts["page_too_few_sentences_after_dedupe"] == 1
+    fourth = "Zero is here. One is here. Two is there.\nThree is near."
+    (out,), counts, _ = _staged([[first, second, third, fourth]], tmp_path)
+    assert out == [first, "Five is new.\nSix is new. Seven too.", third, None]
+    assert counts == Counter(span_sentences_removed=3 + 3, page_too_few_sentences_after_dedupe=1)
     assert pages_removed(counts) == 1
+
+
+def test_first_copy_in_corpus_order_survives_whatever_the_partitioning(tmp_path: Path) -> None:
+    """A span first seen in a later piece's text but an earlier piece's position: position wins. Within
+    one document a repeated window goes too. The same decisions for any bucket count."""
+    span = "Alpha rises early. Beta follows soon. Gamma ends it."
+    early = f"Intro one here. {span} Outro one here."  # piece 0: the corpus-order first copy
+    twice = f"{span} Middle part here. {span}"  # piece 1: once more, and repeated inside itself
+    results = []
+    for buckets in (1, 2, 5):
+        out, counts, hashes = _staged([[early], ["Other words here. More words there. Last words now.", twice]],
+                                      tmp_path / str(buckets), buckets=buckets)  # fmt: skip
+        results.append((out, counts, hashes))
+        assert out[0] == [early]
+        assert out[1][1] is None  # only "Middle part here." would be left: fewer than 3 sentences
+        assert counts["span_sentences_removed"] == 6  # both later copies of the span
+    assert results[0] == results[1] == results[2]
+    serial = Deduper()
+    assert [serial.process(d, Counter()) for d in [early, "Other words here. More words there. Last words now.", twice]] == [
+        early, "Other words here. More words there. Last words now.", None
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("buckets", "pieces", "chunk", "fan_in", "spill"),
+    [(1, 1, 1 << 16, 64, 1 << 18), (3, 4, 7, 2, 5), (8, 7, 16, 3, 50)],
+)
+def test_staged_dedupe_equals_the_serial_pass(
+    tmp_path: Path, buckets: int, pieces: int, chunk: int, fan_in: int, spill: int
+) -> None:
+    """Random pages over a small sentence vocabulary (many repeated spans and whole pages) through the
+    staged dedupe, with tiny chunks, spills and fan-in so that groups cross chunks and runs are merged
+    in several levels, against the serial oracle: the same pages, counts and hash count."""
+    rng = np.random.default_rng(buckets)
+    vocab = [f"Sentence number {i} is here." for i in range(12)]
+    docs = []
+    for _ in range(120):
+        if docs and rng.random() < 0.1:
+            docs.append(docs[int(rng.integers(len(docs)))])  # an exact duplicate page
+            continue
+        n = int(rng.integers(2, 9))
+        sents = [vocab[int(j)] for j in rng.integers(0, len(vocab), size=n)]
+        cut = int(rng.integers(1, n))
+        docs.append(" ".join(sents[:cut]) + "\n" + " ".join(sents[cut:]))
+    serial = Deduper(documents=True, span=3, min_sentences=3)
+    serial_counts: Counter = Counter()
+    expected = [serial.process(d, serial_counts) for d in docs]
+    bounds = np.linspace(0, len(docs), pieces + 1).astype(int)
+    split = [docs[a:b] for a, b in itertools.pairwise(bounds)]
+    out, counts, hashes = _staged(split, tmp_path, buckets=buckets, chunk=chunk, fan_in=fan_in, spill=spill)
+    assert [d for piece in out for d in piece] == expected
+    assert counts == serial_counts and serial_counts["span_sentences_removed"] > 50
+    assert hashes == len(serial)
 
 
 def test_hash_set_matches_python_set() -> None:

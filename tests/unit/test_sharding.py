@@ -22,6 +22,7 @@ from data_pipeline.manifest import (
     unigram_entropy,
     verify_shards,
 )
+from data_pipeline.pipeline import ordinal
 from data_pipeline.sharding import ShardingError, assign_split, shard_corpus
 from data_pipeline.tokenizer import Tokenizer
 
@@ -58,8 +59,13 @@ def test_manifest_matches_shards(sharded: Path, dp_tokenizer_path: Path, dp_corp
     assert manifest["tokenizer"]["eos_id"] == 3 and manifest["tokenizer"]["mask_id"] == 6
     names = [s["name"] for s in manifest["shards"]]
     train = [n for n in names if n.startswith("train-")]
-    assert names == [*train, "val-000000.tar"]
-    assert train == [f"train-{i:06d}.tar" for i in range(len(train))] and len(train) >= 3
+    val = [n for n in names if n.startswith("val-")]
+    # Train shards first, then val; each split's shards in input order, named after file and piece.
+    assert names == [*sorted(train), *sorted(val)] and len(train) >= 3 and val
+    for split, group in (("train", train), ("val", val)):
+        for f in range(len(dp_corpus_paths)):
+            mine = [n for n in group if n.startswith(f"{split}-{f:05d}-")]
+            assert mine == [f"{split}-{f:05d}-0000-{k:04d}.tar" for k in range(len(mine))]
     assert sorted(p.name for p in sharded.glob("*.tar")) == sorted(names)
     assert not list(sharded.glob("*.tmp"))
     for split in ("train", "val"):
@@ -86,27 +92,31 @@ def test_tokens_equal_tokenizer_encode(
     sharded: Path, dp_corpus_paths: list[Path], dp_tokenizer_path: Path
 ) -> None:
     tok = Tokenizer(dp_tokenizer_path)
-    docs = list(iter_documents(dp_corpus_paths))
+    docs = {(f, i): d for f, path in enumerate(dp_corpus_paths) for i, d in enumerate(iter_documents([path]))}
     manifest = load_manifest(sharded)
     seen = []
     for split in ("train", "val"):
         for path in shard_paths(manifest, sharded, split):
             for key, tokens in iter_shard_documents(path):
-                ordinal = int(key)
-                assert assign_split(ordinal, seed=0, val_fraction=0.1) == split
+                f, piece, i = (int(x) for x in key.split("-"))  # file, piece, position in the piece
+                assert piece == 0 and path.name.startswith(f"{split}-{f:05d}-0000-")
+                assert assign_split(ordinal(f, piece, i), seed=0, val_fraction=0.1) == split
                 assert tokens.dtype == np.uint16
-                assert tokens.tolist() == tok.encode(docs[ordinal].text)  # no eos appended
-                seen.append(ordinal)
-    assert sorted(seen) == list(range(300))
+                assert tokens.tolist() == tok.encode(docs[f, i].text)  # no eos appended
+                seen.append((f, i))
+    assert sorted(seen) == sorted(docs) and len(seen) == 300
     # meta.json travels with each document.
-    with tarfile.open(sharded / "train-000000.tar") as tar:
-        assert tar.getnames()[:2] == ["0000000000.meta.json", "0000000000.tokens.npy"]
-        member = tar.getmember("0000000000.meta.json")
+    first = next(n for n in (s["name"] for s in manifest["shards"]) if n.startswith("train-00000-"))
+    with tarfile.open(sharded / first) as tar:
+        key = tar.getnames()[0].split(".")[0]
+        assert tar.getnames()[:2] == [f"{key}.meta.json", f"{key}.tokens.npy"]
+        member = tar.getmember(f"{key}.meta.json")
         # Pinned header fields; an integer mtime also keeps tarfile from adding a pax header per member.
         assert (member.mtime, member.uname, member.mode, member.pax_headers) == (0, "tandem", 0o444, {})
         meta = json.load(tar.extractfile(member))
-        np.load(io.BytesIO(tar.extractfile("0000000000.tokens.npy").read()), allow_pickle=False)
-    assert meta == {"url": docs[0].url, "timestamp": docs[0].timestamp, "source": docs[0].source, "line": 1}
+        np.load(io.BytesIO(tar.extractfile(f"{key}.tokens.npy").read()), allow_pickle=False)
+    doc = docs[0, int(key.split("-")[2])]
+    assert meta == {"url": doc.url, "timestamp": doc.timestamp, "source": doc.source, "line": doc.line}
 
 
 def test_two_workers_write_identical_bytes(
@@ -122,37 +132,39 @@ def test_two_workers_write_identical_bytes(
 
 def test_corruption_is_reported_by_shard_name(sharded: Path, tmp_path: Path) -> None:
     out = _copy(sharded, tmp_path / "c")
-    victim = out / "train-000001.tar"
+    one, two = (s["name"] for s in load_manifest(out)["shards"][1:3])
+    victim = out / one
     data = bytearray(victim.read_bytes())
     data[len(data) // 3] ^= 0xFF
     victim.write_bytes(bytes(data))
     for deep in (False, True):
         problems = verify_shards(out, deep=deep)
-        assert problems and all(p.startswith("train-000001.tar: ") for p in problems), problems
-    (out / "train-000002.tar").unlink()
+        assert problems and all(p.startswith(f"{one}: ") for p in problems), problems
+    (out / two).unlink()
     (out / "extra.tar").write_bytes(b"")
     problems = verify_shards(out, deep=False)
-    assert any(p.startswith("train-000002.tar: listed") for p in problems)
+    assert any(p.startswith(f"{two}: listed") for p in problems)
     assert any(p.startswith("extra.tar: shard file is not listed") for p in problems)
 
 
-def test_resume_skips_finished_shards(
+def test_resume_runs_only_unfinished_tasks(
     sharded: Path, dp_corpus_paths: list[Path], dp_tokenizer_path: Path, tmp_path: Path
 ) -> None:
     out = _copy(sharded, tmp_path / "r")
     reference = _tars(out)
     manifest_text = (out / "manifest.json").read_text()
-    # A run killed while writing shard 2: its file is gone, its progress line never written,
-    # no manifest yet, and a torn last line from the kill.
+    # A run killed while writing file 1's shards: its task marker never written, one shard half
+    # written, no merge marker and no manifest yet.
+    work = out / ".work"
     (out / "manifest.json").unlink()
-    (out / "train-000002.tar").unlink()
-    progress = out / ".progress.jsonl"
-    kept = [ln for ln in progress.read_text().splitlines() if '"train-000002.tar"' not in ln]
-    progress.write_text("\n".join(kept) + '\n{"name": "train-0000')
-    (out / "train-000002.tar.tmp").write_bytes(b"partial")
-    untouched = (out / "train-000000.tar").stat().st_mtime_ns
-    # A finished shard file whose progress line exists but whose file was deleted is redone too.
-    (out / "val-000000.tar").unlink()
+    (work / "merge" / "done" / "000000.json").unlink()
+    (work / "write" / "done" / "000001.json").unlink()
+    victims = sorted(out.glob("*-00001-*.tar"))
+    for victim in victims:
+        victim.unlink()
+    (out / (victims[0].name + ".tmp")).write_bytes(b"partial")
+    untouched = {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000-*.tar")}
+    marker = (work / "write" / "done" / "000000.json").stat().st_mtime_ns
 
     manifest = shard_corpus(
         dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=out, workers=1, **OPTIONS
@@ -160,8 +172,10 @@ def test_resume_skips_finished_shards(
     assert (out / "manifest.json").read_text() == manifest_text
     assert manifest == json.loads(manifest_text)
     assert _tars(out) == reference
-    assert (out / "train-000000.tar").stat().st_mtime_ns == untouched  # not rewritten
-    assert not (out / "train-000002.tar.tmp").exists()
+    # Task 0 finished before the kill: neither rerun nor its shards rewritten.
+    assert (work / "write" / "done" / "000000.json").stat().st_mtime_ns == marker
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000-*.tar")} == untouched
+    assert not list(out.glob("*.tmp"))
     assert verify_shards(out) == []
 
 
