@@ -104,6 +104,8 @@ def test_logging_windows_are_averaged_as_the_loop_does_and_a_window_before_the_c
     c = run(comparison(3, 3), ref, {s: observed(s, losses[s]) for s in (4, 5, 6)})
     assert [r.step for r in c.rows] == [6] * 4 and c.verdict == "equal"
     assert any("steps 3-4" in n and "not compared" in n for n in c.notes)
+    assert ref.first_comparable(after=3) == 6 and ref.first_comparable(after=4) == 6
+    assert ref.first_comparable(after=2) == 4 and ref.first_comparable(after=6) is None
 
 
 def test_skipped_steps_compare_by_verdict_and_leave_the_window(tmp_path):
@@ -186,4 +188,7 @@ def test_resume_check_stops_at_the_first_difference_and_puts_the_original_record
         7, loss=4.0, skipped=None, grad_norm=1.0, lr=1e-3, consumed_samples=56, last_step=9
     )
     assert quiet.observe(8, loss=4.0, skipped=None, grad_norm=1.0, lr=1e-3, consumed_samples=64, last_step=9)
-    assert quiet.comparison.verdict == "unchecked" and "no record of steps 7-8" in quiet.comparison.message()
+    assert (
+        quiet.comparison.verdict == "unchecked"
+        and "no comparable record of steps 7-8" in quiet.comparison.message()
+    )
