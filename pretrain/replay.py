@@ -532,10 +532,16 @@ def replay(
     reference = Reference.read(ref_path, after=start)
     if not ref_path.is_file():
         raise ReplayError(f"{ref_path}: missing; the original run's metrics are needed to compare with")
-    if reference.last_step() <= start:
+    first = reference.first_comparable(after=start)
+    if first is None:
         raise ReplayError(
-            f"{ref_path}: no training record past step {start} (last: {reference.last_step() or 'none'}); "
-            "nothing to compare the replay with"
+            f"{ref_path}: no record past step {start} that a resume from it can reproduce (last record: step "
+            f"{reference.last_step() or 'none'}); nothing to compare the replay with"
+        )
+    if first > start + steps:
+        raise ReplayError(
+            f"--steps {steps}: {ref_path} has no comparable record of steps {start + 1}-{start + steps} "
+            f"(train.log_interval); the first is step {first}: give --steps {first - start} or more"
         )
     world = want["tp"] * want["pp"] * want["dp"]
     scratch = out or Path(tempfile.mkdtemp(prefix="tandem-replay-"))

@@ -157,6 +157,18 @@ def test_replay_refuses_bad_input_naming_it(tmp_path):
         replay(tmp_path / "ckpt", steps=0)
     with pytest.raises(ReplayError, match=r"ckpt/manifest.json: missing"):
         replay(tmp_path / "ckpt")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 3, "files": {}}))
+    with pytest.raises(ReplayError, match=r"step-3/config.yaml: missing"):
+        replay(ckpt)
+    (ckpt / "config.yaml").write_text("{}\n")
+    write_metrics(tmp_path / "run" / "metrics.jsonl", [record(2, 5.0), record(4, 4.0), record(6, 3.0)])
+    with pytest.raises(ReplayError, match=r"--steps 2: .* the first is step 6: give --steps 3 or more"):
+        replay(ckpt, steps=2)
+    write_metrics(tmp_path / "run" / "metrics.jsonl", [record(2, 5.0), record(3, 4.0)])
+    with pytest.raises(ReplayError, match=r"no record past step 3 .*last record: step 3"):
+        replay(ckpt)
 
 
 def test_layout_option_and_config_key_are_checked():
