@@ -3,7 +3,7 @@
 Acceptance of issue 8: lenient counts equal the injected numbers exactly and reconcile
 (documents in = written + rejected by reason + removed by cleaning); strict mode names the file and
 line; cleaning inline in `shard` gives identical shards for 1 and 2 workers; sharding 10x the sample
-keeps peak memory within 1.2x (slow).
+keeps peak memory within 1.2x (slow; now per stage in test_data_tasks.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import gzip
 import json
 import subprocess
 import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -209,57 +208,6 @@ def test_shard_inline_clean_reconciles_and_ignores_workers(corpus: list[Path], t
     )
     assert "cleaning" not in plain
     assert plain["documents_written"] == m1["documents_written"] + m1["cleaning_documents_removed"]
-
-
-# ------------------------------------------------------------------------------------------ memory
-_CHILD = textwrap.dedent(
-    """
-    import resource, subprocess, sys
-    code = (
-        "import sys; from pathlib import Path; from data_pipeline.sharding import shard_corpus;"
-        "from data_pipeline.clean import CleanConfig;"
-        "shard_corpus(sorted(Path(sys.argv[1]).glob('*.json.gz')), tokenizer_path=Path(sys.argv[2]),"
-        " out_dir=Path(sys.argv[3]), shard_size_mb=0.5, workers=1,"
-        " clean=CleanConfig() if sys.argv[4] == 'clean' else None)"
-    )
-    subprocess.run([sys.executable, "-c", code, *sys.argv[1:]], check=True)
-    print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    """
-)
-
-
-def _peak_rss_kb(corpus_dir: Path, tokenizer: Path, out: Path, mode: str) -> int:
-    # A wrapper process per measurement: RUSAGE_CHILDREN is the maximum over all children ever
-    # waited for, so measuring two runs from this process would report the larger for both.
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(corpus_dir), str(tokenizer), str(out), mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
-    return int(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.slow
-def test_peak_memory_of_10x_corpus(tmp_path: Path) -> None:
-    small = write_sample_corpus(tmp_path / "small", docs=4000, seed=0, docs_per_file=1000)
-    write_sample_corpus(tmp_path / "large", docs=40_000, seed=0, docs_per_file=1000)
-    tok = train_tokenizer(small, vocab_size=1024, out_prefix=tmp_path / "sp")
-    peak = {
-        (size, mode): _peak_rss_kb(tmp_path / size, tok, tmp_path / f"out_{size}_{mode}", mode)
-        for mode in ("plain", "clean")
-        for size in ("small", "large")
-    }
-    print({k: f"{v / 1024:.1f} MiB" for k, v in peak.items()})
-    # Sharding itself holds a bounded number of shards in flight, whatever the corpus size.
-    assert peak["large", "plain"] <= 1.2 * peak["small", "plain"], peak
-    # Dedupe must remember every span it has seen; that, and only that, may grow: ~12 bytes per
-    # hash in steady state, twice that while a merge copies the array (data_pipeline.dedupe).
-    hashes = json.loads((tmp_path / "out_large_clean" / "manifest.json").read_text())["dedupe_hashes"]
-    allowed_kb = 1.2 * peak["small", "clean"] + 2 * 12 * hashes / 1024
-    assert peak["large", "clean"] <= allowed_kb, (peak, hashes)
 
 
 # ----------------------------------------------------------------------------------- kill, resume
