@@ -317,6 +317,7 @@ class Checkpointer:
                 rank=self.rank,
                 saved_world=conv.saved_world,
                 measure_memory=measure_memory,
+                hashes=conv.hashes,
             )
         except Exception as exc:  # reported by every rank after the gather, so none waits forever
             error = f"rank {self.rank}: {exc.__class__.__name__}: {exc}"

@@ -279,7 +279,7 @@ def _eval_in_place(args: argparse.Namespace, shots: list[int], fmt: Any, t0: flo
         if args.task == "fewshot" and pp > 1:
             return _fail(
                 f"--task fewshot under a launcher needs pp=1 ({checkpoint} was saved at pp={pp}); pass --pp 1 "
-                "to evaluate it at tp x dp (converted once; ZeRO 0, fp32 checkpoints)"
+                "to evaluate it at tp x dp (converted once; ZeRO 0-2 checkpoints)"
             )
         engine, cfg, topo = load_engine(checkpoint, tp=args.tp, pp=args.pp)
         if args.task == "perplexity":

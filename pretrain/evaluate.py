@@ -342,7 +342,8 @@ def load_engine(
     the loss wrapper or the pipeline stages with the vocab-parallel cross-entropy, the DeepSpeed wrap), then
     loaded in place by the training loop's `Checkpointer` (the manifest verified, weights only: no optimizer
     state is read). At another tp/pp than the saved one the checkpoint is first converted by
-    `pretrain.reshard` (ZeRO 0, fp32 checkpoints; cached beside it), as a resumed training run would.
+    `pretrain.reshard` (ZeRO 0-2, any precision; cached beside it), as a resumed training run would; the
+    converted weights are then the fp32 masters.
     Evaluation runs in fp32 without ZeRO whatever the run trained with; the module weights are read (under
     bf16/fp16 training, their low-precision copy). Sequence parallelism is off: it changes where
     activations live, not the weights, and few-shot prompts have any length."""

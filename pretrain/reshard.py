@@ -375,10 +375,13 @@ def pieces(name: str, source: Side, target: Side, tgt_tp: int) -> list[Piece]:
 
 # ----------------------------------------------------------------------------- reading the source
 class SourceReader:
-    """Opens source files one at a time (memory-mapped), and records each one it opened."""
+    """Opens source files one at a time (memory-mapped), and records each one it opened. With `files` (the
+    manifest's table) each file's sha256 is checked first, by the rank that reads it: no rank hashes a file it
+    does not need."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, files: dict[str, dict[str, Any]] | None = None):
         self.dir = directory
+        self.files = files
         self.opened: list[str] = []
 
     def load(self, name: str) -> dict[str, Any]:
@@ -390,6 +393,14 @@ class SourceReader:
                 f"{path}: missing; the checkpoint's layout says it holds part of the model"
             )
         self.opened.append(name)
+        if self.files is not None:
+            from pretrain.checkpoint import _sha256
+
+            want = (self.files.get(name) or {}).get("sha256")
+            if want is None:
+                raise ReshardError(f"{path}: not in the checkpoint's manifest")
+            if _sha256(path) != want:
+                raise ReshardError(f"{path}: sha256 differs from the manifest (corrupted)")
         with torch.serialization.safe_globals(_allowed_deepspeed_globals()):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -579,16 +590,21 @@ def _file_order(name: str) -> tuple[int, str]:
 
 @torch.no_grad()
 def read_rank(
-    src: Path, *, source: Side, target: Side, rank: int
+    src: Path,
+    *,
+    source: Side,
+    target: Side,
+    rank: int,
+    hashes: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[_Target, dict[str, Any], dict[str, Any], SourceReader]:
     """Target `rank`'s tensors, filled from the source files that hold them (read one at a time,
-    memory-mapped): (its tensors, the engine file's counters, the optimizer's global settings, the reader,
-    which lists the files it opened)."""
+    memory-mapped; with `hashes`, the manifest's file table, each checked first): (its tensors, the engine
+    file's counters, the optimizer's global settings, the reader, which lists the files it opened)."""
     stage, tp_rank, dp_rank = target.coords(rank)
     tgt = _Target(target, stage, tp_rank, dp_rank)
     want = tgt.wanted()
     plan = _source_plan(source, target, want, tp_rank)
-    reader = SourceReader(src)
+    reader = SourceReader(src, hashes)
     template: dict[str, Any] | None = None
     global_state: dict[str, Any] = {}  # step, group settings, loss scaler: the same in every source file
     got: dict[tuple[str, StateKey], int] = {}
@@ -708,6 +724,7 @@ def convert_rank(
     rank: int,
     saved_world: int,
     measure_memory: bool = False,
+    hashes: dict[str, dict[str, Any]] | None = None,
 ) -> RankReport:
     """Writes target `rank`'s own files of the converted checkpoint into `out` (an existing directory), reading
     only the source files that hold its slice, one at a time: its optimizer partition
@@ -723,7 +740,9 @@ def convert_rank(
     rss_before, _ = _rss()
     began = time.perf_counter()
     stage, tp_rank, dp_rank = target.coords(rank)
-    tgt, template, global_state, reader = read_rank(src, source=source, target=target, rank=rank)
+    tgt, template, global_state, reader = read_rank(
+        src, source=source, target=target, rank=rank, hashes=hashes
+    )
     written: dict[str, dict[str, Any]] = {}
 
     def save(obj: Any, name: str) -> None:
@@ -788,8 +807,7 @@ def convert_rank(
                         {k: tgt.module[n] for k, n in layer.keys},
                         f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt",
                     )
-    own = torch.load(src / f"tandem-rank-{(rank if rank < saved_world else 0):05d}.pt", weights_only=True)
-    reader.opened.append(f"tandem-rank-{(rank if rank < saved_world else 0):05d}.pt")
+    own = dict(reader.load(f"tandem-rank-{(rank if rank < saved_world else 0):05d}.pt"))
     own.update(rank=rank, world_size=target.world)
     save(own, f"tandem-rank-{rank:05d}.pt")
     _, peak = _rss()
@@ -914,6 +932,7 @@ class Conversion:
     meta: dict[str, Any]  # the checkpoint's manifest, less its file list
     raw: dict[str, Any]  # the checkpoint's config, as saved
     partition: str
+    hashes: dict[str, dict[str, Any]] | None  # the manifest's file table, when each reader checks its files
 
     @property
     def saved_world(self) -> int:
@@ -941,18 +960,20 @@ def plan_conversion(
 ) -> Conversion:
     """Checks that `checkpoint` can be rewritten at (tp, pp, dp[, engine ZeRO stage, precision]) and returns
     the conversion. `model_cfg` is the resuming run's model (only its vocabulary padding may differ from the
-    checkpoint's); by default the checkpoint's own. Raises ReshardError naming both layouts otherwise."""
+    checkpoint's); by default the checkpoint's own. With `verify`, every file must be present at its manifest
+    size here, and each rank checks the sha256 of the files it reads (`Conversion.hashes`). Raises ReshardError
+    naming both layouts otherwise."""
     from parallel.tensor_plan import tensor_parallel_problems
     from parallel.zero import engine_zero_stage
     from pretrain.checkpoint import read_manifest, verify_checkpoint
     from pretrain.config import config_from_dict
 
     src = Path(checkpoint)
-    if verify:
-        problems = verify_checkpoint(src)
-        if problems:
-            raise ReshardError(f"{src}: will not convert a damaged checkpoint:\n  " + "\n  ".join(problems))
+    problems = verify_checkpoint(src, hashes=False)  # sizes only: a file's hash is checked by its reader
+    if problems:
+        raise ReshardError(f"{src}: will not convert a damaged checkpoint:\n  " + "\n  ".join(problems))
     meta = read_manifest(src)
+    files = meta.get("files") or {}
     for key in ("files", "format", "version"):
         meta.pop(key, None)
     raw = yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8"))
@@ -1007,7 +1028,15 @@ def plan_conversion(
     if set(source.shapes) != set(target.shapes):
         raise _refusal(saved, want, "the run's model has other parameters than the checkpoint's")
     return Conversion(
-        src=src, source=source, target=target, saved=saved, want=want, meta=meta, raw=raw, partition=partition
+        hashes=files if verify else None,
+        src=src,
+        source=source,
+        target=target,
+        saved=saved,
+        want=want,
+        meta=meta,
+        raw=raw,
+        partition=partition,
     )
 
 
@@ -1092,7 +1121,13 @@ def reshard_checkpoint(
     tmp.mkdir(parents=True)
     reports = [
         convert_rank(
-            conv.src, tmp, source=conv.source, target=conv.target, rank=r, saved_world=conv.saved_world
+            conv.src,
+            tmp,
+            source=conv.source,
+            target=conv.target,
+            rank=r,
+            saved_world=conv.saved_world,
+            hashes=conv.hashes,
         )
         for r in range(conv.target.world)
     ]
@@ -1104,5 +1139,5 @@ def consolidated_states(checkpoint: str | Path, *, verify: bool = True) -> dict[
     layout, precision and ZeRO stage 0-2: {name: {"master", "exp_avg", "exp_avg_sq"}}. For comparing two
     checkpoints tensor by tensor (tests, a resume check); holds the whole model's states in memory."""
     conv = plan_conversion(checkpoint, tp=1, pp=1, dp=1, zero=0, precision="fp32", verify=verify)
-    tgt, *_ = read_rank(conv.src, source=conv.source, target=conv.target, rank=0)
+    tgt, *_ = read_rank(conv.src, source=conv.source, target=conv.target, rank=0, hashes=conv.hashes)
     return {n: {k: tgt.views[(n, k)] for k in STATE_KEYS} for n in conv.target.layout.order[0]}

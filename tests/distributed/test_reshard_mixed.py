@@ -1,8 +1,8 @@
 """Resuming the runs people make at another layout (issue 22): bf16 with ZeRO-1 at TP2 x PP2 x DP1, for GPT,
 BERT and T5, checkpointed at step 3 and resumed at TP1 x PP2 x DP2, TP2 x PP1 x DP2 and TP1 x PP1 x DP1
 (pretrain/reshard.py: every target rank converts its own slice from DeepSpeed's flat partitions); one ZeRO-2
-run across tp and dp (fp16 where the machine runs it); a vocabulary padding change; and the parallel
-conversion's reads and memory.
+run across tp and dp (fp16 where the machine runs it); BART from BF16_Optimizer (bf16, stage 0, PP2) to ZeRO-1
+at DP2; a vocabulary padding change; and the parallel conversion's reads and memory.
 
 The source run is the uninterrupted run: it saves at step 3 on its way to step 6 (saving changes nothing in a
 run), and every resume must give steps 4-6 as it did. One launch trains the three families (one model after the
@@ -171,6 +171,28 @@ def test_zero2_across_tp_and_dp(shards_dir, tmp_path, run_pretrain):
     assert_continues(run, full, f"gpt {half['train.precision']} zero2 tp2 -> dp2")
 
 
+def test_bart_bf16_optimizer_pipeline_to_dp(shards_dir, tmp_path, run_pretrain):
+    """BART (which pipelines; no TP plan) in bf16 at ZeRO stage 0 under PP2 runs DeepSpeed's BF16_Optimizer;
+    resumed at PP1 x DP2 it runs the ZeRO-1 optimizer: another flat format, the same masters and moments."""
+    bart = {"model.preset": "bart-tiny", "parallel.zero_stage": 0}
+    full = tmp_path / "full"
+    launch(
+        run_pretrain, tmp_path / "a.json", [keys(shards_dir, full, "gpt", **bart, **{"parallel.pp": 2})], 2
+    )
+    step3 = full / "checkpoints" / "step-3"
+    run = tmp_path / "run"
+    launch(
+        run_pretrain,
+        tmp_path / "b.json",
+        [keys(shards_dir, run, "gpt", **bart, **{"train.resume": step3})],
+        2,
+    )
+    cached = step3.with_name("step-3.reshard-tp1-pp1-dp2")
+    assert any(f.name.startswith("bf16_zero_pp_rank_1") for f in cached.iterdir())
+    assert_same_states(cached, step3)
+    assert_continues(run, full, "bart bf16 pp2 (BF16_Optimizer) -> dp2 (ZeRO-1)")
+
+
 # ----------------------------------------------------------------------------- parallel conversion
 def _convert_as_rank(rank: int, step3: str, port: int, results: str) -> None:
     """One rank of a 4-rank job converting its own slice through Checkpointer.prepare_reshard, counting the
@@ -205,7 +227,9 @@ def _convert_as_rank(rank: int, step3: str, port: int, results: str) -> None:
 
     builtins.open = counting_open
     try:
-        ckpt = Checkpointer(src.parent.parent, None, rank=rank, world_size=4, verify_on_load=False)
+        ckpt = Checkpointer(
+            src.parent.parent, None, rank=rank, world_size=4
+        )  # each rank hashes what it reads
         ckpt.prepare_reshard(src, layout, partition="parameters", measure_memory=True)
     finally:
         builtins.open = real_open
@@ -259,3 +283,19 @@ def test_parallel_conversion_reads_only_its_slice(source, tmp_path):
         assert r["rss_peak"] > 0, "no peak RSS measured (no /proc?)"
         assert r["rss_peak"] - r["rss_before"] < 1.5 * (r["written"] + largest), r
     assert (src.with_name("step-3.reshard-tp1-pp2-dp2") / "manifest.json").is_file()
+
+
+def test_a_corrupted_source_file_is_named(source, tmp_path):
+    """A flipped byte in a file a rank reads stops the conversion with that file's name (each rank checks the
+    sha256 of the files it reads against the manifest, and only those)."""
+    from pretrain.reshard import ReshardError, reshard_checkpoint
+
+    src = tmp_path / "step-3"
+    shutil.copytree(source / "gpt" / "checkpoints" / "step-3", src)
+    victim = src / "bf16_zero_pp_rank_0_mp_rank_03_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ReshardError, match=r"mp_rank_03_optim_states\.pt: sha256 differs"):
+        reshard_checkpoint(src, tmp_path / "out", tp=1, pp=2, dp=2)
+    assert not (tmp_path / "out").exists()
