@@ -317,11 +317,7 @@ class ResumeCheck:
                 f"loss and grad_norm not compared: model.dropout={cfg.model.dropout} draws other dropout masks "
                 "at another layout (only lr and consumed_samples are)"
             )
-        reference = Reference.read(path, after=start) if rank == 0 else None
-        if reference is not None and reference.last_step() <= start:
-            comparison.notes.append(
-                f"{path}: no record past step {start} (last: {reference.last_step() or 'none'})"
-            )
+        reference = Reference.read(path, after=start) if rank == 0 else None  # missing file: no records
         return cls(comparison, reference, rank=rank, run_dir=Path(cfg.train.out_dir))
 
     def observe(
