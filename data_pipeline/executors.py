@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +132,9 @@ def _alive(host: str, pid: int) -> bool | None:
     return True
 
 
-def job_status(out_dir: str | Path) -> dict[str, Any]:
-    """Per stage: tasks, done, running, failed, interrupted (a running marker whose local process is gone)."""
+def job_status(out_dir: str | Path, *, slurm_active: Collection[str] | None = None) -> dict[str, Any]:
+    """Per stage: tasks, done, running, failed, interrupted (a running marker whose local process is gone,
+    or, given ``slurm_active``, the job ids Slurm still runs, whose Slurm job is not among them)."""
     job = Job.load(out_dir)
     work = Path(out_dir) / WORK_DIR
     stages = []
@@ -152,7 +153,11 @@ def job_status(out_dir: str | Path) -> dict[str, Any]:
                 info = json.loads(p.read_text())
             except json.JSONDecodeError:
                 continue  # being written right now
-            if _alive(info.get("host", ""), int(info.get("pid", -1))) is False and "SLURM_JOB_ID" not in info:
+            if "SLURM_JOB_ID" in info:
+                gone = slurm_active is not None and str(info["SLURM_JOB_ID"]) not in slurm_active
+            else:
+                gone = _alive(info.get("host", ""), int(info.get("pid", -1))) is False
+            if gone:
                 interrupted += 1
             else:
                 running += 1
