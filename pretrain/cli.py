@@ -67,15 +67,16 @@ def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="raw text per shard in MB (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    from pretrain.cli_data_clean import add_shard_cleaning_args, register_clean
+    from pretrain.cli_data_clean import add_shard_cleaning_args, register_clean, register_status
 
-    add_shard_cleaning_args(p)  # --clean --errors --lenient --bad-words --max-doc-mb --oversize --json
+    add_shard_cleaning_args(p)  # --clean --errors --lenient ... --json, --buckets --piece-mb, --executor ...
     p.set_defaults(func=cmd_data_shard)
 
     from pretrain.cli_inspect import register_inspect
 
     register_inspect(dsub)
     register_clean(dsub)
+    register_status(dsub)
 
 
 def build_parser() -> argparse.ArgumentParser:

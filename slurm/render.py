@@ -4,6 +4,11 @@ The templates (slurm/templates/*.sbatch) are `string.Template`s. Every value tha
 either checked against a narrow pattern (numbers, `HH:MM:SS`, Slurm names in `#SBATCH` lines, which sbatch
 reads without a shell) or shell-quoted with `shlex.quote` (paths, training arguments, environment values).
 `sbatch` itself is run with an argument list.
+
+The checks of the fields every Tandem job has (time, partition, account, job name, log directory,
+environment), the `#SBATCH` lines for partition and account, the `export` lines and the `sbatch` call are
+shared with the data-preparation job arrays (slurm/data_jobs.py): `check_job_fields`, `account_lines`,
+`export_lines`, `run_sbatch`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -68,6 +73,42 @@ def time_to_seconds(value: str) -> int:
     return ((days * 24 + h) * 60 + mi) * 60 + s
 
 
+def check_job_fields(
+    *,
+    time: str,
+    partition: str | None,
+    account: str | None,
+    job_name: str,
+    log_dir: Path,
+    env: Mapping[str, str],
+    grace_s: int | None = None,
+) -> list[str]:
+    """The problems of the fields every Tandem sbatch job has (empty when there are none): the time limit
+    (and the grace period before it, where the job has one), the names and the log directory that go into
+    `#SBATCH` lines unquoted, and the environment names."""
+    problems: list[str] = []
+    try:
+        limit = time_to_seconds(time)
+        if limit <= 0:
+            problems.append(f"time={time!r} must be positive")
+        elif grace_s is not None and grace_s >= limit:
+            problems.append(f"grace_s={grace_s} must be shorter than time={time!r} ({limit} s)")
+    except SlurmError as exc:
+        problems.append(str(exc))
+    if grace_s is not None and grace_s < 1:
+        problems.append(f"grace_s={grace_s} must be at least 1 second")
+    for name, value in (("partition", partition), ("account", account), ("job_name", job_name)):
+        if value is not None and not _SLURM_NAME.fullmatch(value):
+            problems.append(f"{name}={value!r}: use letters, digits and _.+- (it goes into an #SBATCH line)")
+    if not _DIRECTIVE_PATH.fullmatch(str(log_dir)):
+        problems.append(f"log_dir={str(log_dir)!r}: use letters, digits and _./+@:,- (an #SBATCH path)")
+    try:
+        validate_env(env)
+    except ValueError as exc:
+        problems.append(str(exc))
+    return problems
+
+
 def validate(spec: JobSpec) -> None:
     """Checks every field; raises one SlurmError listing all problems."""
     problems: list[str] = []
@@ -75,22 +116,15 @@ def validate(spec: JobSpec) -> None:
         problems.append(f"nodes={spec.nodes} must be at least 1")
     if spec.gpus_per_node < 1:
         problems.append(f"gpus_per_node={spec.gpus_per_node} must be at least 1")
-    try:
-        limit = time_to_seconds(spec.time)
-        if limit <= 0:
-            problems.append(f"time={spec.time!r} must be positive")
-        elif spec.grace_s >= limit:
-            problems.append(f"grace_s={spec.grace_s} must be shorter than time={spec.time!r} ({limit} s)")
-    except SlurmError as exc:
-        problems.append(str(exc))
-    if spec.grace_s < 1:
-        problems.append(f"grace_s={spec.grace_s} must be at least 1 second")
-    for name in ("partition", "account", "job_name"):
-        value = getattr(spec, name)
-        if value is not None and not _SLURM_NAME.fullmatch(value):
-            problems.append(f"{name}={value!r}: use letters, digits and _.+- (it goes into an #SBATCH line)")
-    if not _DIRECTIVE_PATH.fullmatch(str(spec.log_dir)):
-        problems.append(f"log_dir={str(spec.log_dir)!r}: use letters, digits and _./+@:,- (an #SBATCH path)")
+    problems += check_job_fields(
+        time=spec.time,
+        partition=spec.partition,
+        account=spec.account,
+        job_name=spec.job_name,
+        log_dir=spec.log_dir,
+        env=spec.env,
+        grace_s=spec.grace_s,
+    )
     if not 1 <= spec.master_port <= 65535:
         problems.append(f"master_port={spec.master_port} is not a TCP port (1-65535)")
     if not spec.config.is_file():
@@ -100,10 +134,6 @@ def validate(spec: JobSpec) -> None:
             problems.append(f"override {o!r}: expected SECTION.KEY=VALUE")
         if "\0" in o:
             problems.append(f"override {o!r}: contains a NUL byte")
-    try:
-        validate_env(spec.env)
-    except ValueError as exc:
-        problems.append(str(exc))
     if problems:
         raise SlurmError("; ".join(problems))
 
@@ -127,9 +157,24 @@ def job_env(spec: JobSpec) -> dict[str, str]:
     return env
 
 
+def export_lines(env: Mapping[str, str]) -> list[str]:
+    """`export NAME=VALUE` lines, values shell-quoted (names were checked by `validate_env`)."""
+    return [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+
+
+def account_lines(partition: str | None, account: str | None) -> list[str]:
+    """The `#SBATCH` lines for a partition and an account (checked by `check_job_fields`), where set."""
+    lines = []
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    return lines
+
+
 def _exports(spec: JobSpec) -> str:
     env = job_env(spec)
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines = export_lines(env)
     if "OMP_NUM_THREADS" not in env:
         per_task = f"$(( ${{SLURM_CPUS_ON_NODE:-1}} / {spec.gpus_per_node} ))"
         lines.append(f'[ -n "${{OMP_NUM_THREADS:-}}" ] || export OMP_NUM_THREADS="{per_task}"')
@@ -141,11 +186,7 @@ def render(spec: JobSpec) -> str:
     """The sbatch script for `spec` (validated first)."""
     validate(spec)
     template = "multi_node.sbatch" if spec.nodes > 1 else "single_node.sbatch"
-    extra = []
-    if spec.partition:
-        extra.append(f"#SBATCH --partition={spec.partition}")
-    if spec.account:
-        extra.append(f"#SBATCH --account={spec.account}")
+    extra = account_lines(spec.partition, spec.account)
     if spec.device == "gpu":
         extra.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
     preemption = Template((TEMPLATES / "preemption_protocol.sbatch").read_text()).substitute()
@@ -179,15 +220,37 @@ def submit(
     """Renders `spec`, writes the script (LOG_DIR/JOB_NAME.sbatch unless `script_path`) and runs
     `sbatch SCRIPT`. Returns Slurm's `Submitted batch job N` line and N."""
     script = render(spec)
+    log_dir = log_path(spec.log_dir, spec.workdir)
+    path = script_path or log_dir / f"{spec.job_name}.sbatch"
+    return run_sbatch(script, path, workdir=spec.workdir, log_dir=log_dir, sbatch=sbatch, environ=environ)
+
+
+def log_path(log_dir: Path, workdir: Path) -> Path:
+    """The log directory as the job sees it: relative paths are relative to the job's working directory."""
+    return log_dir if log_dir.is_absolute() else workdir / log_dir
+
+
+def run_sbatch(
+    script: str,
+    path: Path,
+    *,
+    workdir: Path,
+    log_dir: Path,
+    args: Sequence[str] = (),
+    sbatch: str = "sbatch",
+    environ: Mapping[str, str] | None = None,
+) -> tuple[str, int]:
+    """Writes `script` to `path` and runs `sbatch ARGS --chdir WORKDIR PATH` as an argument list, after
+    creating `log_dir` (sbatch opens the job's --output there). Returns Slurm's `Submitted batch job N`
+    line and N; a failure is a SlurmError with sbatch's own message."""
     exe = shutil.which(sbatch)
     if exe is None:
         raise SlurmError(f"sbatch={sbatch!r}: not found on PATH (is this a Slurm login node?)")
-    log_dir = spec.log_dir if spec.log_dir.is_absolute() else spec.workdir / spec.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
-    path = script_path or log_dir / f"{spec.job_name}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     proc = subprocess.run(
-        [exe, "--chdir", str(spec.workdir), str(path)],
+        [exe, *args, "--chdir", str(workdir), str(path)],
         capture_output=True,
         text=True,
         env=dict(os.environ if environ is None else environ),
