@@ -542,22 +542,9 @@ def replay(
     world = want["tp"] * want["pp"] * want["dp"]
     scratch = out or Path(tempfile.mkdtemp(prefix="tandem-replay-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    train_args = [
-        "train",
-        "--config",
-        str(config),
-        *(overrides or []),
-        f"train.out_dir={scratch}",
-        f"train.resume={checkpoint}",
-        f"train.steps={start + steps}",  # the schedule comes from the checkpoint, not from train.steps
-        f"train.verify_resume={steps}",
-        f"parallel.tp={want['tp']}",
-        f"parallel.pp={want['pp']}",
-        "train.progress=false",
-        "train.time_limit_s=0",
-        "checkpoint.interval=0",
-        "checkpoint.save_final=false",
-    ]
+    train_args = replay_train_args(
+        checkpoint, start=start, steps=steps, layout=want, out_dir=scratch, overrides=overrides or []
+    )
     log = scratch / "replay.log"
     try:
         code = _run(
@@ -577,6 +564,40 @@ def replay(
         if out is None:
             shutil.rmtree(scratch, ignore_errors=True)
     return comparison
+
+
+def replay_train_args(
+    checkpoint: Path, *, start: int, steps: int, layout: dict[str, int], out_dir: Path, overrides: list[str]
+) -> list[str]:
+    """`pretrain train` arguments that resume `checkpoint` (step `start`) into `out_dir` at `layout` and stop
+    after `steps` steps with train.verify_resume on and nothing saved."""
+    import yaml
+
+    raw = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
+    original_steps = int((raw.get("train") or {}).get("steps") or 0)
+    pinned = []
+    if not (raw.get("optimizer") or {}).get("decay_steps") and original_steps:
+        # The schedule is restored from the checkpoint (megatron-core takes the saved decay and weight-decay
+        # steps over the constructor's), so train.steps may end the replay early; but "decay over train.steps"
+        # must keep naming the original length, or a warmup longer than N+K fails validation.
+        pinned.append(f"optimizer.decay_steps={original_steps}")
+    return [
+        "train",
+        "--config",
+        str(checkpoint / "config.yaml"),
+        *pinned,
+        *overrides,
+        f"train.out_dir={out_dir}",
+        f"train.resume={checkpoint}",
+        f"train.steps={start + steps}",
+        f"train.verify_resume={steps}",
+        f"parallel.tp={layout['tp']}",
+        f"parallel.pp={layout['pp']}",
+        "train.progress=false",
+        "train.time_limit_s=0",
+        "checkpoint.interval=0",
+        "checkpoint.save_final=false",
+    ]
 
 
 def _run(

@@ -21,6 +21,7 @@ from pretrain.replay import (
     parse_layout,
     reference_path,
     replay,
+    replay_train_args,
 )
 
 
@@ -204,3 +205,16 @@ def test_resume_check_stops_at_the_first_difference_and_puts_the_original_record
         quiet.comparison.verdict == "unchecked"
         and "no comparable record of steps 7-8" in quiet.comparison.message()
     )
+
+
+def test_replay_keeps_the_original_decay_length_when_it_stops_early(tmp_path):
+    """The replay ends at train.steps=N+K; 'decay over train.steps' (optimizer.decay_steps=0) must still
+    name the original length, or validation refuses a warmup longer than N+K."""
+    ckpt = tmp_path / "step-3"
+    ckpt.mkdir()
+    args = dict(start=3, steps=2, layout={"tp": 2, "pp": 1, "dp": 1}, out_dir=tmp_path / "out", overrides=[])
+    (ckpt / "config.yaml").write_text("train: {steps: 500}\noptimizer: {decay_steps: 0, warmup_steps: 100}\n")
+    got = replay_train_args(ckpt, **args)
+    assert "optimizer.decay_steps=500" in got and "train.steps=5" in got and "parallel.tp=2" in got
+    (ckpt / "config.yaml").write_text("train: {steps: 500}\noptimizer: {decay_steps: 400}\n")
+    assert not any(a.startswith("optimizer.decay_steps") for a in replay_train_args(ckpt, **args))
