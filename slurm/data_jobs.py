@@ -10,7 +10,8 @@ and a stage whose tasks are all done is left out: the completion markers decide,
 
 Slurm is the scheduler; nothing here schedules. The scripts come from slurm/templates/data_array.sbatch
 through the same checks, quoting and `sbatch` call as `pretrain slurm submit` (slurm/render.py).
-Each submission is appended to OUT/.work/slurm_jobs.jsonl, which `pretrain data status` reads.
+The scripts are kept in OUT/.work/slurm/STAGE.sbatch, and each submission is appended to
+OUT/.work/slurm_jobs.jsonl, which `pretrain data status` reads.
 """
 
 from __future__ import annotations
@@ -169,8 +170,10 @@ def _dependency_args(after: int | str | None) -> list[str]:
     return [] if after is None else [f"--dependency=afterok:{after}"]
 
 
-def script_path(spec: DataJobSpec, stage: str) -> Path:
-    return log_path(spec.log_dir, spec.workdir) / f"{spec.job_name}-{stage}.sbatch"
+def script_path(out_dir: Path, stage: str) -> Path:
+    """Where a stage's script is written: in the job's own directory, so that two jobs submitted at once
+    (with the same job name and log directory) never overwrite each other's script before sbatch reads it."""
+    return Path(out_dir) / WORK_DIR / "slurm" / f"{stage}.sbatch"
 
 
 def dry_run(job: Job, spec: DataJobSpec) -> str:
@@ -184,7 +187,7 @@ def dry_run(job: Job, spec: DataJobSpec) -> str:
             *_dependency_args(previous),
             "--chdir",
             str(spec.workdir),
-            str(script_path(spec, plan.stage)),
+            str(script_path(Path(job.out_dir), plan.stage)),
         ]
         out.append(f"# {plan.stage}: {' '.join(argv)}\n{script}")
         previous = f"<job id of {plan.stage}>"
@@ -212,7 +215,7 @@ def submit_job(
         after = submitted[-1].job_id if submitted else None
         _, job_id = run_sbatch(
             script,
-            script_path(spec, plan.stage),
+            script_path(out_dir, plan.stage),
             workdir=spec.workdir,
             log_dir=log_dir,
             args=_dependency_args(after),
