@@ -16,12 +16,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write-temp, fsync, rename over `path`, fsync the directory."""
+def write_text_atomic(path: Path, text: str, *, durable: bool = True) -> None:
+    """Write-temp, fsync, rename over `path`, fsync the directory. ``durable=False`` skips both fsyncs:
+    still all-or-nothing for readers, but it may be lost in a power cut (for advisory files)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)

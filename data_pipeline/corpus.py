@@ -202,7 +202,7 @@ def _raw_lines(
         raw_file.close()
 
 
-def _seek_line(f: io.BufferedReader, start: int) -> tuple[int, int]:
+def _seek_line(f: io.BufferedIOBase, start: int) -> tuple[int, int]:
     """Position ``f`` at the first line that begins at or after byte ``start``; return (lines before
     it, its offset). Counting newlines in 1 MiB blocks costs a memchr pass, not a parse."""
     if start == 0:
@@ -269,7 +269,7 @@ def _json_documents(
     source = str(path)
     for lineno, raw in lines:
         where = f"{path}:{lineno}"
-        if not raw.strip():
+        if not raw or raw.isspace():  # blank; no copy of the line
             continue
         if b"\x00" in raw:
             reject("nul_byte", where, f"raw NUL byte at offset {raw.index(_NUL)}")
@@ -308,7 +308,7 @@ def _json_documents(
         if "\x00" in text:
             reject("nul_byte", where, f"text holds a NUL character at index {text.index(chr(0))}")
             continue
-        if not text.strip():
+        if not text or text.isspace():  # i.e. not text.strip(), without copying the text
             # A well-formed but empty record is not an input error; skip it in both modes, counted.
             reject("empty_text", where, "text is empty", always_skip=True)
             continue
@@ -327,7 +327,7 @@ def _text_documents(path: Path, lines: Iterator[tuple[int, bytes]], reject: _Rej
             yield Document(text="\n".join(block), url=None, timestamp=None, source=source, line=start)
 
     for lineno, raw in lines:
-        if not raw.strip():
+        if not raw or raw.isspace():  # blank; no copy of the line
             yield from flush()
             block, bad = [], False
             continue
