@@ -49,6 +49,7 @@ from data_pipeline.manifest import file_sha256
 
 __all__ = [
     "POLICY_SUBSTRINGS",
+    "SENTENCE_RE",
     "CleanConfig",
     "CleanError",
     "clean_document",
@@ -68,13 +69,15 @@ POLICY_SUBSTRINGS: tuple[str, ...] = (
     "use of cookies",
     "use cookies",
 )
+# Any of them as a substring: one scan of the line instead of six.
+_POLICY_RE = re.compile("|".join(re.escape(p) for p in POLICY_SUBSTRINGS))
 _TERMINAL_MARKS: tuple[str, ...] = (".", "?", "!", '"')
 _ELLIPSIS = "..."
 # "[1]", "[23]", "[]" (C4 allows zero digits), "[edit]", "[citation needed]".
 _CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 # A whole sentence: from a non-space up to a run of terminal punctuation, optionally followed by
 # closing quotes or brackets, then whitespace or the end of the line (or up to the end of the line).
-_SENTENCE_RE = re.compile(r"\S.*?(?:[.!?]+[\"')\]\u201d\u2019]*(?=\s|$)|$)")
+SENTENCE_RE = re.compile(r"\S.*?(?:[.!?]+[\"')\]\u201d\u2019]*(?=\s|$)|$)")
 
 
 class CleanError(ValueError):
@@ -159,7 +162,7 @@ def _bad_words_regex(path: str) -> re.Pattern[str] | None:
 
 def sentence_spans(line: str) -> Iterator[tuple[int, int]]:
     """(start, end) offsets of the sentences of one line; a trailing fragment is a sentence too."""
-    for m in _SENTENCE_RE.finditer(line):
+    for m in SENTENCE_RE.finditer(line):
         start, end = m.span()
         while end > start and line[end - 1].isspace():
             end -= 1
@@ -168,7 +171,7 @@ def sentence_spans(line: str) -> Iterator[tuple[int, int]]:
 
 
 def _count_sentences(line: str) -> int:
-    return len(_SENTENCE_RE.findall(line))
+    return len(SENTENCE_RE.findall(line))
 
 
 def split_sentences(text: str) -> list[str]:
@@ -224,7 +227,7 @@ def clean_document(text: str, cfg: CleanConfig, counts: Counter) -> str | None:
         if cfg.drop_curly_brace and "{" in line:
             counts["page_curly_brace"] += 1
             return None
-        if cfg.drop_policy_lines and any(p in lower for p in POLICY_SUBSTRINGS):
+        if cfg.drop_policy_lines and _POLICY_RE.search(lower):
             counts["line_policy"] += 1
             continue
         sentences += _count_sentences(line)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.clean import sentence_spans
+from data_pipeline.clean import SENTENCE_RE, sentence_spans
 
 __all__ = [
     "DOC",
@@ -71,16 +71,20 @@ def _sentences(text: str) -> tuple[list[str], list[tuple[int, int, int]]]:
     return lines, [(i, a, b) for i, line in enumerate(lines) for a, b in sentence_spans(line)]
 
 
-def document_signatures(text: str, *, documents: bool, span: int) -> Iterator[tuple[int, int, int]]:
-    """``(kind, hash, k)`` for a cleaned document: its text (``DOC``, k 0) and each window of ``span``
-    consecutive sentences (``SPAN``, k the window's first sentence), joined by ``\\n``."""
-    if documents:
-        yield DOC, hash64(text), 0
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+
+def document_signatures(text: str, *, documents: bool, span: int) -> tuple[bytes | None, list[bytes]]:
+    """The 8-byte digests of a cleaned document: of its text (if ``documents``), and of each window of
+    ``span`` consecutive sentences (window k starts at sentence k), joined by ``\\n``. As little-endian
+    integers these are :func:`hash64` of the same strings."""
+    doc = _digest(text) if documents else None
     if not span:
-        return
-    lines, sentences = _sentences(text)
-    for k in range(len(sentences) - span + 1):
-        yield SPAN, hash64("\n".join(lines[i][a:b] for i, a, b in sentences[k : k + span])), k
+        return doc, []
+    # sentence_spans' sentences are the regex's matches with trailing whitespace removed.
+    sents = [m.rstrip() for line in text.split("\n") for m in SENTENCE_RE.findall(line)]
+    return doc, [_digest("\n".join(sents[k : k + span])) for k in range(len(sents) - span + 1)]
 
 
 def apply_removals(
@@ -133,15 +137,24 @@ class SignatureWriter:
         self._n = 0
         self._runs = 0
 
-    def add(self, unit: int, records: Iterator[tuple[int, int, int]]) -> None:
-        rows = list(records)
-        while rows:
+    def add(self, unit: int, signatures: tuple[bytes | None, list[bytes]]) -> None:
+        """Record one document's signatures (:func:`document_signatures`) under its ordinal ``unit``."""
+        doc, windows = signatures
+        if doc is not None:
+            self._put(DOC, doc, unit, 0)
+        if windows:
+            self._put(SPAN, b"".join(windows), unit, 0)
+
+    def _put(self, kind: int, digests: bytes, unit: int, k0: int) -> None:
+        hashes = np.frombuffer(digests, dtype="<u8")
+        while len(hashes):
             room = len(self._buf) - self._n
-            take, rows = rows[:room], rows[room:]
+            take = hashes[:room]
             a = self._buf[self._n : self._n + len(take)]
-            kinds, hashes, ks = zip(*take, strict=True)
-            a["kind"], a["hash"], a["unit"], a["k"] = kinds, hashes, unit, ks
+            a["kind"], a["hash"], a["unit"] = kind, take, unit
+            a["k"] = np.arange(k0, k0 + len(take), dtype=np.uint32)
             self._n += len(take)
+            hashes, k0 = hashes[room:], k0 + len(take)
             if self._n == len(self._buf):
                 self.flush()
 
