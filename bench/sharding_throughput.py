@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return _best(run, args.repeats)
 
         s1, s2 = shard(1), shard(2)
+        manifest = json.loads((work / "shards" / "manifest.json").read_text())
+        tokens = sum(t["tokens"] for t in manifest["totals"].values())
         c1, c2 = shard(1, CleanConfig()), shard(2, CleanConfig())
         per_stage = stage_cpu(work / "shards")  # the last run: clean, 2 workers
     finally:
@@ -156,9 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     scaling, scaling_clean = s1[0] / s2[0], c1[0] / c2[0]
     print(f"per-worker throughput vs floor (1 worker): {ratio:.2f} (goal >= 0.9)")
     print(f"scaling 1 -> 2 workers: {scaling:.2f}x plain, {scaling_clean:.2f}x with cleaning (goal >= 1.8x)")
-    print("CPU seconds per million documents, by stage (clean + dedupe, 2 workers):")
+    print(
+        f"{tokens} tokens ({tokens / n:.0f} per document). CPU seconds by stage (clean + dedupe, 2 workers):"
+    )
+    print(f"  {'stage':<7} {'per M docs':>10} {'per B tokens':>13}")
     for stage, cpu in per_stage.items():
-        print(f"  {stage:<7} {cpu * 1e6 / n:>9.0f}")
+        print(f"  {stage:<7} {cpu * 1e6 / n:>10.0f} {cpu * 1e9 / tokens:>13.0f}")
+    plain_cpu = s1[1]
+    print(
+        f"  {'plain shard, whole run (1 worker)':<34} {plain_cpu * 1e6 / n:>10.0f} per M docs, {plain_cpu * 1e9 / tokens:.0f} per B tokens"
+    )
     result = {
         "docs": n,
         "files": len(corpus),
@@ -171,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         "scaling_1_to_2": round(scaling, 3),
         "scaling_1_to_2_clean": round(scaling_clean, 3),
         "cpu_s": {name: round(cpu, 2) for name, (_, cpu) in rows},
+        "tokens": tokens,
         "stage_cpu_s_per_million_docs": {k: round(v * 1e6 / n) for k, v in per_stage.items()},
+        "stage_cpu_s_per_billion_tokens": {k: round(v * 1e9 / tokens) for k, v in per_stage.items()},
     }
     if args.json:
         print(json.dumps(result, sort_keys=True))
