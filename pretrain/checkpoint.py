@@ -229,19 +229,33 @@ class Checkpointer:
         """How to load `path` into `layout` ({tp, pp, dp, zero}, optionally precision and vocab_size): 'same'
         (plain load), 'plain' (only the number of data-parallel replicas changed and nothing is partitioned: a
         plain load works), 'reshard' (rewritten at the new layout by `pretrain.reshard`, every rank converting
-        its own slice: any tp/pp/dp, fp32/bf16/fp16, ZeRO 0-2, a vocabulary padding change), 'universal' (a
+        its own slice: any tp/pp/dp, fp32/bf16/fp16, ZeRO 0-2 and a change between them, a vocabulary padding
+        change), 'universal' (a
         dp-only change of a ZeRO-3 run, through DeepSpeed's universal checkpoint). Raises for what cannot be
         converted, naming both layouts and why."""
+        import yaml
+
         manifest = read_manifest(path)
         saved = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, **(manifest.get("layout") or {})}
-        vocab_changed = False
-        if layout.get("vocab_size"):
-            import yaml
-
-            raw = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-            saved_vocab = int((raw.get("model") or {}).get("vocab_size") or 0)
-            vocab_changed = bool(saved_vocab) and saved_vocab != int(layout["vocab_size"])
-        if all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp")) and not vocab_changed:
+        config = path / "config.yaml"
+        raw = (yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None) or {}
+        saved_vocab = int((raw.get("model") or {}).get("vocab_size") or 0)
+        vocab_changed = bool(
+            layout.get("vocab_size") and saved_vocab and saved_vocab != int(layout["vocab_size"])
+        )
+        # Another engine ZeRO stage or precision keeps the optimizer state in another format (torch's AdamW
+        # state, or DeepSpeed's flat partitions of one optimizer or the other): converted like a layout change.
+        # Only callers that state the precision (training, evaluation) ask for it.
+        saved_precision = (raw.get("train") or {}).get("precision", "fp32")
+        format_changed = "precision" in layout and (
+            saved["zero"] != layout["zero"] or saved_precision != layout["precision"]
+        )
+        same_split = all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp"))
+        if (
+            same_split
+            and not vocab_changed
+            and not (format_changed and 3 not in (saved["zero"], layout["zero"]))
+        ):
             return "same"
         split_changed = saved["tp"] != layout["tp"] or saved["pp"] != layout["pp"] or vocab_changed
         if 3 in (saved["zero"], layout["zero"]):

@@ -158,3 +158,29 @@ def test_rank_coordinates_follow_the_topology():
     coords = [side.coords(r) for r in range(8)]
     assert coords[:4] == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]  # tp fastest, then dp, then pp
     assert all(side.rank(*c) == r for r, c in enumerate(coords))
+
+
+def test_reshard_plan_for_format_and_vocabulary_changes(tmp_path):
+    """Another engine ZeRO stage, precision or vocabulary padding at the same tp/pp/dp is converted too (the
+    optimizer state's format or the vocabulary tensors' shapes differ); a caller that states no precision
+    (fine-tuning) keeps the plain load."""
+    import json
+
+    import yaml
+
+    from pretrain.checkpoint import Checkpointer, CheckpointError
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"layout": {"tp": 1, "pp": 2, "dp": 1, "zero": 0}}))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump({"train": {"precision": "fp32"}, "model": {"vocab_size": 512}})
+    )
+    base = {"tp": 1, "pp": 2, "dp": 1, "zero": 0, "precision": "fp32", "vocab_size": 512}
+    plan = Checkpointer.reshard_plan
+    assert plan(tmp_path, base) == "same"
+    assert plan(tmp_path, {**base, "zero": 1}) == "reshard"
+    assert plan(tmp_path, {**base, "precision": "bf16"}) == "reshard"  # BF16_Optimizer's flat partitions
+    assert plan(tmp_path, {**base, "vocab_size": 768}) == "reshard"
+    assert plan(tmp_path, {"tp": 1, "pp": 2, "dp": 1, "zero": 1}) == "same"
+    assert plan(tmp_path, {**base, "tp": 2}) == "reshard"
+    with pytest.raises(CheckpointError, match="ZeRO stage 3"):
+        plan(tmp_path, {**base, "tp": 2, "zero": 3})
