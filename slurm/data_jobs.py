@@ -199,14 +199,23 @@ def submit_job(
     spec: DataJobSpec,
     *,
     sbatch: str = "sbatch",
+    squeue: str = "squeue",
     environ: Mapping[str, str] | None = None,
 ) -> list[Submitted]:
     """Submit the arrays of every stage with unfinished tasks, each after the previous one (afterok).
 
     Returns what was submitted, in stage order (empty when the job is finished). All scripts are rendered
-    before the first submission, so a bad value submits nothing."""
+    before the first submission, so a bad value submits nothing. Refused while arrays submitted for this
+    job before are still pending or running: two array tasks on one task would write the same files."""
     validate(spec)
     out_dir = Path(job.out_dir)
+    earlier = active_jobs([s["job_id"] for s in submissions(out_dir)], squeue=squeue)
+    if earlier:
+        listed = ", ".join(f"{j} ({state.lower()})" for j, state in sorted(earlier.items()))
+        raise SlurmError(
+            f"{out_dir}: Slurm still has jobs {listed} of this data job; wait for them to end (pretrain data "
+            f"status {out_dir}) or scancel them, then run the command again"
+        )
     plans = plan_stages(job, spec.tasks)
     scripts = [render_stage(spec, out_dir, plan) for plan in plans]
     log_dir = log_path(spec.log_dir, spec.workdir)
