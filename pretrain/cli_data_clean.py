@@ -279,6 +279,7 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
         inputs = expand_inputs(args.input)
         if args.executor == "slurm":
             return _run_on_slurm("clean", inputs, options, args, started)
+        _refuse_while_on_slurm(args.out)
         cfg = options.pop("clean")
         report = clean_corpus(inputs, args.out, cfg=cfg, workers=args.workers, **options)
     except (CorpusError, CleanError, JobError, UsageError) as exc:
@@ -310,6 +311,7 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
         inputs = expand_inputs(args.input)
         if args.executor == "slurm":
             return _run_on_slurm("shard", inputs, options, args, started)
+        _refuse_while_on_slurm(args.out)
         manifest = shard_corpus(inputs, out_dir=args.out, workers=args.workers, **options)
     except (CorpusError, JobError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -319,6 +321,19 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- Slurm executor
+def _refuse_while_on_slurm(out: Path) -> None:
+    """A local run of a job whose Slurm arrays are still pending or running is a UsageError."""
+    from data_pipeline.pipeline import WORK_DIR
+    from slurm.data_jobs import SUBMISSIONS, refuse_while_active
+    from slurm.render import SlurmError
+
+    if (out / WORK_DIR / SUBMISSIONS).is_file():
+        try:
+            refuse_while_active(out)
+        except SlurmError as exc:
+            raise UsageError(str(exc)) from exc
+
+
 def _run_on_slurm(
     kind: str, inputs: list[Path], options: dict[str, Any], args: argparse.Namespace, started: float
 ) -> int:
@@ -390,7 +405,11 @@ def _wait_and_report(kind: str, submitted: list, args: argparse.Namespace, start
             print(f"waiting: {line}", file=sys.stderr, flush=True)
             shown[0] = line
 
-    wait_for(submitted, on_poll=progress)
+    try:
+        wait_for(submitted, on_poll=progress)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; the Slurm jobs go on: pretrain data status {args.out}", file=sys.stderr)
+        return 130
     status = job_status(args.out, slurm_active=())
     if not status["finished"]:
         print(format_status(status), file=sys.stderr)

@@ -47,6 +47,7 @@ __all__ = [
     "active_jobs",
     "array_spec",
     "plan_stages",
+    "refuse_while_active",
     "render_stage",
     "submissions",
     "submit_job",
@@ -194,6 +195,18 @@ def dry_run(job: Job, spec: DataJobSpec) -> str:
     return "\n".join(out) if out else f"# {job.out_dir}: every task is done; nothing to submit\n"
 
 
+def refuse_while_active(out_dir: Path, *, squeue: str = "squeue") -> None:
+    """Raise a SlurmError if Slurm still has arrays submitted for the job in `out_dir` pending or running:
+    a second run of the job (on Slurm or on this machine) would write the same task's files at once."""
+    earlier = active_jobs([s["job_id"] for s in submissions(out_dir)], squeue=squeue)
+    if earlier:
+        listed = ", ".join(f"{j} ({state.lower()})" for j, state in sorted(earlier.items()))
+        raise SlurmError(
+            f"{out_dir}: Slurm still has jobs {listed} of this data job; wait for them to end (pretrain data "
+            f"status {out_dir}) or scancel them, then run the command again"
+        )
+
+
 def submit_job(
     job: Job,
     spec: DataJobSpec,
@@ -209,13 +222,7 @@ def submit_job(
     job before are still pending or running: two array tasks on one task would write the same files."""
     validate(spec)
     out_dir = Path(job.out_dir)
-    earlier = active_jobs([s["job_id"] for s in submissions(out_dir)], squeue=squeue)
-    if earlier:
-        listed = ", ".join(f"{j} ({state.lower()})" for j, state in sorted(earlier.items()))
-        raise SlurmError(
-            f"{out_dir}: Slurm still has jobs {listed} of this data job; wait for them to end (pretrain data "
-            f"status {out_dir}) or scancel them, then run the command again"
-        )
+    refuse_while_active(out_dir, squeue=squeue)
     plans = plan_stages(job, spec.tasks)
     scripts = [render_stage(spec, out_dir, plan) for plan in plans]
     log_dir = log_path(spec.log_dir, spec.workdir)

@@ -279,6 +279,8 @@ def test_a_failed_task_requeues_its_array_task_alone(cluster, corpus, tmp_path):
         # While its arrays wait, the same command is refused (two array tasks would write one task's files).
         busy = _cli(*shard, "--out", "slurm", *_slurm_flags(3, logs), cwd=tmp_path, check=False)
         assert busy.returncode == 2 and f"{submitted['read'][0]} (pending)" in busy.stderr, busy.stderr
+        local = _cli(*shard, "--out", "slurm", cwd=tmp_path, check=False)  # on this machine neither
+        assert local.returncode == 2 and "Slurm still has jobs" in local.stderr, local.stderr
         os.rename(c, aside)
         subprocess.run(["scancel", blocker], check=True)
         out = tmp_path / "slurm"
