@@ -76,6 +76,11 @@ PLANS: dict[str, FamilyPlan] = {
     ),
 }
 
+# Parameters whose dim 0 is the vocabulary: split by `apply_tensor_parallel` below (VocabParallelEmbedding, an
+# untied VocabParallelHead, BERT's MLM bias) and padded by model.make_vocab_size_divisible_by. Checkpoint
+# consolidation and resharding (pretrain/consolidate.py, pretrain/reshard.py) read the split rules from here.
+VOCAB_PARALLEL_PARAMETERS = ("embed.weight", "lm_head.weight", "lm_head.bias", "mlm_bias")
+
 _COLUMN = re.compile(r"(^|\.)((attn|cross_attn)\.(q_proj|k_proj|v_proj)|mlp\.(gate_proj|up_proj))$")
 _QKV = re.compile(r"(^|\.)(attn|cross_attn)\.(q_proj|k_proj|v_proj)$")
 _ROW = re.compile(r"(^|\.)((attn|cross_attn)\.o_proj|mlp\.down_proj)$")

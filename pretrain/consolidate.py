@@ -44,7 +44,7 @@ def split_dims(model_cfg: Any) -> dict[str, int]:
     """Parameter name -> the dimension tensor parallelism splits it along; replicated ones are absent.
 
     Uses the tensor plan's rules (`parallel.tensor_plan`) on the names of the model the config builds."""
-    from parallel.tensor_plan import _COLUMN, _ROW, PLANS
+    from parallel.tensor_plan import _COLUMN, _ROW, PLANS, VOCAB_PARALLEL_PARAMETERS
     from pretrain.models import build_model
 
     with torch.device("meta"):
@@ -58,7 +58,7 @@ def split_dims(model_cfg: Any) -> dict[str, int]:
         elif _ROW.search(owner):
             if leaf == "weight":
                 dims[name] = 1
-        elif name in ("embed.weight", "lm_head.weight", "lm_head.bias", "mlm_bias"):
+        elif name in VOCAB_PARALLEL_PARAMETERS:
             dims[name] = 0
         elif owner in tables:
             dims[name] = 1

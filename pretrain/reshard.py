@@ -39,6 +39,7 @@ import torch
 import yaml
 
 from data_pipeline.atomic import write_text_atomic
+from parallel.tensor_plan import VOCAB_PARALLEL_PARAMETERS
 from pretrain.consolidate import PREFIX
 
 OPTIMIZER_TENSORS = ("exp_avg", "exp_avg_sq")  # shaped like the parameter; everything else is copied
@@ -222,7 +223,8 @@ def build_layout(model_cfg: Any, *, tp: int, pp: int, partition: str) -> Layout:
 # ----------------------------------------------------------------------------- state formats
 StateKey = str  # "master" (the fp32 weight the optimizer updates), "exp_avg", "exp_avg_sq"
 STATE_KEYS: tuple[StateKey, ...] = ("master", *OPTIMIZER_TENSORS)
-VOCAB_TENSORS = ("embed.weight", "lm_head.weight", "lm_head.bias", "mlm_bias", "final_logits_bias")
+# the tensors a vocabulary padding change resizes: the tensor plan's vocab-parallel ones and BART's output bias
+VOCAB_TENSORS = (*VOCAB_PARALLEL_PARAMETERS, "final_logits_bias")
 
 
 @dataclass(frozen=True)

@@ -299,3 +299,59 @@ def test_a_corrupted_source_file_is_named(source, tmp_path):
     with pytest.raises(ReshardError, match=r"mp_rank_03_optim_states\.pt: sha256 differs"):
         reshard_checkpoint(src, tmp_path / "out", tp=1, pp=2, dp=2)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- one source of split rules
+PLAN_PRESETS = {
+    "gpt-tiny": [],
+    "gpt-tiny-untied": ["model.preset=gpt-tiny", "model.tie_embeddings=false"],
+    "llama-tiny": [],
+    "bert-tiny": [],
+    "t5-tiny": [],
+}
+
+
+def _tensor_plan_marks(rank: int, port: int, results: str) -> None:
+    """Applies the tensor plan at TP2 to each preset and records which parameters it split, along which dim."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from parallel.tensor import is_tensor_parallel
+    from parallel.tensor_plan import apply_tensor_parallel
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    marks = {}
+    for label, overrides in PLAN_PRESETS.items():
+        cfg = load_config(None, overrides or [f"model.preset={label}"], validate=False).model
+        cfg.vocab_size = 512
+        model = apply_tensor_parallel(build_model(cfg), group=None, tp_size=2, tp_rank=rank)
+        marks[label] = {n: p.partition_dim for n, p in model.named_parameters() if is_tensor_parallel(p)}
+    if rank == 0:
+        Path(results).write_text(json.dumps(marks))
+    dist.destroy_process_group()
+
+
+def test_resharding_splits_what_the_tensor_plan_splits(tmp_path):
+    """The converter's split rules (consolidate.split_dims, from parallel/tensor_plan.py's patterns) are exactly
+    the parameters `apply_tensor_parallel` splits and their dims: a layer type the plan learns to split cannot
+    be resharded as if replicated."""
+    import json
+
+    from pretrain.config import load_config
+    from pretrain.consolidate import split_dims
+    from tests.conftest import free_port
+
+    out = tmp_path / "marks.json"
+    spawn_with_deadline(
+        _tensor_plan_marks, (free_port(), str(out)), nprocs=2, timeout=120, what="tensor plan"
+    )
+    marks = json.loads(out.read_text())
+    for label, overrides in PLAN_PRESETS.items():
+        cfg = load_config(None, overrides or [f"model.preset={label}"], validate=False).model
+        cfg.vocab_size = 512
+        assert marks[label] and split_dims(cfg) == marks[label], label
