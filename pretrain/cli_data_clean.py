@@ -230,7 +230,8 @@ def register_clean(dsub: argparse._SubParsersAction) -> None:
         description="Apply C4's cleaning heuristics (T5 paper §2.2: terminal punctuation, >= 5 words per "
         "line, no 1000+ character words, no javascript or policy lines, citation markers removed; pages with "
         '< 3 sentences, "lorem ipsum", "{" or a bad word dropped), exact document dedupe and removal of '
-        "repeated 3-sentence spans. Writes OUT/part-NNNNN.json.gz and OUT/clean_report.json (documents "
+        "repeated 3-sentence spans. Writes OUT/part-FFFFF-PPPP-KKKK.json.gz (named after the input file and "
+        "piece) and OUT/clean_report.json (documents "
         "in, written, rejected by reason, removed by rule).",
     )
     p.add_argument("--input", required=True, help="files, directories or globs (comma-separated)")
