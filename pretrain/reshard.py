@@ -1027,6 +1027,15 @@ def plan_conversion(
     target = Side.build(
         target_cfg, tp=tp, pp=pp, dp=want["dp"], zero=zero, precision=precision, partition=partition
     )
+    empty = [s for s, names in enumerate(target.layout.order) if not names]
+    if empty:
+        n_layers = len(target.layout.layers or [])
+        raise _refusal(
+            saved,
+            want,
+            f"pp={pp}: stages {empty} would hold no parameters ({n_layers} pipeline layers, "
+            f"parallel.pp_partition={partition})",
+        )
     if set(source.shapes) != set(target.shapes):
         raise _refusal(saved, want, "the run's model has other parameters than the checkpoint's")
     return Conversion(

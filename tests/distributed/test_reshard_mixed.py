@@ -301,6 +301,24 @@ def test_a_corrupted_source_file_is_named(source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("to", "why"),
+    [
+        ({"tp": 3, "pp": 1}, r"model\.num_heads=4 is not divisible by parallel\.tp=3"),
+        ({"tp": 1, "pp": 8}, r"pp=8: stages \[6, 7\] would hold no parameters"),
+        ({"tp": 1, "pp": 2, "zero": 2}, r"ZeRO stage 2 cannot run with pipeline parallelism"),
+        ({"tp": 1, "pp": 1, "zero": 3}, r"ZeRO stage 3 partitions the weights themselves"),
+    ],
+)
+def test_refusals_name_both_layouts_and_why(to, why, source, tmp_path):
+    from pretrain.reshard import ReshardError, reshard_checkpoint
+
+    step3 = source / "gpt" / "checkpoints" / "step-3"
+    with pytest.raises(ReshardError, match=r"from \(tp=2, pp=2, dp=1, zero=1, precision=bf16\) to .*" + why):
+        reshard_checkpoint(step3, tmp_path / "out", **to)
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- one source of split rules
 PLAN_PRESETS = {
     "gpt-tiny": [],
