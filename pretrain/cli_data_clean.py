@@ -99,7 +99,7 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition", help="slurm: partition")
     g.add_argument("--account", help="slurm: account")
     g.add_argument("--job-name", help=f"slurm: arrays are named JOBNAME-STAGE (default {DEFAULT_JOB_NAME})")
-    g.add_argument("--log-dir", type=Path, help="slurm: logs and scripts (default ./slurm-logs)")
+    g.add_argument("--log-dir", type=Path, help="slurm: the array tasks' logs (default ./slurm-logs)")
     g.add_argument(
         "--env",
         action="append",
@@ -414,9 +414,15 @@ def _wait_and_report(kind: str, submitted: list, args: argparse.Namespace, start
     status = job_status(args.out, slurm_active=())
     if not status["finished"]:
         print(format_status(status), file=sys.stderr)
+        errors = [e for s in status["stages"] for e in s["errors"].values()]
+        # Bad input (strict mode) ends with exit 2 and the reader's FILE:LINE: reason, as a local run does.
+        bad_input = next((e for e in errors if e.startswith(("CorpusError: ", "CleanError: "))), None)
+        if bad_input is not None:
+            print(f"error: {bad_input.partition(': ')[2]}", file=sys.stderr)
+            return 2
         print(
-            f"error: the Slurm job ended before every task was done; see the logs in {args.log_dir or 'slurm-logs'}"
-            f" and rerun the same command to run only the unfinished tasks",
+            f"error: the Slurm job ended before every task was done; see the logs in "
+            f"{args.log_dir or 'slurm-logs'} and rerun the same command to run only the unfinished tasks",
             file=sys.stderr,
         )
         return 1

@@ -305,3 +305,19 @@ def test_a_failed_task_requeues_its_array_task_alone(cluster, corpus, tmp_path):
     _finish(reference)
     assert _outputs(out) == _outputs(tmp_path / "local")
     print(f"slurm requeue of a failed task: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+
+
+def test_bad_input_in_strict_mode_ends_wait_with_the_local_error(cluster, corpus, tmp_path):
+    """A malformed record in strict mode fails its task (no retries here), the merge is cancelled, and
+    `--wait` ends as a local run does: exit 2 and the reader's FILE:LINE: reason."""
+    shard = ["data", "shard", "--input", corpus["files"][0], "--tokenizer", corpus["tokenizer"]]
+    local = _cli(*shard, "--out", "local", cwd=tmp_path, check=False)
+    flags = [*_slurm_flags(1, tmp_path / "logs"), "--retries", "0", "--wait"]
+    slurm = _cli(*shard, "--out", "slurm", *flags, cwd=tmp_path, check=False)
+    assert local.returncode == slurm.returncode == 2, slurm.stdout + slurm.stderr
+    error = local.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {corpus['files'][0]}:") and "bad_json" in error
+    assert slurm.stderr.strip().splitlines()[-1] == error
+    status = {s["stage"]: s for s in _status(tmp_path / "slurm", tmp_path)["stages"]}
+    assert status["write"]["failed"] == 1 and status["merge"]["done"] == 0
+    assert [a["state"] for a in _status(tmp_path / "slurm", tmp_path)["slurm"]] == ["ended", "ended"]
