@@ -190,7 +190,7 @@ def dry_run(job: Job, spec: DataJobSpec) -> str:
             str(spec.workdir),
             str(script_path(Path(job.out_dir), plan.stage)),
         ]
-        out.append(f"# {plan.stage}: {' '.join(argv)}\n{script}")
+        out.append(f"# {plan.stage}: {shlex.join(argv)}\n{script}")
         previous = f"<job id of {plan.stage}>"
     return "\n".join(out) if out else f"# {job.out_dir}: every task is done; nothing to submit\n"
 
@@ -229,15 +229,24 @@ def submit_job(
     submitted: list[Submitted] = []
     for plan, script in zip(plans, scripts, strict=True):
         after = submitted[-1].job_id if submitted else None
-        _, job_id = run_sbatch(
-            script,
-            script_path(out_dir, plan.stage),
-            workdir=spec.workdir,
-            log_dir=log_dir,
-            args=_dependency_args(after),
-            sbatch=sbatch,
-            environ=environ,
-        )
+        try:
+            _, job_id = run_sbatch(
+                script,
+                script_path(out_dir, plan.stage),
+                workdir=spec.workdir,
+                log_dir=log_dir,
+                args=_dependency_args(after),
+                sbatch=sbatch,
+                environ=environ,
+            )
+        except SlurmError as exc:
+            if not submitted:
+                raise
+            earlier = ", ".join(f"{s.stage} (job {s.job_id})" for s in submitted)
+            raise SlurmError(
+                f"{exc}; submitted before it: {earlier}. Let them end, then rerun this command for the rest, "
+                "or scancel them"
+            ) from exc
         done = Submitted(plan.stage, job_id, array_spec(plan.indices, spec.max_running))
         submitted.append(done)
         _record(out_dir, done, after)
