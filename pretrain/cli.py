@@ -53,8 +53,9 @@ def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
         "shard",
         help="tokenize documents into webdataset tar shards with a manifest",
         description="Tokenize documents in parallel into webdataset tar shards plus "
-        "DIR/manifest.json (per shard: documents, tokens, bytes, sha256). A rerun skips finished "
-        "shards.",
+        "DIR/manifest.json (per shard: documents, tokens, bytes, sha256), on --workers processes or as "
+        "Slurm job arrays (--executor slurm --tasks N), with the same bytes either way. A rerun runs only "
+        "the unfinished tasks; `pretrain data status DIR` shows how far a job has got.",
     )
     p.add_argument("--input", required=True, help="files, directories or globs (comma-separated)")
     p.add_argument(
