@@ -323,7 +323,7 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- Slurm executor
 def _refuse_while_on_slurm(out: Path) -> None:
-    """A local run of a job whose Slurm arrays are still pending or running is a UsageError."""
+    """Running a job (here or on Slurm) whose Slurm arrays are still pending or running is a UsageError."""
     from data_pipeline.pipeline import WORK_DIR
     from slurm.data_jobs import SUBMISSIONS, refuse_while_active
     from slurm.render import SlurmError
@@ -368,6 +368,9 @@ def _run_on_slurm(
             job.out_dir = str(args.out.resolve())
             print(dry_run(job, spec), end="")
             return 0
+        # Before prepare_job: a job whose settings changed before any task finished is started afresh there,
+        # which would forget the arrays still queued for it.
+        _refuse_while_on_slurm(args.out)
         job = prepare_job(kind, inputs, args.out, **options)  # type: ignore[arg-type]
         submitted = submit_job(job, spec)
     except (SlurmError, LaunchError) as exc:
@@ -396,6 +399,7 @@ def _wait_and_report(kind: str, submitted: list, args: argparse.Namespace, start
     from data_pipeline.manifest import MANIFEST_NAME
     from data_pipeline.pipeline import REPORT_NAME
     from slurm.data_jobs import wait_for
+    from slurm.render import SlurmError
 
     shown = [""]
 
@@ -411,6 +415,9 @@ def _wait_and_report(kind: str, submitted: list, args: argparse.Namespace, start
     except KeyboardInterrupt:
         print(f"\nstopped waiting; the Slurm jobs go on: pretrain data status {args.out}", file=sys.stderr)
         return 130
+    except SlurmError as exc:
+        print(f"error: {exc}; the Slurm jobs may go on: pretrain data status {args.out}", file=sys.stderr)
+        return 1
     status = job_status(args.out, slurm_active=())
     if not status["finished"]:
         print(format_status(status), file=sys.stderr)
