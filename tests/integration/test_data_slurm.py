@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -133,12 +134,12 @@ def _markers(out: Path, stage: str, state: str = "done") -> dict[int, tuple[int,
     return found
 
 
-def _wait(predicate, timeout: float, what: str):
+def _wait(predicate, timeout: float, what: str, *, poll_s: float = 0.05):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(poll_s)
     return value
 
 
@@ -214,7 +215,11 @@ def big_corpus(tmp_path_factory: pytest.TempPathFactory, corpus) -> list[Path]:
 def test_a_cancelled_array_task_is_all_a_rerun_submits(cluster, corpus, big_corpus, tmp_path):
     """scancel array task 0 of the write stage while it writes piece 0 of big.jsonl: its tasks 0 and 2 stay
     unfinished (task 1, array task 1's, is done), the merge is cancelled (afterok can no longer hold). The
-    same command again submits array index 0 and the merge only; task 1's marker is untouched."""
+    same command again submits array index 0 and the merge only; task 1's marker is untouched.
+
+    A task writes 7.5 MB in about half a second, so once its partial shard is on disk the test stops its
+    process (SIGSTOP: a task as slow as need be, with no hook in the code) until Slurm's cancel arrives;
+    scancel sends SIGCONT before SIGTERM."""
     t0 = time.monotonic()
     base = ["data", "shard", "--input", ",".join(map(str, big_corpus)), "--tokenizer", corpus["tokenizer"],
             "--piece-mb", "8"]  # fmt: skip
@@ -225,14 +230,22 @@ def test_a_cancelled_array_task_is_all_a_rerun_submits(cluster, corpus, big_corp
     running = out / ".work" / "write" / "running" / "000000.json"
     info = json.loads(_wait(lambda: running.is_file() and running.read_text(), 120, "write task 0 to start"))
     assert info["SLURM_ARRAY_TASK_ID"] == "0"
-    # This array task alone (by ARRAY_INDEX: Slurm 22.05 refused the element's own job id right after it started).
-    subprocess.run(["scancel", f"{first['write'][0]}_0"], check=True)
+    partial = out / "train-00000-0000-0000.tar.tmp"
+    _wait(lambda: partial.is_file() and partial.stat().st_size > 0, 60, "task 0's first bytes", poll_s=0.002)
+    os.kill(info["pid"], signal.SIGSTOP)
+    try:
+        assert 0 not in _markers(out, "write"), "write task 0 ended before it was stopped: enlarge big.jsonl"
+        # This array task alone (by ARRAY_INDEX: Slurm 22.05 refused the element's own job id just after it
+        # started).
+        subprocess.run(["scancel", f"{first['write'][0]}_0"], check=True)
+    except BaseException:
+        os.kill(info["pid"], signal.SIGCONT)
+        raise
     reference = _popen(*base, "--out", "local", "--workers", "2", cwd=tmp_path)  # meanwhile
     _wait(lambda: _squeue_empty(j for j, _ in first.values()), 120, "the arrays to end")
     status = {s["stage"]: s for s in _status(out, tmp_path)["stages"]}
     assert status["write"]["done"] == 1 and status["write"]["interrupted"] == 1, status
     assert status["merge"]["done"] == 0 and not (out / "manifest.json").exists()
-    assert 0 not in _markers(out, "write"), "write task 0 ended before scancel reached it: enlarge big.jsonl"
     assert set(_markers(out, "write")) == {1}
     kept = _markers(out, "write")
 
