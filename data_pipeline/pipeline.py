@@ -527,7 +527,8 @@ class _ShardStream:
         self.job, self.piece, self.split = job, piece, split
         self.tok = _tokenizer(job.tokenizer)
         self.shard_bytes = int(job.shard_size_mb * 1_000_000)
-        self.descr = np.dtype(job.dtype).str
+        self.dtype = np.dtype(job.dtype)
+        self.descr = self.dtype.str
         self.source = _json_str(piece.path)
         self.shards: list[dict[str, Any]] = []
         self.pending: list[tuple[int, Document]] = []
@@ -547,18 +548,27 @@ class _ShardStream:
             self.seal()
 
     def _encode(self) -> None:
+        # The per-document loop of sharding: everything it can look up once is looked up here.
         texts = [d.text for _, d in self.pending]
+        prefix, mask, dtype, descr = f"{self.piece.tag}-", _MAX_DOCS - 1, self.dtype, self.descr
+        min_tokens, source, add_sample = self.job.min_tokens, self.source, self.writer.add_sample
+        documents = tokens = 0
         for (unit, doc), ids in zip(self.pending, self.tok.encode_batch(texts), strict=True):
-            if len(ids) < self.job.min_tokens:
+            n = len(ids)
+            if n < min_tokens:
                 self.too_short += 1
                 continue
-            tokens = npy_header(self.descr, len(ids)) + np.asarray(ids, dtype=self.job.dtype).tobytes()
-            self.writer.add_sample(
-                f"{self.piece.tag}-{unit & (_MAX_DOCS - 1):09d}",
-                [(".meta.json", _meta_json(doc, self.source)), (".tokens.npy", tokens)],
+            add_sample(
+                f"{prefix}{unit & mask:09d}",
+                [
+                    (".meta.json", _meta_json(doc, source)),
+                    (".tokens.npy", npy_header(descr, n) + np.asarray(ids, dtype=dtype).tobytes()),
+                ],
             )
-            self.documents += 1
-            self.tokens += len(ids)
+            documents += 1
+            tokens += n
+        self.documents += documents
+        self.tokens += tokens
         self.pending = []
 
     def seal(self) -> None:
