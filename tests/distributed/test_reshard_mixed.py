@@ -9,7 +9,8 @@ run), and every resume must give steps 4-6 as it did. One launch trains the thre
 other, tests/distributed/train_runs.py), one launch per target layout resumes them.
 
 Tolerance: the fp32 masters and both Adam moments are moved, never recomputed, so the converted checkpoint's
-consolidated states equal the source's bitwise (checked tensor by tensor). The losses after the switch then
+consolidated states equal the source's bitwise (checked tensor by tensor), and so does what the engine holds
+right after loading it (checked once, for GPT at TP1 x PP2 x DP2). The losses after the switch then
 differ only by the order of bf16 sums: a row-parallel output is two bf16 partial sums all-reduced at TP2 and one
 matmul at TP1, and DP2 all-reduces gradients a single rank never sums. bf16 keeps 8 mantissa bits (unit
 roundoff 2^-9 ~ 2e-3) per activation; the loss, a mean over 8 x 64 tokens, moved by at most 1.7e-4 relative
@@ -191,6 +192,94 @@ def test_bart_bf16_optimizer_pipeline_to_dp(shards_dir, tmp_path, run_pretrain):
     assert any(f.name.startswith("bf16_zero_pp_rank_1") for f in cached.iterdir())
     assert_same_states(cached, step3)
     assert_continues(run, full, "bart bf16 pp2 (BF16_Optimizer) -> dp2 (ZeRO-1)")
+
+
+# ----------------------------------------------------------------------------- the engine right after loading
+def _train_and_dump_loaded_states(rank: int, args: list[str], port: int, results: str) -> None:
+    """One rank of `pretrain train ARGS` in this process (4 ranks): right after the engine has loaded the
+    converted checkpoint, each parameter's full fp32 master (`safe_get_full_fp32_param`) and Adam moments as
+    DeepSpeed's ZeRO optimizer holds them (its fragment of the flat partition's state, placed by the
+    parameter's `_hp_mapping` and summed over the dp group: what `safe_get_full_optimizer_state` does once the
+    optimizer has stepped), saved for the test."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="4",
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="4",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    original = Checkpointer.load
+
+    def load_and_dump(self, path, **kwargs):  # type: ignore[no-untyped-def]
+        out = original(self, path, **kwargs)
+        inner = self.engine.optimizer.optimizer  # torch's AdamW over one flat partition per group
+        states = {}
+        for name, p in self.engine.module.named_parameters():  # the same order on every rank of a stage
+            states[name] = {"master": safe_get_full_fp32_param(p).clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                full = torch.zeros(p.numel(), dtype=torch.float32)
+                mapping = p._hp_mapping
+                if mapping is not None:
+                    flat = inner.state[inner.param_groups[mapping.param_group_index]["params"][0]][key]
+                    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                    full.narrow(0, lp.start, lp.numel).copy_(flat.narrow(0, hp.start, hp.numel))
+                dist.all_reduce(full, group=p._dp_group)
+                states[name][key] = full.reshape(p.shape)
+        torch.save(states, Path(results) / f"loaded-{rank}.pt")
+        return out
+
+    Checkpointer.load = load_and_dump  # type: ignore[method-assign]
+    train(load_config(SMOKE_CONFIG, args))
+
+
+def test_engine_holds_the_source_states_right_after_loading(source, shards_dir, tmp_path):
+    """GPT's TP2 x PP2 checkpoint resumed at TP1 x PP2 x DP2 with no step left to run: what DeepSpeed's ZeRO-1
+    optimizer holds right after loading (each rank's fragments all-reduced over dp) equals the uninterrupted
+    run's consolidated fp32 masters and both moments at step 3, bitwise, parameter by parameter, on both
+    stages (the tied embedding on each)."""
+    import yaml
+
+    from pretrain.config import config_from_dict
+    from pretrain.reshard import build_layout, consolidated_states
+    from tests.conftest import free_port
+
+    src = tmp_path / "src" / "checkpoints" / "step-3"
+    shutil.copytree(source / "gpt" / "checkpoints" / "step-3", src)
+    args = keys(
+        shards_dir, tmp_path / "run", "gpt", **{"parallel.pp": 2, "train.steps": 3, "train.resume": src}
+    )
+    out = tmp_path / "loaded"
+    out.mkdir()
+    spawn_with_deadline(
+        _train_and_dump_loaded_states, (args, free_port(), str(out)), nprocs=4, timeout=240, what="resume"
+    )
+    want = consolidated_states(src)
+    converted = src.with_name("step-3.reshard-tp1-pp2-dp2") / "config.yaml"  # the run's resolved model
+    model_cfg = config_from_dict(yaml.safe_load(converted.read_text()), validate=False).model
+    layout = build_layout(model_cfg, tp=1, pp=2, partition="parameters")
+    seen = set()
+    for rank in range(4):
+        stage = rank // 2  # tp 1, dp 2: ranks 0-1 stage 0, ranks 2-3 stage 1
+        by_engine = {e: n for n, e in layout.engine[stage].items()}
+        loaded = torch.load(out / f"loaded-{rank}.pt", weights_only=True)
+        assert set(loaded) == set(by_engine), rank
+        for engine_name, states in loaded.items():
+            name = by_engine[engine_name]
+            seen.add(name)
+            for key, tensor in states.items():
+                assert torch.equal(tensor, want[name][key]), f"rank {rank}: {name} {key}"
+    assert seen == set(want)
 
 
 # ----------------------------------------------------------------------------- parallel conversion
