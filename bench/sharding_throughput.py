@@ -96,10 +96,14 @@ def stage_cpu(out: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=40_000, help="sample corpus documents (default 40000)")
-    ap.add_argument("--docs-per-file", type=int, default=10_000, help="documents per input file (default 10000)")
+    ap.add_argument(
+        "--docs-per-file", type=int, default=10_000, help="documents per input file (default 10000)"
+    )
     ap.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary (default 1024)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
-    ap.add_argument("--shard-size-mb", type=float, default=64.0, help="shard size (default 64 MB, the CLI default)")
+    ap.add_argument(
+        "--shard-size-mb", type=float, default=64.0, help="shard size (default 64 MB, the CLI default)"
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = ap.parse_args(argv)

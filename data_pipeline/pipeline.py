@@ -328,7 +328,11 @@ def run_task(out_dir: str | Path, stage: str, task: int) -> dict[str, Any]:
     running.parent.mkdir(parents=True, exist_ok=True)
     done.parent.mkdir(parents=True, exist_ok=True)
     where = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-    slurm = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ}
+    slurm = {
+        k: os.environ[k]
+        for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+        if k in os.environ
+    }
     write_text_atomic(running, json.dumps(where | slurm) + "\n", durable=False)  # advisory: who runs it
     try:
         started = time.process_time()
