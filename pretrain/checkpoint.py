@@ -309,7 +309,7 @@ class Checkpointer:
             model_cfg=model_cfg,
             verify=self.verify_on_load,
         )
-        if _converted_for(out, conv.want, conv.target.cfg.vocab_size):
+        if _converted_for(out, conv.want, conv.target.cfg.vocab_size, source=path):
             return out
         if conv.target.world != self.world_size:
             raise CheckpointError(
@@ -533,13 +533,18 @@ class Checkpointer:
         return own["state"], meta
 
 
-def _converted_for(out: Path, want: dict[str, Any], vocab_size: int) -> bool:
-    """Whether `out` is a complete conversion to exactly `want` (tp, pp, dp, zero, precision) and vocabulary."""
-    if not (out / MANIFEST).is_file():
+def _converted_for(out: Path, want: dict[str, Any], vocab_size: int, *, source: Path) -> bool:
+    """Whether `out` is a complete conversion of `source` as it is now (its manifest's sha256: a checkpoint
+    re-sealed in place since is converted again) to exactly `want` (tp, pp, dp, zero, precision) and
+    vocabulary."""
+    if not (out / MANIFEST).is_file() or not (source / MANIFEST).is_file():
         return False
     import yaml
 
-    layout = read_manifest(out).get("layout") or {}
+    manifest = read_manifest(out)
+    if (manifest.get("resharded_from") or {}).get("manifest_sha256") != _sha256(source / MANIFEST):
+        return False
+    layout = manifest.get("layout") or {}
     raw = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
     return (
         all(layout.get(k) == want[k] for k in ("tp", "pp", "dp", "zero"))

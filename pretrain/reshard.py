@@ -1078,7 +1078,13 @@ def seal(conv: Conversion, tmp: Path, out: Path, reports: list[RankReport]) -> P
         layout={k: conv.want[k] for k in ("tp", "pp", "dp", "zero")},
         world_size=conv.target.world,
         config_sha256=hashlib.sha256(config_yaml.encode()).hexdigest(),
-        resharded_from={"path": str(src), "layout": conv.saved, "world_size": conv.saved_world},
+        resharded_from={
+            "path": str(src),
+            "layout": conv.saved,
+            "world_size": conv.saved_world,
+            # A cached conversion is reused only while its source is this same sealed checkpoint.
+            "manifest_sha256": _sha256(src / MANIFEST),
+        },
     )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     files: dict[str, dict[str, Any]] = {}

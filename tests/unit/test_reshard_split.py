@@ -6,6 +6,8 @@ engine's (parallel.parallelize.param_groups) and DeepSpeed's stage partition of 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -184,3 +186,33 @@ def test_reshard_plan_for_format_and_vocabulary_changes(tmp_path):
     assert plan(tmp_path, {**base, "tp": 2}) == "reshard"
     with pytest.raises(CheckpointError, match="ZeRO stage 3"):
         plan(tmp_path, {**base, "tp": 2, "zero": 3})
+
+
+def test_a_cached_conversion_follows_its_source(tmp_path: Path) -> None:
+    """A conversion cached beside a checkpoint is reused only for the same target and while the source is
+    the checkpoint it was made from: re-sealed in place (its manifest changed), the source is converted
+    again rather than resumed from a stale copy."""
+    import hashlib
+    import json
+
+    import yaml
+
+    from pretrain.checkpoint import MANIFEST, _converted_for
+
+    source, out = tmp_path / "step-3", tmp_path / "step-3.reshard-tp1-pp1-dp2"
+    source.mkdir()
+    out.mkdir()
+    (source / MANIFEST).write_text(json.dumps({"files": {"a": {"sha256": "0" * 64}}}))
+    want = {"tp": 1, "pp": 1, "dp": 2, "zero": 1, "precision": "bf16"}
+    sealed_from = hashlib.sha256((source / MANIFEST).read_bytes()).hexdigest()
+    (out / MANIFEST).write_text(json.dumps({"layout": {k: want[k] for k in ("tp", "pp", "dp", "zero")},
+                                            "resharded_from": {"manifest_sha256": sealed_from}}))  # fmt: skip
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({"train": {"precision": "bf16"}, "model": {"vocab_size": 512}})
+    )
+    assert _converted_for(out, want, 512, source=source)
+    assert not _converted_for(out, want | {"zero": 2}, 512, source=source)
+    assert not _converted_for(out, want | {"precision": "fp16"}, 512, source=source)
+    assert not _converted_for(out, want, 768, source=source)
+    (source / MANIFEST).write_text(json.dumps({"files": {"a": {"sha256": "1" * 64}}}))  # re-sealed in place
+    assert not _converted_for(out, want, 512, source=source)
