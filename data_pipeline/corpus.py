@@ -370,13 +370,18 @@ def iter_documents(
     rejected as ``oversize`` (``"skip"``). With ``hashes``, each file's sha256 (of its bytes on disk)
     is stored there once the file has been read, computed from the bytes streamed.
     """
-    if max_document_bytes is not None and max_document_bytes < 1:
-        raise ValueError(f"max_document_bytes={max_document_bytes} must be >= 1 (or None for no limit)")
-    if oversize not in ("split", "skip"):
-        raise ValueError(f"oversize={oversize!r} must be 'split' or 'skip'")
-    reject = _Rejector(strict, counts)
     for p in paths:
-        yield from _file_documents(Path(p), reject, text_key, max_document_bytes, oversize, hashes)
+        yield from iter_range_documents(
+            Path(p),
+            0,
+            None,
+            strict=strict,
+            counts=counts,
+            text_key=text_key,
+            max_document_bytes=max_document_bytes,
+            oversize=oversize,
+            hashes=hashes,
+        )
 
 
 def splittable(path: Path) -> bool:
@@ -401,22 +406,13 @@ def iter_range_documents(
     for ``0, None``), exactly as :func:`iter_documents` yields them for that stretch of the file: the
     same checks, counts, line numbers and splitting. Ranges other than the whole file need an
     uncompressed JSON lines file (:func:`splittable`)."""
+    if max_document_bytes is not None and max_document_bytes < 1:
+        raise ValueError(f"max_document_bytes={max_document_bytes} must be >= 1 (or None for no limit)")
+    if oversize not in ("split", "skip"):
+        raise ValueError(f"oversize={oversize!r} must be 'split' or 'skip'")
     if (start or end is not None) and not splittable(path):
         raise CorpusError(f"{path}: only uncompressed JSON lines files can be read in byte ranges")
     reject = _Rejector(strict, counts)
-    yield from _file_documents(path, reject, text_key, max_document_bytes, oversize, hashes, start, end)
-
-
-def _file_documents(
-    path: Path,
-    reject: _Rejector,
-    text_key: str,
-    max_document_bytes: int | None,
-    oversize: Literal["split", "skip"],
-    hashes: dict[str, str] | None,
-    start: int = 0,
-    end: int | None = None,
-) -> Iterator[Document]:
     if not path.is_file():
         raise CorpusError(f"{path}: no such corpus file")
     if not _is_supported(path):
