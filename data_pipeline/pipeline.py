@@ -443,7 +443,7 @@ def _fresh_documents(job: Job, reading: _Reading, cleaning: Counter) -> Iterator
             continue
         text = clean_document(doc.text, cfg, cleaning)
         if text is not None:
-            yield position, dataclasses.replace(doc, text=text)
+            yield position, doc._replace(text=text)
 
 
 def _deduped_documents(job: Job, piece: Piece, cleaning: Counter) -> Iterator[tuple[int, Document]]:
