@@ -545,7 +545,8 @@ class _ShardStream:
             self.writer = TarShardWriter(self.f)
             self.text_bytes = self.documents = self.tokens = self.too_short = 0
         self.pending.append((unit, doc))
-        self.text_bytes += len(doc.text.encode("utf-8"))
+        text = doc.text
+        self.text_bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
         if len(self.pending) == ENCODE_BATCH:
             self._encode()
         if self.text_bytes >= self.shard_bytes:

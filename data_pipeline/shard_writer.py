@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,9 @@ _TAIL = (
 )  # bytes 156-512
 # The checksum is the byte sum of the header with its own field read as 8 spaces.
 _FIXED_SUM = sum(_MIDDLE) + sum(_AFTER_SIZE) + sum(_TAIL) + 8 * ord(" ")
+# name (NUL-padded by "s"), the pinned fields, size, mtime, checksum, the pinned tail: 512 bytes.
+_HEADER = struct.Struct(f"100s{len(_MIDDLE)}s12s12s8s{len(_TAIL)}s")
+assert _HEADER.size == _BLOCK
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -110,9 +114,7 @@ class TarShardWriter:
                 raise TarNameError(f"tar member name {key + suffix!r} is longer than 100 bytes")
             size_field = _octal(len(data), 12)
             checksum = _FIXED_SUM + key_sum + _suffix_sum(suffix) + sum(size_field)
-            header = b"".join(
-                (raw.ljust(100, b"\0"), _MIDDLE, size_field, _AFTER_SIZE, b"%06o\0 " % checksum, _TAIL)
-            )
+            header = _HEADER.pack(raw, _MIDDLE, size_field, _AFTER_SIZE, b"%06o\0 " % checksum, _TAIL)
             pad = -len(data) % _BLOCK
             self._pending += (header, data, _ZEROS[:pad])
             size = _BLOCK + len(data) + pad
