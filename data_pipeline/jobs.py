@@ -84,38 +84,39 @@ def _validate(
 def _claim_out_dir(out_dir: Path, name: str, fingerprint: dict[str, Any], error: type[Exception]) -> None:
     """Record this job's fingerprint, or refuse if the directory belongs to a different job."""
     path = out_dir / name
+    text = json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
     if path.is_file():
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise error(f"{path}: unreadable ({exc}); use a fresh out_dir") from exc
-        started = any((out_dir / WORK_DIR).glob("*/done/*.json"))
-        if recorded != fingerprint and not started:
+        if recorded == fingerprint:
+            return
+        if not any((out_dir / WORK_DIR).glob("*/done/*.json")):
             # A job that stopped before any task finished left nothing to mix: start it afresh.
             shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)
-            write_text_atomic(path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-        elif recorded != fingerprint:
-            changed = sorted(
-                k for k in fingerprint.keys() | recorded.keys() if fingerprint.get(k) != recorded.get(k)
-            )
-            details = "; ".join(f"{k}: was {recorded.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
-            raise error(
-                f"{out_dir} holds output made with different settings ({details}). Resuming would mix "
-                "them; use a fresh out_dir (or delete this one)."
-            )
-        return
-    leftovers = [
-        p.name for p in (*out_dir.glob("*.tar"), *out_dir.glob("part-*.json.gz"), out_dir / MANIFEST_NAME)
-    ]
-    leftovers = [n for n in leftovers if (out_dir / n).exists()] + [
-        n for n in (".progress.jsonl", REPORT_NAME) if (out_dir / n).exists()
-    ]
+            write_text_atomic(path, text)
+            return
+        changed = sorted(
+            k for k in fingerprint.keys() | recorded.keys() if fingerprint.get(k) != recorded.get(k)
+        )
+        details = "; ".join(f"{k}: was {recorded.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
+        raise error(
+            f"{out_dir} holds output made with different settings ({details}). Resuming would mix "
+            "them; use a fresh out_dir (or delete this one)."
+        )
+    # Output without a fingerprint: another tool's, or the single-reader sharding's (.progress.jsonl).
+    names = (MANIFEST_NAME, REPORT_NAME, ".progress.jsonl")
+    leftovers = sorted(
+        [p.name for p in (*out_dir.glob("*.tar"), *out_dir.glob("part-*.json.gz"))]
+        + [n for n in names if (out_dir / n).exists()]
+    )
     if leftovers:
-        shown = ", ".join(sorted(leftovers)[:3]) + (", ..." if len(leftovers) > 3 else "")
+        shown = ", ".join(leftovers[:3]) + (", ..." if len(leftovers) > 3 else "")
         raise error(
             f"{out_dir} already holds output of unknown provenance ({shown}; no {name}); use a fresh out_dir"
         )
-    write_text_atomic(path, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, text)
 
 
 def prepare_job(

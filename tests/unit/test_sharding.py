@@ -318,3 +318,14 @@ def test_add_sample_writes_what_add_writes() -> None:
     assert one.getvalue() == two.getvalue()
     with tarfile.open(fileobj=io.BytesIO(one.getvalue())) as tar:
         assert tar.getnames()[1] == "00000-0000-000000000.tokens.npy"
+
+
+def test_output_of_unknown_provenance_is_refused(
+    dp_corpus_paths: list[Path], dp_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    # Shards without a fingerprint (e.g. the single-reader layout's) would be mixed with this job's.
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    (tmp_path / ".progress.jsonl").write_text("")
+    with pytest.raises(ShardingError, match=r"unknown provenance \(\.progress\.jsonl, train-000000\.tar; no"):
+        shard_corpus(dp_corpus_paths, tokenizer_path=dp_tokenizer_path, out_dir=tmp_path, **OPTIONS)
+    assert not (tmp_path / ".shard_options.json").exists() and not (tmp_path / ".work").exists()
