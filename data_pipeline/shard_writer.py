@@ -60,11 +60,16 @@ def tar_header(name: str, size: int) -> bytes:
     the tokenizing itself. Only the name and the size vary, so only their bytes are summed.
     """
     raw = name.encode("utf-8")
+    return _header(raw, sum(raw), size)
+
+
+def _header(raw: bytes, raw_sum: int, size: int) -> bytes:
+    """The header for member name ``raw`` (whose byte sum is ``raw_sum``) of ``size`` bytes."""
     if len(raw) > 100:
-        raise TarNameError(f"tar member name {name!r} is longer than 100 bytes")
+        raise TarNameError(f"tar member name {raw.decode('utf-8', 'replace')!r} is longer than 100 bytes")
     size_field = _octal(size, 12)
-    checksum = _FIXED_SUM + sum(raw) + sum(size_field)
-    return b"".join((raw.ljust(100, b"\0"), _MIDDLE, size_field, _AFTER_SIZE, b"%06o\0 " % checksum, _TAIL))
+    checksum = _FIXED_SUM + raw_sum + sum(size_field)
+    return _HEADER.pack(raw, _MIDDLE, size_field, _AFTER_SIZE, b"%06o\0 " % checksum, _TAIL)
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,12 +114,7 @@ class TarShardWriter:
         key_raw = key.encode("utf-8")
         key_sum = sum(key_raw)
         for suffix, data in members:
-            raw = key_raw + _suffix(suffix)
-            if len(raw) > 100:
-                raise TarNameError(f"tar member name {key + suffix!r} is longer than 100 bytes")
-            size_field = _octal(len(data), 12)
-            checksum = _FIXED_SUM + key_sum + _suffix_sum(suffix) + sum(size_field)
-            header = _HEADER.pack(raw, _MIDDLE, size_field, _AFTER_SIZE, b"%06o\0 " % checksum, _TAIL)
+            header = _header(key_raw + _suffix(suffix), key_sum + _suffix_sum(suffix), len(data))
             pad = -len(data) % _BLOCK
             self._pending += (header, data, _ZEROS[:pad])
             size = _BLOCK + len(data) + pad

@@ -25,9 +25,5 @@ from __future__ import annotations
 
 from data_pipeline.jobs import ShardingError, shard_corpus
 from data_pipeline.pipeline import assign_split
-from data_pipeline.shard_writer import npy_header as _npy_header
-from data_pipeline.shard_writer import tar_header as _tar_header
 
 __all__ = ["ShardingError", "assign_split", "shard_corpus"]
-# The tar/npy header writers, under the names older tests and tools use.
-_HEADER_WRITERS = (_npy_header, _tar_header)

@@ -273,7 +273,8 @@ def test_tar_and_npy_members_match_the_standard_writers() -> None:
     # Shards are written without tarfile/webdataset for speed; the bytes must be what they would write.
     import tarfile
 
-    from data_pipeline.sharding import _npy_header, _tar_header
+    from data_pipeline.shard_writer import npy_header as _npy_header
+    from data_pipeline.shard_writer import tar_header as _tar_header
 
     for name, size in [("0000000000.meta.json", 0), ("0000012345.tokens.npy", 511), ("x" * 100, 10**9)]:
         info = tarfile.TarInfo(name)
